@@ -1,0 +1,101 @@
+"""The ``kvpage`` command line.
+
+``kvpage generate [--model DIR] [--max-tokens N] [--temperature T] PROMPT...``
+prints one completion per prompt. Without ``--model`` it runs the built-in
+default model. Any error is one line on stderr and a non-zero exit, never a
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+EXIT_USAGE = 2
+EXIT_ERROR = 1
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """Engine options, with vLLM's flag names where the concept is the same."""
+    group = parser.add_argument_group("engine")
+    group.add_argument("--model", default=None, help="Hugging Face model directory (default: built-in model)")
+    group.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
+    group.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    group.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--block-size", type=int, default=16, help="tokens per KV page (power of two, 1-256)")
+    group.add_argument("--num-kv-blocks", type=int, default=None, help="exact number of KV pages")
+    group.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the KV cache")
+    group.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    group.add_argument("--max-num-seqs", type=int, default=256)
+    group.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    group.add_argument("--max-model-len", type=int, default=None)
+    group.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
+
+
+def engine_options(args: argparse.Namespace) -> dict[str, object]:
+    names = ("model", "tokenizer", "dtype", "device", "seed", "block_size", "num_kv_blocks", "kv_cache_memory",
+             "gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
+             "enable_prefix_caching")
+    return {name: getattr(args, name) for name in names}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvpage", description="LLM serving over a paged KV cache")
+    commands = parser.add_subparsers(dest="command", required=True)
+    gen = commands.add_parser("generate", help="complete prompts and print the results")
+    add_engine_arguments(gen)
+    gen.add_argument("prompts", nargs="+", metavar="PROMPT")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--n", type=int, default=1, help="samples per prompt")
+    gen.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    gen.add_argument("--metrics", action="store_true", help="print engine metrics to stderr at the end")
+    return parser
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from kvpage import LLM, SamplingParams
+
+    params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            max_tokens=args.max_tokens, stop=args.stop, ignore_eos=args.ignore_eos,
+                            seed=args.seed if args.temperature > 0 else None)
+    llm = LLM(**engine_options(args))
+    outputs = llm.generate(args.prompts, params, use_tqdm=False)
+    for output in outputs:
+        if args.json:
+            print(json.dumps({"prompt": output.prompt, "outputs": [
+                {"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason}
+                for c in output.outputs]}))
+            continue
+        for completion in output.outputs:
+            print(f"{output.prompt}{completion.text}")
+    if args.metrics:
+        print(json.dumps(llm.get_metrics(), indent=1), file=sys.stderr)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "generate":
+            return run_generate(args)
+        parser.error(f"unknown command {args.command!r}")
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        print(f"kvpage: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("kvpage: interrupted", file=sys.stderr)
+        return 130
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,270 @@
+"""The KV-cache manager: block tables of sequences on top of the page pool.
+
+A *sequence* (one stream of tokens: a prompt and what was generated after it)
+owns a :class:`BlockTable`, the list of physical pages that hold its K/V in
+logical order. Token ``t`` of the sequence lives in page ``t // block_size`` of
+its table, at offset ``t % block_size``. Tables grow one page at a time as
+tokens are appended, so the only slack is in the last page.
+
+The manager adds three things to plain allocation:
+
+* **Prefix caching.** When a page fills up, it is indexed by a chained
+  content hash (:mod:`kvpage.kv.prefix_hash`). A new sequence starts with the
+  longest run of cached full pages matching its tokens, never the page that
+  would hold its last prompt token, which is always recomputed so the model
+  produces logits for it.
+* **Fork with copy-on-write.** A forked child shares all of its parent's pages.
+  Shared full pages are never written again. Before a sequence writes into a
+  shared, partly filled page, the manager gives it a private copy and returns
+  the ``(src, dst)`` page copy that the worker must perform before the step.
+* **Accounting**, kept incrementally so it costs O(1) to read.
+
+Nothing here imports torch: the scheduler and the planner use it as is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from kvpage.kv.page_pool import Page, PagePool, PrefixHit
+from kvpage.kv.prefix_hash import ROOT_HASH, page_hash
+
+PageCopy = tuple[int, int]
+
+
+@dataclass
+class BlockTable:
+    """Logical-to-physical page map of one sequence."""
+
+    pages: list[Page] = field(default_factory=list)
+    # The same pages by id, kept in step with ``pages`` so that a step can
+    # hand it to the runner without building a list per sequence.
+    page_ids: list[int] = field(default_factory=list)
+    # Chained keys of the leading full pages whose K/V is computed.
+    hashes: list[bytes] = field(default_factory=list)
+    num_computed_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class KVUsage:
+    """A snapshot of the cache, in pages and token slots."""
+
+    block_size: int
+    num_pages_total: int
+    num_pages_used: int
+    num_pages_cached_free: int
+    num_pages_free: int
+    num_tokens_stored: int
+    num_prefix_cache_queries: int
+    num_prefix_cache_hits: int
+    num_evictions: int
+
+    @property
+    def internal_fragmentation_slots(self) -> int:
+        """Slots in in-use pages that hold no token."""
+        return self.num_pages_used * self.block_size - self.num_tokens_stored
+
+    @property
+    def internal_fragmentation(self) -> float:
+        """Empty slots in used pages as a fraction of all KV slots."""
+        return self.internal_fragmentation_slots / (self.num_pages_total * self.block_size)
+
+    @property
+    def usage_fraction(self) -> float:
+        return self.num_pages_used / self.num_pages_total
+
+
+class KVCacheManager:
+    """Allocates, shares and frees pages for sequences, with prefix caching."""
+
+    def __init__(self, num_pages: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        if block_size < 1 or block_size > 256 or block_size & (block_size - 1):
+            raise ValueError(f"block_size must be a power of two from 1 to 256, got {block_size}")
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.pool = PagePool(num_pages, block_size)
+        self._tables: dict[int, BlockTable] = {}
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
+
+    # ----- queries ------------------------------------------------------------
+    @property
+    def num_pages(self) -> int:
+        return self.pool.num_pages
+
+    @property
+    def num_available_pages(self) -> int:
+        return self.pool.num_available_pages
+
+    def pages_for_tokens(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def has_sequence(self, seq_id: int) -> bool:
+        return seq_id in self._tables
+
+    def block_table(self, seq_id: int) -> BlockTable:
+        return self._tables[seq_id]
+
+    def page_ids(self, seq_id: int) -> list[int]:
+        """The live page-id list of a sequence (not a copy: read it, don't keep it)."""
+        return self._tables[seq_id].page_ids
+
+    def num_sequences(self) -> int:
+        return len(self._tables)
+
+    # ----- prefix cache ---------------------------------------------------------
+    def find_cached_prefix(self, token_ids: Sequence[int]) -> PrefixHit:
+        """Longest run of cached full pages matching the start of ``token_ids``.
+
+        The page holding the last token is never matched: the model must run
+        on at least that token to produce the next one's logits. Takes no
+        references; pass the hit to :meth:`allocate`.
+        """
+        hit = PrefixHit()
+        if not self.enable_prefix_caching:
+            return hit
+        max_pages = (len(token_ids) - 1) // self.block_size
+        parent = ROOT_HASH
+        for i in range(max_pages):
+            start = i * self.block_size
+            page_tokens = tuple(token_ids[start : start + self.block_size])
+            parent = page_hash(parent, page_tokens)
+            page = self.pool.lookup(parent, page_tokens)
+            if page is None:
+                break
+            hit.pages.append(page)
+        hit.num_tokens = len(hit.pages) * self.block_size
+        return hit
+
+    def record_prefix_query(self, num_query_tokens: int, num_hit_tokens: int) -> None:
+        """Count one admission's lookup, in tokens (done once per admission, not per attempt)."""
+        if self.enable_prefix_caching:
+            self.prefix_cache_queries += num_query_tokens
+            self.prefix_cache_hits += num_hit_tokens
+
+    # ----- allocation -------------------------------------------------------------
+    def pages_needed(self, seq_id: int, num_new_tokens: int, hit: PrefixHit | None = None) -> int:
+        """Available pages that :meth:`allocate` would consume for these new tokens."""
+        table = self._tables.get(seq_id)
+        if table is None:
+            num_held = len(hit.pages) if hit else 0
+            num_computed = hit.num_tokens if hit else 0
+            # Reviving a cached-free hit takes it out of the evictable set.
+            revived = sum(1 for p in hit.pages if p.ref_count == 0) if hit else 0
+            needed = revived
+        else:
+            num_held = len(table.pages)
+            num_computed = table.num_computed_tokens
+            needed = 1 if self._needs_copy(table, num_new_tokens) else 0
+        needed += max(0, self.pages_for_tokens(num_computed + num_new_tokens) - num_held)
+        return needed
+
+    def can_allocate(self, seq_id: int, num_new_tokens: int, hit: PrefixHit | None = None) -> bool:
+        return self.pages_needed(seq_id, num_new_tokens, hit) <= self.pool.num_available_pages
+
+    def allocate(self, seq_id: int, num_new_tokens: int, hit: PrefixHit | None = None) -> list[PageCopy] | None:
+        """Make room for ``num_new_tokens`` more tokens of a sequence.
+
+        A sequence the manager has not seen starts from ``hit`` (its cached
+        prefix). Returns the page copies to perform before the step (copy-on-
+        write), or ``None`` if the pool cannot supply the pages, in which case
+        nothing changed.
+        """
+        if not self.can_allocate(seq_id, num_new_tokens, hit):
+            return None
+        table = self._tables.get(seq_id)
+        if table is None:
+            table = BlockTable()
+            if hit is not None and hit.pages:
+                for page in hit.pages:
+                    self.pool.share(page)
+                table.pages = list(hit.pages)
+                table.page_ids = [p.page_id for p in hit.pages]
+                table.hashes = [p.content_hash for p in hit.pages]  # type: ignore[misc]
+                table.num_computed_tokens = hit.num_tokens
+            self._tables[seq_id] = table
+        copies: list[PageCopy] = []
+        if self._needs_copy(table, num_new_tokens):
+            index = table.num_computed_tokens // self.block_size
+            shared = table.pages[index]
+            private = self.pool.allocate()
+            self.pool.set_filled(private, shared.num_filled)
+            self.pool.release(shared)
+            table.pages[index] = private
+            table.page_ids[index] = private.page_id
+            copies.append((shared.page_id, private.page_id))
+        target = self.pages_for_tokens(table.num_computed_tokens + num_new_tokens)
+        while len(table.pages) < target:
+            page = self.pool.allocate()
+            table.pages.append(page)
+            table.page_ids.append(page.page_id)
+        return copies
+
+    def _needs_copy(self, table: BlockTable, num_new_tokens: int) -> bool:
+        """Would the next write land in a page that another sequence shares?"""
+        if num_new_tokens <= 0 or table.num_computed_tokens % self.block_size == 0:
+            return False
+        return table.pages[table.num_computed_tokens // self.block_size].ref_count > 1
+
+    def commit(self, seq_id: int, token_ids: Sequence[int], num_computed_tokens: int) -> None:
+        """Record that the K/V of ``token_ids[:num_computed_tokens]`` is now in the cache.
+
+        Updates fill counts and, with prefix caching on, indexes pages that
+        became full.
+        """
+        table = self._tables[seq_id]
+        bs = self.block_size
+        first = table.num_computed_tokens // bs
+        last = self.pages_for_tokens(num_computed_tokens)
+        for i in range(first, min(last, len(table.pages))):
+            self.pool.set_filled(table.pages[i], min(bs, num_computed_tokens - i * bs))
+        table.num_computed_tokens = num_computed_tokens
+        if not self.enable_prefix_caching:
+            return
+        num_full = num_computed_tokens // bs
+        parent = table.hashes[-1] if table.hashes else ROOT_HASH
+        for i in range(len(table.hashes), num_full):
+            page_tokens = tuple(token_ids[i * bs : (i + 1) * bs])
+            parent = page_hash(parent, page_tokens)
+            table.hashes.append(parent)
+            self.pool.register(table.pages[i], parent, page_tokens)
+
+    def fork(self, parent_id: int, child_id: int) -> None:
+        """Give ``child_id`` a table sharing every page of ``parent_id``."""
+        if child_id in self._tables:
+            raise ValueError(f"sequence {child_id} already has a block table")
+        parent = self._tables[parent_id]
+        for page in parent.pages:
+            self.pool.share(page)
+        self._tables[child_id] = BlockTable(
+            pages=list(parent.pages), page_ids=list(parent.page_ids), hashes=list(parent.hashes),
+            num_computed_tokens=parent.num_computed_tokens,
+        )
+
+    def free(self, seq_id: int) -> None:
+        """Return a sequence's pages. Tail pages go first, so shared prefixes stay cached longest."""
+        table = self._tables.pop(seq_id, None)
+        if table is None:
+            return
+        for page in reversed(table.pages):
+            self.pool.release(page)
+
+    def reset_prefix_cache(self) -> int:
+        return self.pool.clear_cache()
+
+    # ----- accounting --------------------------------------------------------------
+    def usage(self) -> KVUsage:
+        pool = self.pool
+        return KVUsage(
+            block_size=self.block_size,
+            num_pages_total=pool.num_pages,
+            num_pages_used=pool.num_used_pages,
+            num_pages_cached_free=pool.num_cached_free_pages,
+            num_pages_free=pool.num_free_pages,
+            num_tokens_stored=pool.counters.filled_slots_in_use,
+            num_prefix_cache_queries=self.prefix_cache_queries,
+            num_prefix_cache_hits=self.prefix_cache_hits,
+            num_evictions=pool.counters.evictions,
+        )
+

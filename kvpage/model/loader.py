@@ -1,0 +1,151 @@
+"""Loading Hugging Face checkpoints into :class:`~kvpage.model.llama.CausalLM`.
+
+A checkpoint directory holds ``config.json`` and the weights as safetensors,
+either one ``model.safetensors`` or shards listed by
+``model.safetensors.index.json``.  Pickle-based ``pytorch_model.bin`` files
+are never loaded because unpickling can execute arbitrary code.
+
+Loading is strict: every weight the model needs must be present exactly once
+with the expected shape, and any tensor the model would silently ignore is an
+error, because either case means the checkpoint is not what the config
+claims.  Tensors are converted to the requested dtype while being copied
+into the (uninitialized) model parameters, one tensor at a time, so peak host
+memory stays near one tensor rather than the whole checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from kvpage.model.config import ModelConfig
+from kvpage.model.llama import CausalLM
+
+__all__ = ["SUPPORTED_DTYPES", "find_safetensors_files", "load_model", "resolve_dtype"]
+
+SUPPORTED_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+_SHARD_INDEX_NAME = "model.safetensors.index.json"
+# Buffers some older exports saved alongside the weights; they are recomputed, never loaded.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def resolve_dtype(
+    name_or_dtype: str | torch.dtype, config: ModelConfig, device: torch.device | str
+) -> torch.dtype:
+    """Turn a user dtype choice into a torch dtype.
+
+    ``"auto"`` means float32 on CPU (where half precision is slow and only
+    approximately matches references) and the checkpoint's own dtype elsewhere.
+    """
+    if isinstance(name_or_dtype, torch.dtype):
+        if name_or_dtype not in SUPPORTED_DTYPES.values():
+            raise ValueError(
+                f"dtype {name_or_dtype} is not supported; allowed: {', '.join(SUPPORTED_DTYPES)}"
+            )
+        return name_or_dtype
+    name = _DTYPE_ALIASES.get(name_or_dtype, name_or_dtype)
+    if name == "auto":
+        return torch.float32 if torch.device(device).type == "cpu" else config.torch_dtype
+    if name not in SUPPORTED_DTYPES:
+        raise ValueError(
+            f"dtype {name_or_dtype!r} is not supported; allowed: 'auto', "
+            f"{', '.join(repr(n) for n in SUPPORTED_DTYPES)}"
+        )
+    return SUPPORTED_DTYPES[name]
+
+
+def find_safetensors_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: the shards of the index, or every ``*.safetensors``."""
+    index_path = model_dir / _SHARD_INDEX_NAME
+    if index_path.is_file():
+        with open(index_path, encoding="utf-8") as handle:
+            weight_map = json.load(handle).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{str(index_path)!r} has no 'weight_map' naming the shard of each weight")
+        files = [model_dir / name for name in sorted(set(weight_map.values()))]
+        for path in files:
+            if not path.is_file():
+                raise FileNotFoundError(f"shard {str(path)!r} listed in {str(index_path)!r} does not exist")
+        return files
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        others = sorted(p.name for p in model_dir.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        found = f" (found {', '.join(others)})" if others else ""
+        raise ValueError(
+            f"model_dir {str(model_dir)!r} has no *.safetensors weights{found}; "
+            "only safetensors checkpoints are supported, pickle checkpoints are never loaded"
+        )
+    return files
+
+
+def load_model(
+    model_dir: str | os.PathLike[str], dtype: torch.dtype | str, device: torch.device | str
+) -> CausalLM:
+    """Build a :class:`CausalLM` from a Hugging Face checkpoint directory.
+
+    ``dtype`` may also be a name accepted by :func:`resolve_dtype`, including ``"auto"``.
+    """
+    directory = Path(model_dir)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"model_dir {str(model_dir)!r} does not exist or is not a directory")
+    config = ModelConfig.from_model_dir(directory)
+    files = find_safetensors_files(directory)
+    model_dtype = resolve_dtype(dtype, config, device)
+    model = CausalLM(config, dtype=model_dtype, device=torch.device(device))
+    slices = model.checkpoint_slices()
+
+    names_by_file: dict[Path, list[str]] = {}
+    seen: dict[str, Path] = {}
+    unexpected: list[str] = []
+    for path in files:
+        with safe_open(str(path), framework="pt", device="cpu") as reader:
+            names = list(reader.keys())
+        names_by_file[path] = []
+        for name in names:
+            if name in seen:
+                raise ValueError(f"weight {name!r} appears in both {seen[name].name} and {path.name}")
+            seen[name] = path
+            if name in slices:
+                names_by_file[path].append(name)
+            elif name == "lm_head.weight" and config.tie_word_embeddings:
+                # Tied models use the embedding matrix, as transformers does.
+                continue
+            elif not name.endswith(_IGNORED_SUFFIXES):
+                unexpected.append(name)
+    missing = sorted(set(slices) - set(seen))
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint in {str(directory)!r} does not match {config.architecture}: "
+            f"missing weights {_preview(missing)}; unexpected weights {_preview(sorted(unexpected))}"
+        )
+
+    for path, names in names_by_file.items():
+        with safe_open(str(path), framework="pt", device="cpu") as reader:
+            for name in names:
+                target = slices[name]
+                tensor = reader.get_tensor(name)
+                expected_shape = (target.rows, *target.parameter.shape[1:])
+                if tuple(tensor.shape) != expected_shape:
+                    raise ValueError(
+                        f"weight {name!r} in {path.name} has shape {tuple(tensor.shape)}, "
+                        f"expected {expected_shape} for this config"
+                    )
+                target.parameter.data[target.row_start : target.row_start + target.rows].copy_(tensor)
+    return model
+
+
+def _preview(names: list[str], limit: int = 8) -> str:
+    if not names:
+        return "[]"
+    shown = ", ".join(names[:limit])
+    more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
+    return f"[{shown}{more}]"

@@ -1,0 +1,97 @@
+"""Sampling parameters of one request, validated on construction.
+
+Field names and meanings follow vLLM's ``SamplingParams`` so that code written
+for it ports unchanged. Every invalid value raises ``ValueError`` naming the
+parameter, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MAX_LOGPROBS = 20
+
+
+def _check(ok: bool, name: str, value: object, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens and when to stop, for one request.
+
+    ``temperature == 0`` is greedy decoding. ``top_k`` of 0 or -1 and
+    ``top_p == 1`` disable those filters. ``max_tokens=None`` generates until
+    ``max_model_len``.
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    logprobs: int | None = None
+    skip_special_tokens: bool = True
+    stop_strings: tuple[str, ...] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        _check(_is_int(self.n) and self.n >= 1, "n", self.n, "an integer >= 1")
+        _check(_is_number(self.temperature) and self.temperature >= 0, "temperature", self.temperature, "a number >= 0")
+        _check(_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p, "a number in (0, 1]")
+        _check(_is_int(self.top_k) and (self.top_k >= 0 or self.top_k == -1), "top_k", self.top_k,
+               "-1 or 0 (disabled) or an integer >= 1")
+        _check(_is_number(self.min_p) and 0 <= self.min_p <= 1, "min_p", self.min_p, "a number in [0, 1]")
+        _check(self.seed is None or _is_int(self.seed), "seed", self.seed, "None or an integer")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check(_is_number(value) and -2 <= value <= 2, name, value, "a number in [-2, 2]")
+        _check(_is_number(self.repetition_penalty) and 0 < self.repetition_penalty <= 10, "repetition_penalty",
+               self.repetition_penalty, "a number in (0, 10]")
+        _check(self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1), "max_tokens",
+               self.max_tokens, "None or an integer >= 1")
+        _check(_is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens", self.min_tokens, "an integer >= 0")
+        if self.max_tokens is not None:
+            _check(self.min_tokens <= self.max_tokens, "min_tokens", self.min_tokens,
+                   f"<= max_tokens ({self.max_tokens})")
+        _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
+               "logprobs", self.logprobs, f"None or an integer in [0, {MAX_LOGPROBS}]")
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        for s in stop:
+            _check(isinstance(s, str) and len(s) > 0, "stop", self.stop, "a non-empty string or a list of them")
+        self.stop_strings = tuple(stop)
+        ids = list(self.stop_token_ids or [])
+        for t in ids:
+            _check(_is_int(t) and t >= 0, "stop_token_ids", self.stop_token_ids, "a list of integers >= 0")
+        self.stop_token_ids = ids
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+    @property
+    def effective_top_k(self) -> int:
+        """top_k with both disabled spellings mapped to 0."""
+        return max(self.top_k, 0)

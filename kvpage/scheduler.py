@@ -1,0 +1,275 @@
+"""Iteration-level continuous batching over the paged KV cache (pure Python).
+
+Each call to :meth:`Scheduler.schedule` plans one model step under two
+budgets: ``max_num_batched_tokens`` tokens and ``max_num_seqs`` running
+sequences. Running sequences go first, in priority then admission order:
+each gets its next decode token or its next prefill chunk. Waiting sequences
+are then admitted in priority then arrival order while budget and pages last,
+starting from their longest cached prefix. Prefill is chunked, so a long
+prompt shares steps with decodes instead of stalling them.
+
+When the pool cannot supply a running sequence's next page, the scheduler
+preempts the running sequence with the lowest priority that was admitted
+last: its pages are freed and it returns to the waiting queue, ahead of later
+arrivals, to be recomputed (its full pages usually survive in the prefix
+cache). A request that could never fit, even alone, is refused at submission.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+from kvpage.batch import SampledToken, ScheduledSequence, SchedulerOutput
+from kvpage.config import SchedulerConfig
+from kvpage.kv import KVCacheManager
+from kvpage.request import Request, Sequence, SequenceStatus
+
+
+@dataclass
+class SchedulerCounters:
+    num_preemptions: int = 0
+    num_recomputed_tokens: int = 0
+    num_prompt_tokens_computed: int = 0
+    num_generated_tokens: int = 0
+
+
+def _waiting_key(seq: Sequence) -> tuple[int, float, int]:
+    return (seq.request.priority, seq.request.arrival_time, seq.seq_id)
+
+
+def _running_key(seq: Sequence) -> tuple[int, int]:
+    return (seq.request.priority, seq.admit_order)
+
+
+class Scheduler:
+    """Decides, step by step, which sequences run and how many tokens each computes."""
+
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int,
+                 eos_token_ids: tuple[int, ...]) -> None:
+        self.config = config
+        self.kv = kv
+        self.max_model_len = max_model_len
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []
+        self.requests: dict[str, Request] = {}
+        # Every unfinished sequence by id (waiting or running).
+        self.live: dict[int, Sequence] = {}
+        self.counters = SchedulerCounters()
+        self._next_seq_id = 0
+        self._next_admit = 0
+        self._finished_since_last_step: list[int] = []
+
+    # ----- submission ---------------------------------------------------------
+    def max_new_tokens(self, num_prompt_tokens: int, max_tokens: int | None) -> int:
+        return self.max_model_len - num_prompt_tokens if max_tokens is None else max_tokens
+
+    def check_fits(self, num_prompt_tokens: int, max_tokens: int | None, n: int) -> None:
+        """Refuse, with a clear error, a request that could never run to completion."""
+        limit = self.max_model_len
+        if num_prompt_tokens >= limit:
+            raise ValueError(f"prompt has {num_prompt_tokens} tokens; max_model_len is {limit}, "
+                             "so a prompt may have at most max_model_len - 1 tokens")
+        new_tokens = self.max_new_tokens(num_prompt_tokens, max_tokens)
+        if num_prompt_tokens + new_tokens > limit:
+            raise ValueError(f"prompt ({num_prompt_tokens} tokens) + max_tokens ({new_tokens}) = "
+                             f"{num_prompt_tokens + new_tokens} exceeds max_model_len ({limit})")
+        # The last generated token is never fed back, so its K/V is never stored.
+        pages = self.kv.pages_for_tokens(num_prompt_tokens + new_tokens - 1)
+        if pages > self.kv.num_pages:
+            raise ValueError(f"request needs {pages} KV pages (prompt {num_prompt_tokens} + max_tokens "
+                             f"{new_tokens} tokens, block_size {self.kv.block_size}) but the whole cache "
+                             f"has {self.kv.num_pages}; lower max_tokens or raise num_kv_blocks / kv_cache_memory")
+        if n > self.config.max_num_seqs:
+            raise ValueError(f"n ({n}) exceeds max_num_seqs ({self.config.max_num_seqs})")
+
+    def add_request(self, request: Request) -> None:
+        params = request.sampling_params
+        self.check_fits(len(request.prompt_token_ids), params.max_tokens, params.n)
+        if request.request_id in self.requests:
+            raise ValueError(f"request_id {request.request_id!r} is already in use")
+        request.num_pending_forks = params.n - 1
+        seq = self._new_sequence(request, 0, list(request.prompt_token_ids))
+        self.requests[request.request_id] = request
+        bisect.insort(self.waiting, seq, key=_waiting_key)
+
+    def _new_sequence(self, request: Request, index: int, token_ids: list[int]) -> Sequence:
+        seq = Sequence(seq_id=self._next_seq_id, request=request, sample_index=index, token_ids=token_ids,
+                       num_prompt_tokens=len(request.prompt_token_ids))
+        self._next_seq_id += 1
+        request.sequences.append(seq)
+        self.live[seq.seq_id] = seq
+        return seq
+
+    def abort_request(self, request_id: str) -> Request | None:
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        request.num_pending_forks = 0
+        for seq in request.sequences:
+            if not seq.is_finished:
+                self._finish(seq, SequenceStatus.FINISHED_ABORTED)
+        return request
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ----- planning a step -----------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput(finished_seq_ids=self._finished_since_last_step)
+        self._finished_since_last_step = []
+        budget = self.config.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            num_new = min(seq.compute_target - seq.num_computed_tokens, budget)
+            if num_new <= 0:
+                i += 1
+                continue
+            copies = self.kv.allocate(seq.seq_id, num_new)
+            while copies is None:
+                victim = self.running[-1]
+                self._preempt(victim)
+                out.preempted_seq_ids.append(victim.seq_id)
+                if victim is seq:
+                    break
+                copies = self.kv.allocate(seq.seq_id, num_new)
+            if copies is None:
+                break
+            out.page_copies.extend(copies)
+            out.sequences.append(self._plan(seq, num_new))
+            budget -= num_new
+            i += 1
+        # Admitting while evicting running work would only thrash.
+        if not out.preempted_seq_ids:
+            self._admit(out, budget)
+        return out
+
+    def _admit(self, out: SchedulerOutput, budget: int) -> None:
+        while self.waiting and budget > 0:
+            seq = self.waiting[0]
+            request = seq.request
+            group = 1 + request.num_pending_forks
+            if len(self.running) + group > self.config.max_num_seqs:
+                return
+            hit = self.kv.find_cached_prefix(seq.token_ids)
+            num_new = min(seq.compute_target - hit.num_tokens, budget)
+            copies = self.kv.allocate(seq.seq_id, num_new, hit)
+            if copies is None:
+                return
+            self.waiting.pop(0)
+            self.kv.record_prefix_query(seq.num_tokens, hit.num_tokens)
+            seq.num_computed_tokens = hit.num_tokens
+            if seq.num_preemptions == 0:
+                seq.num_cached_prompt_tokens = hit.num_tokens
+            seq.status = SequenceStatus.RUNNING
+            seq.admit_order = self._next_admit
+            self._next_admit += 1
+            bisect.insort(self.running, seq, key=_running_key)
+            out.page_copies.extend(copies)
+            if num_new > 0:
+                out.sequences.append(self._plan(seq, num_new))
+                budget -= num_new
+            else:
+                self._fork(seq)
+
+    def _plan(self, seq: Sequence, num_new: int) -> ScheduledSequence:
+        start = seq.num_computed_tokens
+        self.counters.num_recomputed_tokens += max(0, min(start + num_new, seq.max_computed_tokens) - start)
+        return ScheduledSequence(
+            seq_id=seq.seq_id,
+            input_token_ids=seq.token_ids[start : start + num_new],
+            start_position=start,
+            page_ids=self.kv.page_ids(seq.seq_id),
+            sample=start + num_new == seq.num_tokens,
+            sampling_params=seq.request.sampling_params,
+            sample_index=seq.sample_index,
+            all_token_ids=seq.token_ids,
+            num_prompt_tokens=seq.num_prompt_tokens,
+        )
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.kv.free(seq.seq_id)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.counters.num_preemptions += 1
+        bisect.insort(self.waiting, seq, key=_waiting_key)
+
+    def _fork(self, parent: Sequence) -> None:
+        """Start the siblings of a parent that has computed all its prompt but the last token."""
+        request = parent.request
+        for _ in range(request.num_pending_forks):
+            child = self._new_sequence(request, len(request.sequences), list(parent.token_ids))
+            self.kv.fork(parent.seq_id, child.seq_id)
+            child.num_computed_tokens = parent.num_computed_tokens
+            child.num_cached_prompt_tokens = parent.num_cached_prompt_tokens
+            child.status = SequenceStatus.RUNNING
+            child.admit_order = self._next_admit
+            self._next_admit += 1
+            bisect.insort(self.running, child, key=_running_key)
+        request.num_pending_forks = 0
+
+    # ----- after a step -------------------------------------------------------------------
+    def update(self, out: SchedulerOutput, sampled: list[SampledToken]) -> list[Sequence]:
+        """Apply a step's results. Returns the sequences that got a new token."""
+        samples = iter(sampled)
+        touched: list[Sequence] = []
+        for planned in out.sequences:
+            live = self.live.get(planned.seq_id)
+            if live is None:  # aborted during the step
+                if planned.sample:
+                    next(samples)
+                continue
+            seq = live
+            start = seq.num_computed_tokens
+            seq.num_computed_tokens += len(planned.input_token_ids)
+            seq.max_computed_tokens = max(seq.max_computed_tokens, seq.num_computed_tokens)
+            self.counters.num_prompt_tokens_computed += max(0, min(seq.num_computed_tokens,
+                                                                   seq.num_prompt_tokens) - start)
+            self.kv.commit(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
+            if seq.request.num_pending_forks and seq.num_computed_tokens == seq.compute_target:
+                self._fork(seq)
+            if not planned.sample:
+                continue
+            token = next(samples)
+            seq.append_token(token.token_id, token.logprobs)
+            self.counters.num_generated_tokens += 1
+            touched.append(seq)
+            self._check_token_stop(seq, token.token_id)
+        return touched
+
+    def _check_token_stop(self, seq: Sequence, token_id: int) -> None:
+        params = seq.request.sampling_params
+        num_out = seq.num_output_tokens
+        if num_out >= params.min_tokens:
+            if not params.ignore_eos and token_id in self.eos_token_ids:
+                self._finish(seq, SequenceStatus.FINISHED_STOPPED)
+                return
+            if token_id in params.stop_token_ids:  # type: ignore[operator]
+                seq.stop_reason = token_id
+                self._finish(seq, SequenceStatus.FINISHED_STOPPED)
+                return
+        if num_out >= self.max_new_tokens(seq.num_prompt_tokens, params.max_tokens) \
+                or seq.num_tokens >= self.max_model_len:
+            self._finish(seq, SequenceStatus.FINISHED_LENGTH)
+
+    def finish_sequence(self, seq: Sequence, status: SequenceStatus, stop_reason: int | str | None = None) -> None:
+        """End a sequence early (the engine calls this when a stop string matches)."""
+        if not seq.is_finished:
+            seq.stop_reason = stop_reason
+            self._finish(seq, status)
+
+    def _finish(self, seq: Sequence, status: SequenceStatus) -> None:
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
+        self.kv.free(seq.seq_id)
+        self.live.pop(seq.seq_id, None)
+        seq.status = status
+        self._finished_since_last_step.append(seq.seq_id)
+        if seq.request.is_finished:
+            self.requests.pop(seq.request.request_id, None)
