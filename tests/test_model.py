@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from checkpoints import ARCHITECTURES, hf_greedy, hf_logits, make_checkpoint
+from tests.checkpoints import ARCHITECTURES, hf_greedy, hf_logits, make_checkpoint
 from kvpage.model import CausalLM, ModelConfig, default_model_dir, load_model, resolve_dtype
 from kvpage.model.config import parse_rope_config
 from kvpage.ops import AttentionMetadata

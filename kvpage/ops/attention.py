@@ -35,6 +35,7 @@ import torch
 __all__ = [
     "AttentionMetadata",
     "PrefillSegment",
+    "StepMasks",
     "copy_pages",
     "paged_attention",
     "write_kv_cache",
@@ -48,6 +49,15 @@ class PrefillSegment(NamedTuple):
     token_start: int
     query_len: int
     seq_len: int
+
+
+class StepMasks(NamedTuple):
+    """Which keys each new token must not see (True = hidden), per batch part."""
+
+    decode_hidden: torch.Tensor  # [num_decode, L]
+    prefill_hidden: tuple[torch.Tensor, ...]  # [query_len, seq_len] per prefill segment
+    # [seq_len] keys no query of the segment sees (None when there are none)
+    prefill_unused_keys: tuple[torch.Tensor | None, ...]
 
 
 @dataclass
@@ -68,10 +78,13 @@ class AttentionMetadata:
 
     # Derived once per step so that every layer reuses them.
     num_tokens: int = field(init=False, repr=False, compare=False)
+    all_decode: bool = field(init=False, repr=False, compare=False)
     decode_token_rows: torch.Tensor = field(init=False, repr=False, compare=False)
     decode_block_tables: torch.Tensor = field(init=False, repr=False, compare=False)
     decode_seq_lens: torch.Tensor = field(init=False, repr=False, compare=False)
     prefill_segments: tuple[PrefillSegment, ...] = field(init=False, repr=False, compare=False)
+    prefill_pages: tuple[torch.Tensor, ...] = field(init=False, repr=False, compare=False)
+    _masks_by_window: dict[int | None, StepMasks] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self._validate()
@@ -90,6 +103,14 @@ class AttentionMetadata:
                 segments.append(PrefillSegment(index, token_start, query_len, seq_len))
             token_start += query_len
         self.prefill_segments = tuple(segments)
+        self.all_decode = not segments
+        self.prefill_pages = tuple(
+            self.block_tables[segment.sequence_index, : math.ceil(segment.seq_len / self.block_size)].to(
+                torch.long
+            )
+            for segment in segments
+        )
+        self._masks_by_window = {}
 
         # Decode tokens are batched into one gather, so only read as many pages
         # as the longest decoding sequence needs.
@@ -176,6 +197,37 @@ class AttentionMetadata:
             block_size=block_size,
         )
 
+    def masks(self, sliding_window: int | None) -> StepMasks:
+        """Attention masks of this step, built on first use and shared by all layers."""
+        cached = self._masks_by_window.get(sliding_window)
+        if cached is None:
+            cached = self._build_masks(sliding_window)
+            self._masks_by_window[sliding_window] = cached
+        return cached
+
+    def _build_masks(self, sliding_window: int | None) -> StepMasks:
+        device = self.block_tables.device
+        decode_keys = torch.arange(self.decode_block_tables.shape[1] * self.block_size, device=device)
+        seq_lens = self.decode_seq_lens[:, None]
+        decode_hidden = decode_keys[None, :] >= seq_lens
+        if sliding_window is not None:
+            decode_hidden |= decode_keys[None, :] < seq_lens - sliding_window
+        prefill_hidden = []
+        for segment in self.prefill_segments:
+            query_positions = torch.arange(
+                segment.seq_len - segment.query_len, segment.seq_len, device=device
+            )[:, None]
+            key_positions = torch.arange(segment.seq_len, device=device)[None, :]
+            hidden = key_positions > query_positions
+            if sliding_window is not None:
+                hidden |= key_positions <= query_positions - sliding_window
+            prefill_hidden.append(hidden)
+        # Without a window the last new token sees every key, so no key is unused.
+        prefill_unused = tuple(
+            hidden.all(dim=0) if sliding_window is not None else None for hidden in prefill_hidden
+        )
+        return StepMasks(decode_hidden, tuple(prefill_hidden), prefill_unused)
+
     def positions(self) -> torch.Tensor:
         """Position of every new token, ``[T]`` int64, on the block tables' device."""
         positions: list[int] = []
@@ -228,13 +280,14 @@ def _masked_attention(
     query: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
-    visible: torch.Tensor,
+    hidden: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
     """Grouped-query attention over gathered keys, all in float32.
 
-    query ``[B, Q, Hq, D]``, keys/values ``[B, L, Hkv, D]``, visible ``[B, Q, L]``
-    bool; returns ``[B, Q, Hq, D]`` float32.
+    query ``[B, Q, Hq, D]``; keys/values ``[B, L, Hkv, D]`` (values must be
+    finite wherever some query looks); hidden ``[B, Q, L]`` bool, True where a
+    query must not look.  Returns ``[B, Q, Hq, D]`` float32.
     """
     batch, num_queries, num_q_heads, head_dim = query.shape
     num_kv_heads = keys.shape[2]
@@ -247,17 +300,16 @@ def _masked_attention(
         .reshape(batch, num_kv_heads, group * num_queries, head_dim)
         .float()
     )
-    # Positions that are not visible may hold uninitialized memory (NaN/inf);
-    # zero them so that 0-probability * NaN cannot leak into the output.
-    visible_keys = visible.any(dim=1)[:, :, None, None]
-    keys_f = torch.where(visible_keys, keys.float(), 0.0).permute(0, 2, 3, 1)  # [B, Hkv, D, L]
-    values_f = torch.where(visible_keys, values.float(), 0.0).permute(0, 2, 1, 3)  # [B, Hkv, L, D]
+    keys_t = keys.float().permute(0, 2, 3, 1)  # [B, Hkv, D, L]
+    values_t = values.float().permute(0, 2, 1, 3)  # [B, Hkv, L, D]
 
-    scores = torch.matmul(grouped_query, keys_f) * scale  # [B, Hkv, group*Q, L]
-    scores = scores.view(batch, num_kv_heads, group, num_queries, -1)
-    scores = scores.masked_fill(~visible[:, None, None, :, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).view(batch, num_kv_heads, group * num_queries, -1)
-    output = torch.matmul(probs, values_f)  # [B, Hkv, group*Q, D]
+    scores = torch.matmul(grouped_query * scale, keys_t)  # [B, Hkv, group*Q, L]
+    # masked_fill also overwrites NaN scores of keys that hold garbage.
+    scores.view(batch, num_kv_heads, group, num_queries, -1).masked_fill_(
+        hidden[:, None, None, :, :], float("-inf")
+    )
+    probs = torch.softmax(scores, dim=-1)
+    output = torch.matmul(probs, values_t)  # [B, Hkv, group*Q, D]
     return (
         output.view(batch, num_kv_heads, group, num_queries, head_dim)
         .permute(0, 3, 1, 2, 4)
@@ -266,9 +318,8 @@ def _masked_attention(
 
 
 def _gather_pages(cache: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
-    """Read pages ``[..., P]`` of a cache into a contiguous ``[..., P * block_size, Hkv, D]``."""
-    gathered = cache[pages]
-    return gathered.flatten(-4, -3)
+    """Read pages ``[..., P]`` of a cache into a new ``[..., P * block_size, Hkv, D]`` tensor."""
+    return cache[pages].flatten(-4, -3)
 
 
 def paged_attention(
@@ -304,39 +355,43 @@ def paged_attention(
         raise ValueError(f"cache block_size {block_size} != meta.block_size {meta.block_size}")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be None or >= 1, got {sliding_window}")
+    masks = meta.masks(sliding_window)
 
+    if meta.all_decode:
+        return _decode_attention(query, key_cache, value_cache, meta, masks, scale).to(query.dtype)
     output = torch.empty_like(query)
     if meta.decode_token_rows.numel() > 0:
-        keys = _gather_pages(key_cache, meta.decode_block_tables)  # [D, L, Hkv, Dh]
-        values = _gather_pages(value_cache, meta.decode_block_tables)
-        key_positions = torch.arange(keys.shape[1], device=query.device)
-        seq_lens = meta.decode_seq_lens[:, None]
-        visible = key_positions[None, :] < seq_lens
-        if sliding_window is not None:
-            visible &= key_positions[None, :] >= seq_lens - sliding_window
-        decode_query = query.index_select(0, meta.decode_token_rows)[:, None]
-        decode_out = _masked_attention(decode_query, keys, values, visible[:, None, :], scale)
-        output.index_copy_(0, meta.decode_token_rows, decode_out[:, 0].to(query.dtype))
-
-    for segment in meta.prefill_segments:
-        num_pages = math.ceil(segment.seq_len / block_size)
-        pages = meta.block_tables[segment.sequence_index, :num_pages].to(torch.long)
+        decode_query = query.index_select(0, meta.decode_token_rows)
+        decode_out = _decode_attention(decode_query, key_cache, value_cache, meta, masks, scale)
+        output.index_copy_(0, meta.decode_token_rows, decode_out.to(query.dtype))
+    for segment, pages, hidden, unused_keys in zip(
+        meta.prefill_segments, meta.prefill_pages, masks.prefill_hidden, masks.prefill_unused_keys
+    ):
         keys = _gather_pages(key_cache, pages)[: segment.seq_len]
         values = _gather_pages(value_cache, pages)[: segment.seq_len]
-        first_position = segment.seq_len - segment.query_len
-        query_positions = torch.arange(
-            first_position, segment.seq_len, device=query.device
-        )[:, None]
-        key_positions = torch.arange(segment.seq_len, device=query.device)[None, :]
-        visible = key_positions <= query_positions
-        if sliding_window is not None:
-            visible &= key_positions > query_positions - sliding_window
+        if unused_keys is not None:
+            values.masked_fill_(unused_keys[:, None, None], 0.0)
         rows = slice(segment.token_start, segment.token_start + segment.query_len)
-        segment_out = _masked_attention(
-            query[rows][None], keys[None], values[None], visible[None], scale
-        )
-        output[rows] = segment_out[0].to(query.dtype)
+        segment_out = _masked_attention(query[rows][None], keys[None], values[None], hidden[None], scale)
+        output[rows] = segment_out[0]
     return output
+
+
+def _decode_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    masks: StepMasks,
+    scale: float,
+) -> torch.Tensor:
+    """All single-token sequences at once: one gather, padded to the longest of them."""
+    keys = _gather_pages(key_cache, meta.decode_block_tables)  # [D, L, Hkv, Dh]
+    values = _gather_pages(value_cache, meta.decode_block_tables)
+    # Padding pages and unwritten slots may hold NaN; 0 probability * NaN is NaN.
+    values.masked_fill_(masks.decode_hidden[:, :, None, None], 0.0)
+    output = _masked_attention(query[:, None], keys, values, masks.decode_hidden[:, None, :], scale)
+    return output[:, 0]
 
 
 def copy_pages(kv_caches: list[tuple[torch.Tensor, torch.Tensor]], copies: list[tuple[int, int]]) -> None:
