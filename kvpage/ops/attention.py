@@ -105,10 +105,8 @@ class AttentionMetadata:
         self.prefill_segments = tuple(segments)
         self.all_decode = not segments
         self.prefill_pages = tuple(
-            self.block_tables[segment.sequence_index, : math.ceil(segment.seq_len / self.block_size)].to(
-                torch.long
-            )
-            for segment in segments
+            self.block_tables[seg.sequence_index, : math.ceil(seg.seq_len / self.block_size)].long()
+            for seg in segments
         )
         self._masks_by_window = {}
 
@@ -117,10 +115,8 @@ class AttentionMetadata:
         max_decode_len = max((self.seq_lens[i] for i in decode_seqs), default=0)
         decode_pages = math.ceil(max_decode_len / self.block_size)
         self.decode_token_rows = torch.tensor(decode_rows, dtype=torch.long, device=device)
-        self.decode_block_tables = self.block_tables[decode_seqs, :decode_pages].to(torch.long)
-        self.decode_seq_lens = torch.tensor(
-            [self.seq_lens[i] for i in decode_seqs], dtype=torch.long, device=device
-        )
+        self.decode_block_tables = self.block_tables[decode_seqs, :decode_pages].long()
+        self.decode_seq_lens = torch.tensor([self.seq_lens[i] for i in decode_seqs], device=device)
 
     def _validate(self) -> None:
         if self.block_size < 1:
@@ -190,9 +186,7 @@ class AttentionMetadata:
         return cls(
             query_lens=list(query_lens),
             seq_lens=list(seq_lens),
-            block_tables=torch.tensor(padded_tables, dtype=torch.int32, device=device).reshape(
-                len(page_lists), max_pages
-            ),
+            block_tables=torch.tensor(padded_tables, dtype=torch.int32, device=device).view(-1, max_pages),
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
             block_size=block_size,
         )
@@ -214,18 +208,15 @@ class AttentionMetadata:
             decode_hidden |= decode_keys[None, :] < seq_lens - sliding_window
         prefill_hidden = []
         for segment in self.prefill_segments:
-            query_positions = torch.arange(
-                segment.seq_len - segment.query_len, segment.seq_len, device=device
-            )[:, None]
+            first_position = segment.seq_len - segment.query_len
+            query_positions = torch.arange(first_position, segment.seq_len, device=device)[:, None]
             key_positions = torch.arange(segment.seq_len, device=device)[None, :]
             hidden = key_positions > query_positions
             if sliding_window is not None:
                 hidden |= key_positions <= query_positions - sliding_window
             prefill_hidden.append(hidden)
         # Without a window the last new token sees every key, so no key is unused.
-        prefill_unused = tuple(
-            hidden.all(dim=0) if sliding_window is not None else None for hidden in prefill_hidden
-        )
+        prefill_unused = tuple(h.all(dim=0) if sliding_window is not None else None for h in prefill_hidden)
         return StepMasks(decode_hidden, tuple(prefill_hidden), prefill_unused)
 
     def positions(self) -> torch.Tensor:
@@ -277,11 +268,7 @@ def write_kv_cache(
 
 
 def _masked_attention(
-    query: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    hidden: torch.Tensor,
-    scale: float,
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, hidden: torch.Tensor, scale: float
 ) -> torch.Tensor:
     """Grouped-query attention over gathered keys, all in float32.
 
@@ -342,9 +329,7 @@ def paged_attention(
     num_tokens, num_q_heads, head_dim = query.shape
     _, block_size, num_kv_heads, cache_head_dim = key_cache.shape
     if num_tokens != meta.num_tokens:
-        raise ValueError(
-            f"query has {num_tokens} tokens but meta describes sum(query_lens)={meta.num_tokens}"
-        )
+        raise ValueError(f"query has {num_tokens} tokens but meta describes sum(query_lens)={meta.num_tokens}")
     if cache_head_dim != head_dim or num_q_heads % num_kv_heads != 0:
         raise ValueError(
             f"query [T, {num_q_heads}, {head_dim}] is incompatible with a cache of "
@@ -378,12 +363,8 @@ def paged_attention(
 
 
 def _decode_attention(
-    query: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    meta: AttentionMetadata,
-    masks: StepMasks,
-    scale: float,
+    query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+    meta: AttentionMetadata, masks: StepMasks, scale: float,
 ) -> torch.Tensor:
     """All single-token sequences at once: one gather, padded to the longest of them."""
     keys = _gather_pages(key_cache, meta.decode_block_tables)  # [D, L, Hkv, Dh]
@@ -404,9 +385,7 @@ def copy_pages(kv_caches: list[tuple[torch.Tensor, torch.Tensor]], copies: list[
     num_pages = kv_caches[0][0].shape[0]
     for src, dst in copies:
         if not (0 <= src < num_pages and 0 <= dst < num_pages):
-            raise ValueError(
-                f"copy ({src} -> {dst}) has a page id outside [0, {num_pages}) in copies"
-            )
+            raise ValueError(f"copy ({src} -> {dst}) has a page id outside [0, {num_pages}) in copies")
     device = kv_caches[0][0].device
     sources = torch.tensor([src for src, _ in copies], dtype=torch.long, device=device)
     destinations = torch.tensor([dst for _, dst in copies], dtype=torch.long, device=device)
