@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 
-from kvpage.batch import SchedulerOutput
 from kvpage.config import EngineConfig
 from kvpage.detokenizer import IncrementalDetokenizer, find_stop_string
 from kvpage.kv import KVCacheManager
@@ -31,7 +30,7 @@ from kvpage.metrics import RequestCounters, StepTimings
 from kvpage.model import ModelConfig, default_model_dir, load_model, resolve_dtype
 from kvpage.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from kvpage.request import Request, RequestTimes, Sequence, SequenceStatus
-from kvpage.sampling_params import SamplingParams
+from kvpage.sampling_params import RequestOutputKind, SamplingParams
 from kvpage.scheduler import Scheduler
 from kvpage.worker import KVCacheShape, ModelRunner, page_bytes
 
@@ -219,14 +218,16 @@ class LLMEngine:
         t3 = time.perf_counter()
         touched = self.scheduler.update(plan, sampled)
         self._check_stop_strings(touched)
-        outputs = self._collect_outputs(plan, touched)
         t4 = time.perf_counter()
+        outputs = self._collect_outputs(touched)
+        t5 = time.perf_counter()
         timings = self.timings
         timings.num_steps += 1
         timings.schedule_s += t1 - t0
         timings.prepare_s += t2 - t1
         timings.model_s += t3 - t2
         timings.update_s += t4 - t3
+        timings.output_s += t5 - t4
         return outputs
 
     def _detokenizer(self, seq: Sequence) -> IncrementalDetokenizer:
@@ -267,23 +268,25 @@ class LLMEngine:
             detok.flush()
         return detok.text
 
-    def _collect_outputs(self, plan: SchedulerOutput, touched: list[Sequence]) -> list[RequestOutput]:
+    def _collect_outputs(self, touched: list[Sequence]) -> list[RequestOutput]:
         requests: dict[str, Request] = {}
         for seq in touched:
             requests.setdefault(seq.request.request_id, seq.request)
         outputs = []
+        now = time.monotonic()
         for request in requests.values():
             finished = request.is_finished
             times = request.times
             if times is not None:
-                now = time.monotonic()
                 if times.first_token is None:
                     times.first_token = now
                 if finished:
                     times.finished = now
-            outputs.append(self._request_output(request))
             if finished:
                 self.request_counters.num_requests_finished += 1
+            elif request.sampling_params.output_kind is RequestOutputKind.FINAL_ONLY:
+                continue
+            outputs.append(self._request_output(request))
         return outputs
 
     def _request_output(self, request: Request) -> RequestOutput:

@@ -8,13 +8,14 @@ batching, not one by one.
 from __future__ import annotations
 
 from collections.abc import Sequence as SequenceABC
+from dataclasses import replace
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from kvpage.engine import LLMEngine, PromptInput
 from kvpage.outputs import RequestOutput
-from kvpage.sampling_params import SamplingParams
+from kvpage.sampling_params import RequestOutputKind, SamplingParams
 
 
 class LLM:
@@ -62,9 +63,11 @@ class LLM:
 
         engine = self.engine
         ids: list[str] = []
+        # Only final outputs are needed here: skip building per-step snapshots.
+        final_only = {id(p): replace(p, output_kind=RequestOutputKind.FINAL_ONLY) for p in params_list}
         try:
             for prompt, params, prio in zip(prompt_list, params_list, priorities):
-                ids.append(engine.add_request(None, prompt, params, priority=prio))
+                ids.append(engine.add_request(None, prompt, final_only[id(params)], priority=prio))
         except ValueError:
             for request_id in ids:  # all or nothing: leave no half-submitted batch behind
                 engine.abort_request(request_id)

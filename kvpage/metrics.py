@@ -2,7 +2,8 @@
 
 Step time is split into phases so that the engine's own overhead (planning,
 page bookkeeping, tensor preparation, applying results) can be told apart
-from the model's forward pass.
+from the model's forward pass (with sampling) and from building the
+``RequestOutput`` objects handed back to the caller.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ class StepTimings:
     prepare_s: float = 0.0
     model_s: float = 0.0
     update_s: float = 0.0
+    output_s: float = 0.0
 
     @property
     def overhead_s(self) -> float:
-        """Everything but the forward pass and sampling."""
+        """Planning, page bookkeeping, input preparation and applying results: not the model, not outputs."""
         return self.schedule_s + self.prepare_s + self.update_s
 
     def as_dict(self) -> dict[str, float]:

@@ -31,10 +31,11 @@ class SequenceStatus(Enum):
 
     @property
     def is_finished(self) -> bool:
-        return self in (SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH,
-                        SequenceStatus.FINISHED_ABORTED)
+        return self in FINISHED_STATES
 
 
+FINISHED_STATES = frozenset((SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH,
+                             SequenceStatus.FINISHED_ABORTED))
 FINISH_REASONS = {
     SequenceStatus.FINISHED_STOPPED: "stop",
     SequenceStatus.FINISHED_LENGTH: "length",
@@ -89,7 +90,7 @@ class Sequence:
 
     @property
     def is_finished(self) -> bool:
-        return self.status.is_finished
+        return self.status in FINISHED_STATES
 
     @property
     def finish_reason(self) -> str | None:
@@ -126,11 +127,13 @@ class Request:
     priority: int = 0
     sequences: list[Sequence] = field(default_factory=list)
     num_pending_forks: int = 0
+    # Kept by the scheduler so that "is the request done?" costs O(1) per step.
+    num_unfinished_seqs: int = 0
     times: RequestTimes | None = None
 
     @property
     def is_finished(self) -> bool:
-        return self.num_pending_forks == 0 and all(s.is_finished for s in self.sequences)
+        return self.num_pending_forks == 0 and self.num_unfinished_seqs == 0
 
     @property
     def max_tokens(self) -> int | None:

@@ -8,8 +8,16 @@ parameter, the value and what is allowed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 
 MAX_LOGPROBS = 20
+
+
+class RequestOutputKind(Enum):
+    """When ``LLMEngine.step`` reports a request (vLLM's names)."""
+
+    CUMULATIVE = "cumulative"  # every step it produced tokens, with everything so far
+    FINAL_ONLY = "final_only"  # once, when it finishes (what offline generate needs)
 
 
 def _check(ok: bool, name: str, value: object, allowed: str) -> None:
@@ -51,6 +59,7 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     stop_strings: tuple[str, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -82,6 +91,8 @@ class SamplingParams:
         for t in ids:
             _check(_is_int(t) and t >= 0, "stop_token_ids", self.stop_token_ids, "a list of integers >= 0")
         self.stop_token_ids = ids
+        _check(isinstance(self.output_kind, RequestOutputKind), "output_kind", self.output_kind,
+               f"one of {[k.name for k in RequestOutputKind]}")
 
     @property
     def is_greedy(self) -> bool:

@@ -99,6 +99,7 @@ class Scheduler:
                        num_prompt_tokens=len(request.prompt_token_ids))
         self._next_seq_id += 1
         request.sequences.append(seq)
+        request.num_unfinished_seqs += 1
         self.live[seq.seq_id] = seq
         return seq
 
@@ -176,7 +177,8 @@ class Scheduler:
 
     def _plan(self, seq: Sequence, num_new: int) -> ScheduledSequence:
         start = seq.num_computed_tokens
-        self.counters.num_recomputed_tokens += max(0, min(start + num_new, seq.max_computed_tokens) - start)
+        if start < seq.max_computed_tokens:
+            self.counters.num_recomputed_tokens += min(start + num_new, seq.max_computed_tokens) - start
         return ScheduledSequence(
             seq_id=seq.seq_id,
             input_token_ids=seq.token_ids[start : start + num_new],
@@ -226,9 +228,10 @@ class Scheduler:
             seq = live
             start = seq.num_computed_tokens
             seq.num_computed_tokens += len(planned.input_token_ids)
-            seq.max_computed_tokens = max(seq.max_computed_tokens, seq.num_computed_tokens)
-            self.counters.num_prompt_tokens_computed += max(0, min(seq.num_computed_tokens,
-                                                                   seq.num_prompt_tokens) - start)
+            if seq.num_computed_tokens > seq.max_computed_tokens:
+                seq.max_computed_tokens = seq.num_computed_tokens
+            if start < seq.num_prompt_tokens:
+                self.counters.num_prompt_tokens_computed += min(seq.num_computed_tokens, seq.num_prompt_tokens) - start
             self.kv.commit(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
             if seq.request.num_pending_forks and seq.num_computed_tokens == seq.compute_target:
                 self._fork(seq)
@@ -270,6 +273,7 @@ class Scheduler:
         self.kv.free(seq.seq_id)
         self.live.pop(seq.seq_id, None)
         seq.status = status
+        seq.request.num_unfinished_seqs -= 1
         self._finished_since_last_step.append(seq.seq_id)
         if seq.request.is_finished:
             self.requests.pop(seq.request.request_id, None)

@@ -205,7 +205,8 @@ def hf_greedy(model_dir: Path, prompt_ids: list[int], max_new_tokens: int, *, ig
     model.generation_config = GenerationConfig(pad_token_id=0)
     try:
         with torch.no_grad():
-            output = model.generate(
+            # generate() comes from GenerationMixin, which PreTrainedModel's stubs do not show.
+            output = model.generate(  # type: ignore[operator]
                 input_ids, attention_mask=torch.ones_like(input_ids), generation_config=generation_config
             )
     finally:

@@ -10,3 +10,11 @@ import pytest
 @pytest.fixture(scope="session", autouse=True)
 def _default_model_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["KVPAGE_CACHE_DIR"] = str(tmp_path_factory.mktemp("kvpage-cache"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread() -> None:
+    # The tests run tiny tensors: on a 2-core machine torch's thread pool costs more than it gives.
+    import torch
+
+    torch.set_num_threads(1)

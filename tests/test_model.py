@@ -13,7 +13,9 @@ import json
 import math
 import random
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -127,7 +129,7 @@ def test_chunked_prefill_in_mixed_batch_matches_hf(checkpoint: Path) -> None:
     ],
     ids=["mistral-sliding", "qwen2-sliding", "yarn", "dynamic", "llama-biases"],
 )
-def test_variants_match_hf(tmp_path: Path, arch: str, overrides: dict[str, object]) -> None:
+def test_variants_match_hf(tmp_path: Path, arch: str, overrides: dict[str, Any]) -> None:
     model_dir = make_checkpoint(tmp_path, arch, **overrides)
     _assert_prefill_then_decode_matches(model_dir, prompt_len=17, decode_steps=6)
 
@@ -273,6 +275,20 @@ def test_default_model_loads_and_tokenizes(tmp_path: Path) -> None:
     assert "hi" in chat
     logits = PagedRunner(model, num_pages=math.ceil(len(ids) / BLOCK_SIZE)).step({0: ids})[0]
     assert logits.shape == (len(ids), model.config.vocab_size) and torch.isfinite(logits).all()
+
+
+def test_default_model_build_race(tmp_path: Path) -> None:
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        directories = list(pool.map(lambda _: default_model_dir(tmp_path), range(3)))
+    assert len(set(directories)) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["default-random-v1"]  # no staging dirs left
+    load_model(directories[0], "auto", "cpu")
+
+
+def test_generation_config_eos_ids_are_merged(tmp_path: Path, llama_checkpoint: Path) -> None:
+    shutil.copy(llama_checkpoint / "config.json", tmp_path / "config.json")
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 2, 9]}))
+    assert ModelConfig.from_model_dir(tmp_path).eos_token_ids == (2, 7, 9)
 
 
 def test_default_model_env_var(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

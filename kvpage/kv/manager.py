@@ -171,9 +171,12 @@ class KVCacheManager:
         write), or ``None`` if the pool cannot supply the pages, in which case
         nothing changed.
         """
+        table = self._tables.get(seq_id)
+        if table is not None and (table.num_computed_tokens + num_new_tokens <= len(table.pages) * self.block_size
+                                  and not self._needs_copy(table, num_new_tokens)):
+            return []  # fast path, most decode steps: the tokens fit in pages the sequence owns alone
         if not self.can_allocate(seq_id, num_new_tokens, hit):
             return None
-        table = self._tables.get(seq_id)
         if table is None:
             table = BlockTable()
             if hit is not None and hit.pages:
@@ -220,9 +223,9 @@ class KVCacheManager:
         for i in range(first, min(last, len(table.pages))):
             self.pool.set_filled(table.pages[i], min(bs, num_computed_tokens - i * bs))
         table.num_computed_tokens = num_computed_tokens
-        if not self.enable_prefix_caching:
-            return
         num_full = num_computed_tokens // bs
+        if not self.enable_prefix_caching or len(table.hashes) >= num_full:
+            return
         parent = table.hashes[-1] if table.hashes else ROOT_HASH
         for i in range(len(table.hashes), num_full):
             page_tokens = tuple(token_ids[i * bs : (i + 1) * bs])

@@ -14,6 +14,7 @@ also holds ``rope_theta``.  :func:`parse_rope_config` accepts both.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -121,18 +122,25 @@ class ModelConfig:
 
     @classmethod
     def from_model_dir(cls, model_dir: str | os.PathLike[str]) -> ModelConfig:
-        """Read ``config.json`` of a checkpoint directory."""
+        """Read ``config.json`` of a checkpoint directory.
+
+        End-of-sequence ids from ``generation_config.json`` are added to the
+        config's: chat models often stop on a token (Llama 3's
+        ``<|eot_id|>``) that only the generation config lists.
+        """
         config_path = Path(model_dir) / "config.json"
         if not config_path.is_file():
             raise FileNotFoundError(
                 f"model_dir {str(model_dir)!r} has no config.json; expected a Hugging Face "
                 f"checkpoint directory (looked for {str(config_path)!r})"
             )
-        with open(config_path, encoding="utf-8") as handle:
-            raw = json.load(handle)
-        if not isinstance(raw, dict):
-            raise ValueError(f"{str(config_path)!r} must hold a JSON object, got {type(raw).__name__}")
-        return cls.from_dict(raw)
+        config = cls.from_dict(_read_json_object(config_path))
+        generation_path = Path(model_dir) / "generation_config.json"
+        if generation_path.is_file():
+            extra_eos = _parse_token_ids(_read_json_object(generation_path).get("eos_token_id"))
+            merged = config.eos_token_ids + tuple(t for t in extra_eos if t not in config.eos_token_ids)
+            config = dataclasses.replace(config, eos_token_ids=merged)
+        return config
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> ModelConfig:
@@ -158,10 +166,6 @@ class ModelConfig:
         is_qwen2 = architecture == "Qwen2ForCausalLM"
         is_mistral = architecture == "MistralForCausalLM"
         configured_bias = bool(raw.get("attention_bias", False)) and not is_mistral
-        eos = raw.get("eos_token_id")
-        eos_token_ids = tuple(int(t) for t in eos) if isinstance(eos, list) else (
-            () if eos is None else (int(eos),)
-        )
         return cls(
             architecture=architecture,
             vocab_size=_require_int(raw, "vocab_size"),
@@ -181,9 +185,23 @@ class ModelConfig:
             qk_norm=architecture == "Qwen3ForCausalLM",
             sliding_windows=_parse_sliding_windows(raw, architecture, num_layers, max_positions),
             bos_token_id=None if raw.get("bos_token_id") is None else int(raw["bos_token_id"]),
-            eos_token_ids=eos_token_ids,
+            eos_token_ids=_parse_token_ids(raw.get("eos_token_id")),
             torch_dtype=_parse_dtype(raw),
         )
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as handle:
+        raw = json.load(handle)
+    if not isinstance(raw, dict):
+        raise ValueError(f"{str(path)!r} must hold a JSON object, got {type(raw).__name__}")
+    return raw
+
+
+def _parse_token_ids(value: int | list[int] | None) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    return tuple(int(t) for t in value) if isinstance(value, list) else (int(value),)
 
 
 def _require_int(raw: Mapping[str, Any], key: str) -> int:
@@ -255,16 +273,19 @@ def parse_rope_config(raw: Mapping[str, Any], max_position_embeddings: int) -> R
     partial = parameters.get("partial_rotary_factor", 1.0)
     if partial != 1.0:
         raise ValueError(f"partial_rotary_factor={partial!r} is not supported; only 1.0 is")
-    theta = parameters.get("rope_theta", raw.get("rope_theta", _DEFAULT_ROPE_THETA))
+    theta = parameters.get("rope_theta") or raw.get("rope_theta") or _DEFAULT_ROPE_THETA
     factor = parameters.get("factor")
     if factor is None and rope_type in ("linear", "dynamic", "llama3"):
         raise ValueError(f"rope_type {rope_type!r} needs a 'factor' in the rope parameters")
 
-    original_max = parameters.get("original_max_position_embeddings")
+    original_max: int | None = parameters.get("original_max_position_embeddings")
     if rope_type in ("llama3", "yarn"):
-        original_max = raw.get("original_max_position_embeddings", original_max) or max_position_embeddings
-    if rope_type == "yarn" and factor is None:
-        factor = max_position_embeddings / original_max
+        # As in transformers, a top-level value wins and the context length is the fallback.
+        original_max = int(
+            raw.get("original_max_position_embeddings") or original_max or max_position_embeddings
+        )
+        if factor is None:
+            factor = max_position_embeddings / original_max
 
     def optional_float(key: str) -> float | None:
         return None if parameters.get(key) is None else float(parameters[key])

@@ -115,7 +115,13 @@ class AttentionMetadata:
         max_decode_len = max((self.seq_lens[i] for i in decode_seqs), default=0)
         decode_pages = math.ceil(max_decode_len / self.block_size)
         self.decode_token_rows = torch.tensor(decode_rows, dtype=torch.long, device=device)
-        self.decode_block_tables = self.block_tables[decode_seqs, :decode_pages].long()
+        # index_select, not fancy indexing: with a Python index list, torch's CPU
+        # advanced-indexing path was measured at ~12 ms for 256 rows on 2 busy cores.
+        if self.all_decode:
+            decode_tables = self.block_tables
+        else:
+            decode_tables = self.block_tables.index_select(0, torch.tensor(decode_seqs, dtype=torch.long, device=device))
+        self.decode_block_tables = decode_tables[:, :decode_pages].long()
         self.decode_seq_lens = torch.tensor([self.seq_lens[i] for i in decode_seqs], device=device)
 
     def _validate(self) -> None:
