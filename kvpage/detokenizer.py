@@ -44,27 +44,25 @@ class IncrementalDetokenizer:
 
     def update(self) -> str:
         """Catch up with the token list; returns the newly completed text."""
-        end = len(self.token_ids)
-        if self.frozen or end <= self.read_offset:
-            return ""
-        before = self._decode(self.prefix_offset, self.read_offset)
-        after = self._decode(self.prefix_offset, end)
-        if len(after) <= len(before) or after.endswith(REPLACEMENT_CHAR):
-            return ""
-        new_text = after[len(before):]
-        self.prefix_offset = max(self.prefix_offset, end - CONTEXT_TOKENS)
-        self.read_offset = end
-        self.text += new_text
-        return new_text
+        return self._advance(final=False)
 
     def flush(self) -> str:
         """At the end of a sequence, emit whatever was held back (even a partial character)."""
+        return self._advance(final=True)
+
+    def _advance(self, final: bool) -> str:
         end = len(self.token_ids)
         if self.frozen or end <= self.read_offset:
             return ""
         before = self._decode(self.prefix_offset, self.read_offset)
         after = self._decode(self.prefix_offset, end)
-        new_text = after[len(before):] if after.startswith(before) else ""
+        if final:
+            new_text = after[len(before):] if after.startswith(before) else ""
+        elif len(after) <= len(before) or after.endswith(REPLACEMENT_CHAR):
+            return ""  # an incomplete character: wait for the token that completes it
+        else:
+            new_text = after[len(before):]
+        self.prefix_offset = max(self.prefix_offset, end - CONTEXT_TOKENS)
         self.read_offset = end
         self.text += new_text
         return new_text

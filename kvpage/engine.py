@@ -123,7 +123,9 @@ class LLMEngine:
                                         mc.head_dim, self.dtype)
         self.kv = KVCacheManager(num_pages, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, self.eos_token_ids)
-        self.runner = ModelRunner(self.model, self.cache_shape, self.device, load.seed, self.eos_token_ids)
+        self.runner = ModelRunner(self.model, self.cache_shape, self.device, load.seed, self.eos_token_ids,
+                                  max_num_seqs=config.scheduler.max_num_seqs,
+                                  max_pages_per_seq=self.kv.pages_for_tokens(self.max_model_len))
         self.timings = StepTimings()
         self.request_counters = RequestCounters()
         self._detokenizers: dict[int, IncrementalDetokenizer] = {}

@@ -155,3 +155,19 @@ def test_stops_at_eos_like_transformers(tmp_path: Path) -> None:
     ignored = llm.generate({"prompt_token_ids": prompt},
                            SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
     assert ignored[0].outputs[0].token_ids == free_run
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_runs_and_mostly_agrees(checkpoints: dict[str, Path], dtype: str) -> None:
+    """Half precision cannot be token-identical, but its first tokens should mostly agree with float32."""
+    prompts, max_tokens = mixed_batch(seed=9)
+    model_dir = checkpoints["llama"]
+    llm = LLM(model=str(model_dir), dtype=dtype, block_size=16)
+    assert llm.engine.runner.kv_caches[0][0].dtype == getattr(__import__("torch"), dtype)
+    params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in max_tokens]
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    agree = sum(out.outputs[0].token_ids[0] == reference(model_dir, tuple(p), m)[0]
+                for p, m, out in zip(prompts, max_tokens, outputs))
+    assert all(len(out.outputs[0].token_ids) == m for out, m in zip(outputs, max_tokens))
+    assert agree >= 12, f"only {agree}/16 first tokens agree with float32"
+    assert_all_pages_back(llm)

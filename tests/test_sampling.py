@@ -182,3 +182,20 @@ def test_max_tokens_none_runs_to_max_model_len(model_dir: Path) -> None:
     out = small.generate(prompt(13, length=40), SamplingParams(temperature=0, max_tokens=None, ignore_eos=True),
                          use_tqdm=False)[0].outputs[0]
     assert len(out.token_ids) == 8 and out.finish_reason == "length"
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+def test_diverging_siblings_each_read_their_own_cache(model_dir: Path, block_size: int) -> None:
+    """n sampled siblings share the prompt's pages and then diverge: each one's logprobs must be
+    what transformers computes for that sibling's own tokens, so no sibling reads another's K/V."""
+    llm = LLM(model=str(model_dir), block_size=block_size, seed=0)
+    p = prompt(14, length=37)["prompt_token_ids"]
+    out = llm.generate({"prompt_token_ids": p}, SamplingParams(n=4, temperature=1.5, seed=21, max_tokens=12,
+                                                               logprobs=0, ignore_eos=True), use_tqdm=False)
+    completions = out[0].outputs
+    assert len({tuple(c.token_ids) for c in completions}) == 4
+    for c in completions:
+        ref = torch.log_softmax(hf_logits(model_dir, p + c.token_ids), dim=-1)
+        for step, (token, entry) in enumerate(zip(c.token_ids, c.logprobs)):
+            assert entry[token] == pytest.approx(ref[len(p) - 1 + step, token].item(), abs=1e-3)
+    assert llm.get_metrics()["kv_blocks_used"] == 0

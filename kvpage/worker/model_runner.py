@@ -20,6 +20,7 @@ import torch
 from kvpage.batch import SampledToken, ScheduledSequence, SchedulerOutput
 from kvpage.model import CausalLM
 from kvpage.ops import AttentionMetadata, copy_pages
+from kvpage.worker.block_table_buffer import BlockTableBuffer
 from kvpage.worker.sampler import Sampler
 
 
@@ -68,13 +69,14 @@ class ModelRunner:
     """Executes scheduled steps on one device."""
 
     def __init__(self, model: CausalLM, cache_shape: KVCacheShape, device: torch.device, seed: int,
-                 eos_token_ids: tuple[int, ...]) -> None:
+                 eos_token_ids: tuple[int, ...], max_num_seqs: int, max_pages_per_seq: int) -> None:
         self.model = model
         self.device = device
         self.cache_shape = cache_shape
         self.block_size = cache_shape.block_size
         self.kv_caches = allocate_kv_cache(cache_shape, device)
         self.sampler = Sampler(device, seed, eos_token_ids)
+        self.block_tables = BlockTableBuffer(max_num_seqs, max_pages_per_seq, device)
 
     def prepare_inputs(self, seqs: list[ScheduledSequence]) -> StepInputs:
         bs = self.block_size
@@ -102,13 +104,11 @@ class ModelRunner:
             if seq.sample:
                 sample_rows.append(len(input_ids) - 1)
                 sample_seqs.append(seq)
-        width = max(len(s.page_ids) for s in seqs)
-        table = [s.page_ids + [0] * (width - len(s.page_ids)) for s in seqs]
         dev = self.device
         metadata = AttentionMetadata(
             query_lens=query_lens,
             seq_lens=seq_lens,
-            block_tables=torch.tensor(table, dtype=torch.int32, device=dev),
+            block_tables=self.block_tables.gather([s.seq_id for s in seqs], [s.page_ids for s in seqs]),
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             block_size=bs,
         )
@@ -124,6 +124,8 @@ class ModelRunner:
         """Drop state of ended sequences and build the step's tensors (None if nothing runs)."""
         # Preempted sequences keep their generators: their random stream resumes after recompute.
         self.sampler.forget(out.finished_seq_ids)
+        self.block_tables.release(out.finished_seq_ids)
+        self.block_tables.release(out.preempted_seq_ids)
         return self.prepare_inputs(out.sequences) if out.sequences else None
 
     @torch.inference_mode()

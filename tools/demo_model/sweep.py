@@ -13,7 +13,8 @@ Usage (on one H100/H200; ~6 minutes in all):
     python tools/demo_model/sweep.py --work /tmp/demo-sweep --out .data/demo_model \
         --log .data/demo_model.train_log.json
 
-The grid's logs are written to <work>/<name>.json and summarised in
+The grid's logs are written to <work>/<name>.json, all together to
+<work>/grid_logs.json (for plot_loss.py --grid), and summarised in
 <work>/sweep_summary.json.
 """
 from __future__ import annotations
@@ -75,6 +76,10 @@ def main() -> None:
     winner = min(finished, key=lambda n: finished[n]["summary"]["final_val_loss"])
     print(f"winner: {winner} {GRID[winner]}", flush=True)
     (args.work / "sweep_summary.json").write_text(json.dumps({"winner": winner, "runs": results}, indent=1))
+    # All grid logs in one file, for plot_loss.py --grid.
+    grid_logs = {n: json.loads((args.work / f"{n}.json").read_text())
+                 for n in GRID if (args.work / f"{n}.json").exists()}
+    (args.work / "grid_logs.json").write_text(json.dumps(grid_logs))
     if args.skip_final:
         return
     cmd = train + GRID[winner] + COMMON + ["--out", str(args.out), "--log", str(args.log)]
