@@ -28,11 +28,12 @@ from kvpage import LLM, SamplingParams
 from kvpage.model.default_model import DEFAULT_MODEL_SPEC, build_default_model
 
 PHASES = ("schedule_s", "prepare_s", "update_s")
+MAX_MODEL_LEN = 4096
 
 
 def tiny_model(directory: Path) -> Path:
     spec = replace(DEFAULT_MODEL_SPEC, name="bench-tiny", num_layers=1, hidden_size=64, intermediate_size=128,
-                   num_heads=2, num_kv_heads=1, max_position_embeddings=4096)
+                   num_heads=2, num_kv_heads=1, max_position_embeddings=MAX_MODEL_LEN)
     directory.mkdir(parents=True, exist_ok=True)
     build_default_model(directory, spec)
     return directory
@@ -40,15 +41,19 @@ def tiny_model(directory: Path) -> Path:
 
 def measure(model_dir: Path, batch: int, context: int, steps: int, block_size: int) -> dict[str, float]:
     llm = LLM(model=str(model_dir), block_size=block_size, max_num_seqs=max(batch, 1),
-              num_kv_blocks=batch * ((context + steps + 8) // block_size + 2), max_num_batched_tokens=16384)
+              num_kv_blocks=batch * ((context + steps + 8) // block_size + 2) + MAX_MODEL_LEN // block_size,
+              max_num_batched_tokens=16384)
     engine = llm.engine
     rng = random.Random(batch)
     # CUMULATIVE outputs, as a streaming server would ask for: the worst case for output building.
-    params = SamplingParams(temperature=0, max_tokens=steps + 5, ignore_eos=True)
+    # max_tokens leaves room for the prefill steps: nobody may finish before all are decoding.
+    params = SamplingParams(temperature=0, max_tokens=MAX_MODEL_LEN - context, ignore_eos=True)
     for i in range(batch):
         engine.add_request(f"r{i}", {"prompt_token_ids": [rng.randrange(0, 256) for _ in range(context)]}, params)
     while len(engine.scheduler.running) < batch or engine.scheduler.running[-1].num_output_tokens == 0:
+        assert engine.has_unfinished_requests()
         engine.step()
+    assert not engine.scheduler.waiting and engine.get_metrics()["num_preemptions"] == 0
     per_step: dict[str, list[float]] = {phase: [] for phase in (*PHASES, "overhead_s", "model_s", "output_s")}
     for _ in range(steps):
         before = replace(engine.timings)

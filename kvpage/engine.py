@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from kvpage.config import EngineConfig
+from kvpage.config import GIB, EngineConfig
 from kvpage.detokenizer import IncrementalDetokenizer, find_stop_string
 from kvpage.kv import KVCacheManager
 from kvpage.metrics import RequestCounters, StepTimings
@@ -69,25 +69,46 @@ def read_eos_token_ids(model_dir: Path, config: ModelConfig) -> tuple[int, ...]:
 
 
 def size_kv_cache(config: EngineConfig, bytes_per_page: int, max_model_len: int, device: torch.device) -> int:
-    """Number of KV pages: explicit count, else a byte budget divided by the page size."""
+    """Number of KV pages: ``num_kv_blocks``, else ``kv_cache_memory`` bytes, else the device default.
+
+    The device default is ``gpu_memory_utilization`` of the GPU less what is
+    already in use, or ``cpu_kv_cache_space`` on a CPU, and in both cases no
+    more than the batch could ever fill (``max_num_seqs`` sequences of
+    ``max_model_len`` tokens): a tiny model would otherwise get millions of
+    pages it can never use.
+    """
     cache = config.cache
     if cache.num_kv_blocks is not None:
         return cache.num_kv_blocks
     if cache.kv_cache_memory is not None:
         budget = cache.kv_cache_memory
-    elif device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        budget = int(total * cache.gpu_memory_utilization) - (total - free)
     else:
-        # On a CPU, never reserve more than the batch could ever fill.
+        if device.type == "cuda":
+            budget = _gpu_kv_budget(cache.gpu_memory_utilization, bytes_per_page, device)
+        else:
+            budget = cache.cpu_kv_cache_space
         pages_per_seq = -(-max_model_len // cache.block_size)
-        useful = config.scheduler.max_num_seqs * pages_per_seq * bytes_per_page
-        budget = min(cache.cpu_kv_cache_space, useful)
+        budget = min(budget, config.scheduler.max_num_seqs * pages_per_seq * bytes_per_page)
     num_pages = budget // bytes_per_page
     if num_pages < 1:
         raise ValueError(f"the KV cache budget ({budget} bytes) is smaller than one page ({bytes_per_page} bytes); "
                          "raise kv_cache_memory or gpu_memory_utilization")
     return num_pages
+
+
+def _gpu_kv_budget(utilization: float, bytes_per_page: int, device: torch.device) -> int:
+    free, total = torch.cuda.mem_get_info(device)
+    # Blocks torch's caching allocator holds but no tensor uses are ours to reuse.
+    reclaimable = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    in_use = total - free - reclaimable
+    budget = int(total * utilization) - in_use
+    if budget < bytes_per_page:
+        raise ValueError(
+            f"gpu_memory_utilization={utilization} allows {total * utilization / GIB:.1f} GiB of the GPU's "
+            f"{total / GIB:.1f} GiB, but {in_use / GIB:.1f} GiB are already in use (weights, other engines or "
+            "processes), leaving no room for the KV cache; raise gpu_memory_utilization or pass "
+            "kv_cache_memory / num_kv_blocks")
+    return budget
 
 
 class LLMEngine:
