@@ -18,7 +18,7 @@ cache). A request that could never fit, even alone, is refused at submission.
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kvpage.batch import SampledToken, ScheduledSequence, SchedulerOutput
 from kvpage.config import SchedulerConfig
@@ -32,6 +32,36 @@ class SchedulerCounters:
     num_recomputed_tokens: int = 0
     num_prompt_tokens_computed: int = 0
     num_generated_tokens: int = 0
+
+
+@dataclass
+class _StepPlan:
+    """The step being planned: sequences, their page copies, the token budget left."""
+
+    budget: int
+    planned: dict[int, ScheduledSequence] = field(default_factory=dict)
+    copies: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    preempted: list[int] = field(default_factory=list)
+
+    def add(self, seq: ScheduledSequence, copies: list[tuple[int, int]]) -> None:
+        self.planned[seq.seq_id] = seq
+        if copies:
+            self.copies[seq.seq_id] = copies
+        self.budget -= len(seq.input_token_ids)
+
+    def withdraw(self, seq_id: int) -> None:
+        seq = self.planned.pop(seq_id, None)
+        if seq is not None:
+            self.budget += len(seq.input_token_ids)
+            self.copies.pop(seq_id, None)
+
+    def output(self, finished_seq_ids: list[int]) -> SchedulerOutput:
+        return SchedulerOutput(
+            sequences=list(self.planned.values()),
+            page_copies=[c for copies in self.copies.values() for c in copies],
+            preempted_seq_ids=self.preempted,
+            finished_seq_ids=finished_seq_ids,
+        )
 
 
 def _waiting_key(seq: Sequence) -> tuple[int, float, int]:
@@ -118,45 +148,46 @@ class Scheduler:
 
     # ----- planning a step -----------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput(finished_seq_ids=self._finished_since_last_step)
-        self._finished_since_last_step = []
-        budget = self.config.max_num_batched_tokens
+        step = _StepPlan(budget=self.config.max_num_batched_tokens)
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and step.budget > 0:
             seq = self.running[i]
-            num_new = min(seq.compute_target - seq.num_computed_tokens, budget)
+            num_new = min(seq.compute_target - seq.num_computed_tokens, step.budget)
             if num_new <= 0:
                 i += 1
                 continue
             copies = self.kv.allocate(seq.seq_id, num_new)
             while copies is None:
                 victim = self.running[-1]
-                self._preempt(victim)
-                out.preempted_seq_ids.append(victim.seq_id)
+                self._preempt(victim, step)
                 if victim is seq:
                     break
                 copies = self.kv.allocate(seq.seq_id, num_new)
             if copies is None:
                 break
-            out.page_copies.extend(copies)
-            out.sequences.append(self._plan(seq, num_new))
-            budget -= num_new
+            step.add(self._plan(seq, num_new), copies)
             i += 1
         # Admitting while evicting running work would only thrash.
-        if not out.preempted_seq_ids:
-            self._admit(out, budget)
+        if not step.preempted:
+            self._admit(step)
+        out = step.output(self._finished_since_last_step)
+        self._finished_since_last_step = []
         return out
 
-    def _admit(self, out: SchedulerOutput, budget: int) -> None:
-        while self.waiting and budget > 0:
+    def _admit(self, step: _StepPlan) -> None:
+        while self.waiting and step.budget > 0:
             seq = self.waiting[0]
             request = seq.request
             group = 1 + request.num_pending_forks
-            if len(self.running) + group > self.config.max_num_seqs:
-                return
+            while len(self.running) + group > self.config.max_num_seqs:
+                if not self._preempt_lower_priority(request.priority, step):
+                    return
             hit = self.kv.find_cached_prefix(seq.token_ids)
-            num_new = min(seq.compute_target - hit.num_tokens, budget)
+            num_new = min(seq.compute_target - hit.num_tokens, step.budget)
             copies = self.kv.allocate(seq.seq_id, num_new, hit)
+            while copies is None and self._preempt_lower_priority(request.priority, step):
+                num_new = min(seq.compute_target - hit.num_tokens, step.budget)
+                copies = self.kv.allocate(seq.seq_id, num_new, hit)
             if copies is None:
                 return
             self.waiting.pop(0)
@@ -168,17 +199,20 @@ class Scheduler:
             seq.admit_order = self._next_admit
             self._next_admit += 1
             bisect.insort(self.running, seq, key=_running_key)
-            out.page_copies.extend(copies)
             if num_new > 0:
-                out.sequences.append(self._plan(seq, num_new))
-                budget -= num_new
+                step.add(self._plan(seq, num_new), copies)
             else:
                 self._fork(seq)
 
+    def _preempt_lower_priority(self, priority: int, step: _StepPlan) -> bool:
+        """Make room for a waiting request by preempting a running one of strictly lower priority."""
+        if not self.running or self.running[-1].request.priority <= priority:
+            return False
+        self._preempt(self.running[-1], step)
+        return True
+
     def _plan(self, seq: Sequence, num_new: int) -> ScheduledSequence:
         start = seq.num_computed_tokens
-        if start < seq.max_computed_tokens:
-            self.counters.num_recomputed_tokens += min(start + num_new, seq.max_computed_tokens) - start
         return ScheduledSequence(
             seq_id=seq.seq_id,
             input_token_ids=seq.token_ids[start : start + num_new],
@@ -191,7 +225,9 @@ class Scheduler:
             num_prompt_tokens=seq.num_prompt_tokens,
         )
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _preempt(self, seq: Sequence, step: _StepPlan) -> None:
+        step.withdraw(seq.seq_id)  # it may already be planned in this step (priority preemption)
+        step.preempted.append(seq.seq_id)
         self.running.remove(seq)
         self.kv.free(seq.seq_id)
         seq.num_computed_tokens = 0
@@ -228,6 +264,8 @@ class Scheduler:
             seq = live
             start = seq.num_computed_tokens
             seq.num_computed_tokens += len(planned.input_token_ids)
+            if start < seq.max_computed_tokens:  # computed before a preemption: recomputation
+                self.counters.num_recomputed_tokens += min(seq.num_computed_tokens, seq.max_computed_tokens) - start
             if seq.num_computed_tokens > seq.max_computed_tokens:
                 seq.max_computed_tokens = seq.num_computed_tokens
             if start < seq.num_prompt_tokens:

@@ -131,3 +131,33 @@ def test_abort_frees_pages() -> None:
     assert sched.kv.usage().num_pages_used > 0
     sched.abort_request("a")
     assert sched.kv.usage().num_pages_used == 0 and not sched.has_unfinished()
+
+
+def test_urgent_request_preempts_lower_priority_work() -> None:
+    sched = make(num_pages=8, block_size=4, max_num_seqs=2)
+    low_a = submit(sched, "low-a", 10, 12, arrival=0, priority=5)
+    low_b = submit(sched, "low-b", 10, 12, arrival=1, priority=5)
+    step(sched)
+    step(sched)
+    urgent = submit(sched, "urgent", 10, 3, arrival=2, priority=0)
+    out = step(sched)
+    # Both slots were taken by priority-5 work: the latest admitted one gives way in this very step.
+    assert out.preempted_seq_ids == [low_b.sequences[0].seq_id]
+    assert urgent.sequences[0].seq_id in [s.seq_id for s in out.sequences]
+    assert low_b.sequences[0].seq_id not in [s.seq_id for s in out.sequences]
+    finish_order = []
+    while sched.has_unfinished():
+        step(sched)
+        for req in (low_a, low_b, urgent):
+            if req.is_finished and req.request_id not in finish_order:
+                finish_order.append(req.request_id)
+    assert finish_order[0] == "urgent"
+    assert sched.kv.usage().num_pages_used == 0
+
+
+def test_equal_priority_never_preempts_to_admit() -> None:
+    sched = make(num_pages=8, block_size=4, max_num_seqs=1)
+    submit(sched, "first", 10, 12, arrival=0)
+    step(sched)
+    submit(sched, "second", 10, 3, arrival=1)
+    assert step(sched).preempted_seq_ids == []
