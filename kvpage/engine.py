@@ -16,6 +16,7 @@ request is done.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterable
 import json
 import time
 from pathlib import Path
@@ -216,14 +217,21 @@ class LLMEngine:
         self.request_counters.num_requests_added += 1
         return request.request_id
 
-    def abort_request(self, request_id: str) -> bool:
-        request = self.scheduler.abort_request(request_id)
-        if request is None:
-            return False
-        self.request_counters.num_requests_aborted += 1
-        for seq in request.sequences:
-            self._detokenizers.pop(seq.seq_id, None)
-        return True
+    def abort_request(self, request_id: str | Iterable[str]) -> bool:
+        """Stop one request (or several) now and free its pages. False if none was unfinished."""
+        ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        aborted = False
+        for rid in ids:
+            request = self.scheduler.abort_request(rid)
+            if request is None:
+                continue
+            aborted = True
+            self.request_counters.num_requests_aborted += 1
+            for seq in request.sequences:
+                self._detokenizers.pop(seq.seq_id, None)
+        return aborted
+
+    abort = abort_request
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()

@@ -104,8 +104,8 @@ def test_abort_returns_pages_and_the_engine_goes_on(llm: LLM) -> None:
                        SamplingParams(temperature=0, max_tokens=6))
     engine.step()
     engine.step()
-    assert engine.abort_request("to-abort")
-    assert not engine.abort_request("to-abort")
+    assert engine.abort("to-abort")
+    assert not engine.abort_request(["to-abort", "never-existed"])
     finished = []
     while engine.has_unfinished_requests():
         finished += [o for o in engine.step() if o.finished]
