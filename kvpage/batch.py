@@ -46,10 +46,6 @@ class SchedulerOutput:
     def num_batched_tokens(self) -> int:
         return sum(len(s.input_token_ids) for s in self.sequences)
 
-    @property
-    def is_empty(self) -> bool:
-        return not self.sequences
-
 
 @dataclass(slots=True)
 class SampledToken:

@@ -40,9 +40,6 @@ class CompletionOutput:
             return None
         return sum(entry[token] for token, entry in zip(self.token_ids, self.logprobs))
 
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
     def __repr__(self) -> str:
         return (f"CompletionOutput(index={self.index}, text={self.text!r}, token_ids={self.token_ids}, "
                 f"finish_reason={self.finish_reason!r}, stop_reason={self.stop_reason!r})")
@@ -53,7 +50,6 @@ class RequestMetrics:
     """Latencies of one request in seconds (None until known)."""
 
     arrival_time: float
-    queue_time: float | None = None
     time_to_first_token: float | None = None
     e2e_latency: float | None = None
 

@@ -48,7 +48,6 @@ class RequestTimes:
     """Wall-clock marks for latency metrics (seconds, time.monotonic)."""
 
     arrival: float
-    first_scheduled: float | None = None
     first_token: float | None = None
     finished: float | None = None
 
@@ -73,8 +72,6 @@ class Sequence:
     stop_reason: int | str | None = None
     # Per output token: {token id: logprob} of the sampled token and the top-k.
     output_logprobs: list[dict[int, float]] | None = None
-    # Detokenized output, kept up to date only where stop strings need it.
-    text: str = ""
 
     @property
     def num_tokens(self) -> int:

@@ -9,7 +9,7 @@
 
 from kvpage.kv.manager import BlockTable, KVCacheManager, KVUsage, PageCopy
 from kvpage.kv.page_pool import Page, PagePool, PageState, PrefixHit
-from kvpage.kv.prefix_hash import full_page_hashes, page_hash
+from kvpage.kv.prefix_hash import page_hash
 
 __all__ = [
     "BlockTable",
@@ -20,6 +20,5 @@ __all__ = [
     "PagePool",
     "PageState",
     "PrefixHit",
-    "full_page_hashes",
     "page_hash",
 ]

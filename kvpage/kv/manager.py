@@ -103,15 +103,9 @@ class KVCacheManager:
     def has_sequence(self, seq_id: int) -> bool:
         return seq_id in self._tables
 
-    def block_table(self, seq_id: int) -> BlockTable:
-        return self._tables[seq_id]
-
     def page_ids(self, seq_id: int) -> list[int]:
         """The live page-id list of a sequence (not a copy: read it, don't keep it)."""
         return self._tables[seq_id].page_ids
-
-    def num_sequences(self) -> int:
-        return len(self._tables)
 
     # ----- prefix cache ---------------------------------------------------------
     def find_cached_prefix(self, token_ids: Sequence[int]) -> PrefixHit:

@@ -90,9 +90,6 @@ class PagePool:
             return PageState.CACHED_FREE
         return PageState.FREE
 
-    def is_cached_free(self, page: Page) -> bool:
-        return page.ref_count == 0 and page.page_id in self._cached_free
-
     # ----- allocation ------------------------------------------------------
     def allocate(self) -> Page:
         """Take a fresh page (ref count 1). Evicts the oldest cached-free page if no free one is left."""

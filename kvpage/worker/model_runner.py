@@ -133,12 +133,6 @@ class ModelRunner:
         if copies:
             copy_pages(self.kv_caches, copies)
 
-    def execute(self, out: SchedulerOutput) -> list[SampledToken]:
-        """Prepare, copy pages and run one step."""
-        inputs = self.prepare(out)
-        self.copy_pages(out.page_copies)
-        return self.run(inputs) if inputs is not None else []
-
     @torch.inference_mode()
     def run(self, inputs: StepInputs) -> list[SampledToken]:
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.metadata)
