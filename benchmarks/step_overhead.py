@@ -25,17 +25,17 @@ from pathlib import Path
 import torch
 
 from kvpage import LLM, SamplingParams
-from kvpage.model.default_model import DEFAULT_MODEL_SPEC, build_default_model
+from kvpage.model.random_model import RANDOM_MODEL_SPEC, build_random_model
 
 PHASES = ("schedule_s", "prepare_s", "update_s")
 MAX_MODEL_LEN = 4096
 
 
 def tiny_model(directory: Path) -> Path:
-    spec = replace(DEFAULT_MODEL_SPEC, name="bench-tiny", num_layers=1, hidden_size=64, intermediate_size=128,
+    spec = replace(RANDOM_MODEL_SPEC, name="bench-tiny", num_layers=1, hidden_size=64, intermediate_size=128,
                    num_heads=2, num_kv_heads=1, max_position_embeddings=MAX_MODEL_LEN)
     directory.mkdir(parents=True, exist_ok=True)
-    build_default_model(directory, spec)
+    build_random_model(directory, spec)
     return directory
 
 

@@ -4,7 +4,7 @@ The public API mirrors vLLM's offline one::
 
     from kvpage import LLM, SamplingParams
 
-    llm = LLM()                                   # built-in default model
+    llm = LLM()                                   # built-in demo model
     out = llm.generate(["Hello"], SamplingParams(temperature=0.0, max_tokens=16))
     print(out[0].outputs[0].text)
 

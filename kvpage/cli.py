@@ -20,7 +20,7 @@ EXIT_ERROR = 1
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     """Engine options, with vLLM's flag names where the concept is the same."""
     group = parser.add_argument_group("engine")
-    group.add_argument("--model", default=None, help="Hugging Face model directory (default: built-in model)")
+    group.add_argument("--model", default=None, help="Hugging Face model directory (default: the built-in demo model)")
     group.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
     group.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     group.add_argument("--device", default="auto", help="auto | cpu | cuda")

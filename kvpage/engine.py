@@ -28,7 +28,7 @@ from kvpage.config import GIB, EngineConfig
 from kvpage.detokenizer import IncrementalDetokenizer, find_stop_string
 from kvpage.kv import KVCacheManager
 from kvpage.metrics import RequestCounters, StepTimings
-from kvpage.model import ModelConfig, default_model_dir, load_model, resolve_dtype
+from kvpage.model import ModelConfig, demo_model_dir, load_model, resolve_dtype
 from kvpage.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from kvpage.request import Request, RequestTimes, Sequence, SequenceStatus
 from kvpage.sampling_params import RequestOutputKind, SamplingParams
@@ -121,7 +121,7 @@ class LLMEngine:
         load = config.load
         self.device = resolve_device(load.device)
         if load.model is None:
-            self.model_dir = default_model_dir()
+            self.model_dir = demo_model_dir()
         else:
             self.model_dir = Path(load.model).expanduser()
             if not self.model_dir.is_dir():

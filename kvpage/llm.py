@@ -24,8 +24,8 @@ class LLM:
     Keyword arguments are the engine options of :class:`~kvpage.config.EngineConfig`
     (``block_size``, ``num_kv_blocks``, ``kv_cache_memory``, ``max_num_seqs``,
     ``max_num_batched_tokens``, ``max_model_len``, ``enable_prefix_caching``,
-    ``dtype``, ``device``, ``seed``, ...). ``model=None`` loads the built-in
-    default model.
+    ``dtype``, ``device``, ``seed``, ...). ``model=None`` loads the built-in demo
+    model (``kvpage/assets/demo-model``, trained on the King James Bible).
     """
 
     def __init__(self, model: str | None = None, **engine_options: Any) -> None:

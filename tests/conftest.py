@@ -1,4 +1,4 @@
-"""Test-wide setup: the built-in default model is built into a per-session temp dir."""
+"""Test-wide setup: random test models are built into a per-session temp dir."""
 
 from __future__ import annotations
 

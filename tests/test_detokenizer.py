@@ -5,11 +5,11 @@ from __future__ import annotations
 from transformers import AutoTokenizer
 
 from kvpage.detokenizer import IncrementalDetokenizer, find_stop_string
-from kvpage.model import default_model_dir
+from kvpage.model import random_model_dir
 
 
 def test_streamed_text_equals_full_decode_with_multibyte_characters() -> None:
-    tok = AutoTokenizer.from_pretrained(str(default_model_dir()))
+    tok = AutoTokenizer.from_pretrained(str(random_model_dir()))
     prompt = tok.encode("p")
     text = "naïve ☕ café — 日本語 ok"
     output = tok.encode(text, add_special_tokens=False)
@@ -26,7 +26,7 @@ def test_streamed_text_equals_full_decode_with_multibyte_characters() -> None:
 
 
 def test_flush_emits_a_trailing_partial_character() -> None:
-    tok = AutoTokenizer.from_pretrained(str(default_model_dir()))
+    tok = AutoTokenizer.from_pretrained(str(random_model_dir()))
     ids = tok.encode("x")
     detok = IncrementalDetokenizer(tok, ids, len(ids))
     ids.extend(tok.encode("é", add_special_tokens=False)[:1])  # first byte of a 2-byte character

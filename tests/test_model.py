@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,47 +21,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.checkpoints import ARCHITECTURES, hf_greedy, hf_logits, make_checkpoint
-from kvpage.model import CausalLM, ModelConfig, default_model_dir, load_model, resolve_dtype
+from tests.paged_runner import BLOCK_SIZE, PagedRunner
+from kvpage.model import ModelConfig, random_model_dir, load_model, resolve_dtype
 from kvpage.model.config import parse_rope_config
-from kvpage.ops import AttentionMetadata
-
-BLOCK_SIZE = 4
-
-
-class PagedRunner:
-    """Drives a model over a paged cache with randomly ordered pages, like an engine step loop."""
-
-    def __init__(self, model: CausalLM, num_pages: int = 96, seed: int = 0) -> None:
-        config = model.config
-        shape = (num_pages, BLOCK_SIZE, config.num_kv_heads, config.head_dim)
-        self.model = model
-        self.kv_caches = [
-            (torch.full(shape, float("nan"), dtype=model.dtype), torch.full(shape, float("nan"), dtype=model.dtype))
-            for _ in range(config.num_layers)
-        ]
-        self.free_pages = list(range(num_pages))
-        random.Random(seed).shuffle(self.free_pages)
-        self.pages: dict[int, list[int]] = {}
-        self.lengths: dict[int, int] = {}
-
-    def step(self, new_tokens: dict[int, list[int]]) -> dict[int, torch.Tensor]:
-        """Feed each sequence's new tokens; returns float32 logits ``[len(new), vocab]`` per sequence."""
-        query_lens, seq_lens, page_lists, input_ids = [], [], [], []
-        for seq_id, tokens in new_tokens.items():
-            pages = self.pages.setdefault(seq_id, [])
-            seq_len = self.lengths.get(seq_id, 0) + len(tokens)
-            while len(pages) * BLOCK_SIZE < seq_len:
-                pages.append(self.free_pages.pop())
-            self.lengths[seq_id] = seq_len
-            query_lens.append(len(tokens))
-            seq_lens.append(seq_len)
-            page_lists.append(pages)
-            input_ids.extend(tokens)
-        meta = AttentionMetadata.build(query_lens, seq_lens, page_lists, BLOCK_SIZE)
-        hidden = self.model(torch.tensor(input_ids), meta.positions(), self.kv_caches, meta)
-        logits = self.model.compute_logits(hidden)
-        return dict(zip(new_tokens, logits.split(query_lens)))
-
 
 def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).norm() / expected.norm()).item()
@@ -259,8 +220,8 @@ def test_resolve_dtype(llama_checkpoint: Path) -> None:
 def test_default_model_loads_and_tokenizes(tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
-    model_dir = default_model_dir(tmp_path)
-    assert default_model_dir(tmp_path) == model_dir
+    model_dir = random_model_dir(tmp_path)
+    assert random_model_dir(tmp_path) == model_dir
     model = load_model(model_dir, "auto", "cpu")
     assert model.config.architecture == "LlamaForCausalLM" and model.dtype == torch.float32
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -279,9 +240,9 @@ def test_default_model_loads_and_tokenizes(tmp_path: Path) -> None:
 
 def test_default_model_build_race(tmp_path: Path) -> None:
     with ThreadPoolExecutor(max_workers=3) as pool:
-        directories = list(pool.map(lambda _: default_model_dir(tmp_path), range(3)))
+        directories = list(pool.map(lambda _: random_model_dir(tmp_path), range(3)))
     assert len(set(directories)) == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["default-random-v1"]  # no staging dirs left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["random-v1"]  # no staging dirs left
     load_model(directories[0], "auto", "cpu")
 
 
@@ -293,4 +254,4 @@ def test_generation_config_eos_ids_are_merged(tmp_path: Path, llama_checkpoint: 
 
 def test_default_model_env_var(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KVPAGE_CACHE_DIR", str(tmp_path))
-    assert default_model_dir() == tmp_path / "default-random-v1"
+    assert random_model_dir() == tmp_path / "random-v1"

@@ -1,12 +1,14 @@
 """Llama-family causal language models that run over the paged KV cache.
 
 ``config`` parses Hugging Face ``config.json`` files, ``loader`` builds a
-:class:`CausalLM` from a safetensors checkpoint, and ``default_model``
-creates the small built-in random checkpoint used when no model is given.
+:class:`CausalLM` from a safetensors checkpoint, ``demo_model`` locates the
+trained demo model that is the default, and ``random_model`` builds small
+random checkpoints for tests and benchmarks.
 """
 
 from kvpage.model.config import SUPPORTED_ARCHITECTURES, ModelConfig, RopeConfig
-from kvpage.model.default_model import default_model_dir
+from kvpage.model.demo_model import demo_model_dir
+from kvpage.model.random_model import random_model_dir
 from kvpage.model.llama import CausalLM
 from kvpage.model.loader import load_model, resolve_dtype
 
@@ -15,7 +17,8 @@ __all__ = [
     "CausalLM",
     "ModelConfig",
     "RopeConfig",
-    "default_model_dir",
+    "demo_model_dir",
+    "random_model_dir",
     "load_model",
     "resolve_dtype",
 ]

@@ -1,11 +1,12 @@
-"""The built-in default model: a tiny random-weight Llama checkpoint built locally.
+"""A tiny random-weight Llama checkpoint, built locally on demand.
 
-``kvpage generate`` without ``--model`` needs something to run without
-network access.  :func:`default_model_dir` writes an ordinary Hugging Face
+Tests and benchmarks need a model of any shape with no download and no
+training.  :func:`random_model_dir` writes an ordinary Hugging Face
 checkpoint (``config.json``, ``model.safetensors`` and a byte-level
 tokenizer) into a cache directory the first time it is called and reuses it
-afterwards, so it goes through exactly the same loading path as a real model.
-Its output is meaningless text; it exists to exercise the engine.
+afterwards, so it goes through exactly the same loading path as a real
+model.  Its output is meaningless text; the model users get by default is
+the trained demo model (:mod:`kvpage.model.demo_model`).
 
 Weights come from a fixed seed, so every machine builds the same model.  The
 checkpoint is assembled in a temporary directory and moved into place with
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["DefaultModelSpec", "DEFAULT_MODEL_SPEC", "build_default_model", "default_model_dir"]
+__all__ = ["RandomModelSpec", "RANDOM_MODEL_SPEC", "build_random_model", "random_model_dir"]
 
 _CACHE_ENV_VAR = "KVPAGE_CACHE_DIR"
 _COMPLETE_MARKER = ".kvpage-complete"
@@ -44,10 +45,10 @@ _CHAT_TEMPLATE = (
 
 
 @dataclass(frozen=True)
-class DefaultModelSpec:
-    """Shape and identity of the built-in random model."""
+class RandomModelSpec:
+    """Shape and identity of a random test model."""
 
-    name: str = "default-random-v1"
+    name: str = "random-v1"
     seed: int = 20240601
     num_layers: int = 4
     hidden_size: int = 256
@@ -70,16 +71,16 @@ class DefaultModelSpec:
         return self.num_byte_tokens + 2
 
 
-DEFAULT_MODEL_SPEC = DefaultModelSpec()
+RANDOM_MODEL_SPEC = RandomModelSpec()
 
 
-def default_model_dir(cache_root: str | os.PathLike[str] | None = None) -> Path:
-    """Directory of the default checkpoint, building it on first use.
+def random_model_dir(cache_root: str | os.PathLike[str] | None = None) -> Path:
+    """Directory of the random checkpoint, building it on first use.
 
     The cache root is ``cache_root``, else ``$KVPAGE_CACHE_DIR``, else
-    ``~/.cache/kvpage``; the model lives in ``<root>/default-random-v1``.
+    ``~/.cache/kvpage``; the model lives in ``<root>/random-v1``.
     """
-    spec = DEFAULT_MODEL_SPEC
+    spec = RANDOM_MODEL_SPEC
     if cache_root is None:
         cache_root = os.environ.get(_CACHE_ENV_VAR) or Path.home() / ".cache" / "kvpage"
     root = Path(cache_root).expanduser()
@@ -88,13 +89,13 @@ def default_model_dir(cache_root: str | os.PathLike[str] | None = None) -> Path:
         return target
     if target.exists():
         raise ValueError(
-            f"{str(target)!r} exists but is not a complete kvpage default model; "
+            f"{str(target)!r} exists but is not a complete kvpage random model; "
             "delete it so that it can be rebuilt"
         )
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=root))
     try:
-        build_default_model(staging, spec)
+        build_random_model(staging, spec)
         (staging / _COMPLETE_MARKER).write_text(spec.name + "\n", encoding="utf-8")
         try:
             os.replace(staging, target)
@@ -108,14 +109,14 @@ def default_model_dir(cache_root: str | os.PathLike[str] | None = None) -> Path:
     return target
 
 
-def build_default_model(directory: Path, spec: DefaultModelSpec = DEFAULT_MODEL_SPEC) -> None:
+def build_random_model(directory: Path, spec: RandomModelSpec = RANDOM_MODEL_SPEC) -> None:
     """Write config, random weights and tokenizer of ``spec`` into an existing directory."""
     _write_config(directory, spec)
     _write_weights(directory, spec)
     _write_tokenizer(directory, spec)
 
 
-def _write_config(directory: Path, spec: DefaultModelSpec) -> None:
+def _write_config(directory: Path, spec: RandomModelSpec) -> None:
     config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -142,7 +143,7 @@ def _write_config(directory: Path, spec: DefaultModelSpec) -> None:
         json.dump(config, handle, indent=2)
 
 
-def _write_weights(directory: Path, spec: DefaultModelSpec) -> None:
+def _write_weights(directory: Path, spec: RandomModelSpec) -> None:
     from safetensors.torch import save_file
 
     generator = torch.Generator().manual_seed(spec.seed)
@@ -192,7 +193,7 @@ def byte_to_printable() -> dict[int, str]:
     return mapping
 
 
-def _write_tokenizer(directory: Path, spec: DefaultModelSpec) -> None:
+def _write_tokenizer(directory: Path, spec: RandomModelSpec) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -208,7 +209,7 @@ def _write_tokenizer(directory: Path, spec: DefaultModelSpec) -> None:
         special_tokens=[(_BOS_TOKEN, spec.bos_token_id), (_EOS_TOKEN, spec.eos_token_id)],
     )
     if tokenizer.token_to_id(_BOS_TOKEN) != spec.bos_token_id or tokenizer.token_to_id(_EOS_TOKEN) != spec.eos_token_id:
-        raise RuntimeError("special token ids of the default tokenizer do not match its config")
+        raise RuntimeError("special token ids of the random model's tokenizer do not match its config")
     wrapped = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token=_BOS_TOKEN,
