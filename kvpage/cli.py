@@ -1,8 +1,9 @@
 """The ``kvpage`` command line.
 
 ``kvpage generate [--model DIR] [--max-tokens N] [--temperature T] PROMPT...``
-prints one completion per prompt. Without ``--model`` it runs the built-in
-default model. Any error is one line on stderr and a non-zero exit, never a
+prints one completion per prompt; ``kvpage serve [--model DIR] [--host H]
+[--port P] [--api-key KEY]`` runs the OpenAI-compatible HTTP server. Without
+``--model`` both use the built-in demo model. Any error is one line on stderr and a non-zero exit, never a
 traceback.
 """
 
@@ -57,6 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ignore-eos", action="store_true")
     gen.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     gen.add_argument("--metrics", action="store_true", help="print engine metrics to stderr at the end")
+
+    srv = commands.add_parser("serve", help="run the OpenAI-compatible HTTP server")
+    add_engine_arguments(srv)
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    srv.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port)")
+    srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    srv.add_argument("--served-model-name", default=None, help="model id in the API (default: --model, "
+                     "or 'kvpage-demo' for the built-in model)")
+    srv.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body accepted")
+    srv.add_argument("--max-n", type=int, default=16, help="largest n accepted")
+    srv.add_argument("--max-stop-strings", type=int, default=16)
+    srv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
 
 
@@ -81,12 +94,36 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_serve(args: argparse.Namespace) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        raise ValueError(f"kvpage serve needs the serve extra ({exc.name} is missing): "
+                         "pip install 'kvpage[serve]'") from None
+    from kvpage.server.launch import ServeOptions, serve
+    from kvpage.server.protocol import ServerLimits
+
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be an integer in [0, 65535] (0: any free port), got {args.port}")
+    for name in ("max_body_bytes", "max_n", "max_stop_strings"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    limits = ServerLimits(max_body_bytes=args.max_body_bytes, max_n=args.max_n,
+                          max_stop_strings=args.max_stop_strings)
+    options = ServeOptions(host=args.host, port=args.port, api_key=args.api_key,
+                           served_model_name=args.served_model_name, log_level=args.log_level, limits=limits)
+    return serve(engine_options(args), options)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         if args.command == "generate":
             return run_generate(args)
+        if args.command == "serve":
+            return run_serve(args)
         parser.error(f"unknown command {args.command!r}")
     except (ValueError, FileNotFoundError, OSError) as exc:
         print(f"kvpage: error: {exc}", file=sys.stderr)

@@ -338,6 +338,7 @@ class LLMEngine:
         if times is not None:
             metrics = RequestMetrics(
                 arrival_time=times.arrival,
+                queue_time=None if times.scheduled is None else times.scheduled - times.arrival,
                 time_to_first_token=None if times.first_token is None else times.first_token - times.arrival,
                 e2e_latency=None if times.finished is None else times.finished - times.arrival)
         return RequestOutput(request_id=request.request_id, prompt=request.prompt,
@@ -354,6 +355,7 @@ class LLMEngine:
             "num_seqs_running": len(self.scheduler.running),
             "num_preemptions": counters.num_preemptions,
             "num_recomputed_tokens": counters.num_recomputed_tokens,
+            "num_tokens_computed": counters.num_tokens_computed,
             "num_prompt_tokens_computed": counters.num_prompt_tokens_computed,
             "num_generation_tokens": counters.num_generated_tokens,
             "prefix_cache_queries": usage.num_prefix_cache_queries,

@@ -50,6 +50,7 @@ class RequestMetrics:
     """Latencies of one request in seconds (None until known)."""
 
     arrival_time: float
+    queue_time: float | None = None  # arrival until first scheduled
     time_to_first_token: float | None = None
     e2e_latency: float | None = None
 

@@ -48,6 +48,7 @@ class RequestTimes:
     """Wall-clock marks for latency metrics (seconds, time.monotonic)."""
 
     arrival: float
+    scheduled: float | None = None  # first admitted to the running batch
     first_token: float | None = None
     finished: float | None = None
 

@@ -18,6 +18,7 @@ cache). A request that could never fit, even alone, is refused at submission.
 from __future__ import annotations
 
 import bisect
+import time
 from dataclasses import dataclass, field
 
 from kvpage.batch import SampledToken, ScheduledSequence, SchedulerOutput
@@ -29,6 +30,7 @@ from kvpage.request import Request, Sequence, SequenceStatus
 @dataclass
 class SchedulerCounters:
     num_preemptions: int = 0
+    num_tokens_computed: int = 0  # every token fed through the model, recomputation included
     num_recomputed_tokens: int = 0
     num_prompt_tokens_computed: int = 0
     num_generated_tokens: int = 0
@@ -196,6 +198,8 @@ class Scheduler:
             if seq.num_preemptions == 0:
                 seq.num_cached_prompt_tokens = hit.num_tokens
             seq.status = SequenceStatus.RUNNING
+            if request.times is not None and request.times.scheduled is None:
+                request.times.scheduled = time.monotonic()
             seq.admit_order = self._next_admit
             self._next_admit += 1
             bisect.insort(self.running, seq, key=_running_key)
@@ -264,6 +268,7 @@ class Scheduler:
             seq = live
             start = seq.num_computed_tokens
             seq.num_computed_tokens += len(planned.input_token_ids)
+            self.counters.num_tokens_computed += len(planned.input_token_ids)
             if start < seq.max_computed_tokens:  # computed before a preemption: recomputation
                 self.counters.num_recomputed_tokens += min(seq.num_computed_tokens, seq.max_computed_tokens) - start
             if seq.num_computed_tokens > seq.max_computed_tokens:
