@@ -161,3 +161,10 @@ def test_serve_refuses_bad_options() -> None:
                           text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert done.returncode == 1 and "--port" in done.stderr and "70000" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_serve_binds_loopback_unless_told() -> None:
+    from kvpage.cli import build_parser
+
+    args = build_parser().parse_args(["serve"])
+    assert args.host == "127.0.0.1" and args.api_key is None and args.port == 8000

@@ -162,3 +162,55 @@ def test_tokenize_detokenize_round_trip(server: LiveServer) -> None:
     text = httpx.post(server.root + "/detokenize", json={"tokens": tokens["tokens"]}).json()["prompt"]
     assert text.endswith(PROMPT)
     assert server.wait_until_idle() == 0
+
+
+VLLM_NAMES = ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "prefix_cache_queries",
+              "prefix_cache_hits", "num_preemptions", "prompt_tokens", "generation_tokens",
+              "time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds",
+              "request_queue_time_seconds", "request_success")
+KVPAGE_NAMES = ("kv_pages_free", "kv_pages_in_use", "kv_pages_cached_free", "kv_pages_total",
+                "kv_internal_fragmentation", "kv_cache_evictions", "recomputed_tokens", "goodput_tokens_per_second",
+                "model_tokens_per_second")
+
+
+def scrape(server: LiveServer) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(server.root + "/metrics").text
+    samples: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        assert family.name.startswith("kvpage:")
+        samples[family.name] = 0.0  # the family exists, even with no sample yet
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()) if k != "le")
+            if "le" not in sample.labels:
+                samples[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
+    return samples
+
+
+def test_metrics_follow_the_requests(client: openai.OpenAI, server: LiveServer) -> None:
+    before = scrape(server)
+    for name in VLLM_NAMES + KVPAGE_NAMES:
+        assert "kvpage:" + name in before, name
+    prompt = "In the beginning God created the heaven and the earth. And the earth was without form, and void."
+    for _ in range(2):  # the second one finds the first one's full pages in the prefix cache
+        client.completions.create(model="kvpage-demo", prompt=prompt, max_tokens=7, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    after = scrape(server)
+
+    def delta(name: str) -> float:
+        return after["kvpage:" + name] - before.get("kvpage:" + name, 0.0)
+
+    prompt_tokens = client.completions.create(model="kvpage-demo", prompt=prompt, max_tokens=1).usage.prompt_tokens
+    assert delta("generation_tokens_total") == 14
+    assert delta("prefix_cache_queries_total") == 2 * prompt_tokens
+    assert delta("prefix_cache_hits_total") >= 16  # at least one page of 16 tokens reused
+    assert delta("prompt_tokens_total") == 2 * prompt_tokens - delta("prefix_cache_hits_total")
+    for histogram in ("time_to_first_token_seconds", "e2e_request_latency_seconds", "request_queue_time_seconds"):
+        assert delta(histogram + "_count") == 2
+    assert delta("inter_token_latency_seconds_count") == 12  # 6 gaps between 7 tokens, twice
+    assert delta("request_success_total{finished_reason=length}") == 2
+    assert after["kvpage:goodput_tokens_per_second"] > 0
+    assert after["kvpage:kv_pages_in_use"] == 0 and after["kvpage:num_requests_running"] == 0
+    assert (after["kvpage:kv_pages_free"] + after["kvpage:kv_pages_cached_free"] + after["kvpage:kv_pages_in_use"]
+            == after["kvpage:kv_pages_total"])
