@@ -13,6 +13,8 @@ from typing import Any
 
 GIB = 1 << 30
 PREEMPTION_MODES = ("recompute",)
+KV_LAYOUTS = ("paged", "contiguous-request", "contiguous-max")
+HEADROOM_POLICIES = ("none", "watermark", "conservative")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -58,8 +60,12 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.9
     cpu_kv_cache_space: int = 2 * GIB
     enable_prefix_caching: bool = True
+    # "paged", or a pre-paging baseline: one contiguous reservation per sequence of
+    # prompt + max_tokens ("contiguous-request") or max_model_len ("contiguous-max") tokens.
+    kv_layout: str = "paged"
 
     def validate(self) -> None:
+        _require(self.kv_layout in KV_LAYOUTS, "kv_layout", self.kv_layout, f"one of {KV_LAYOUTS}")
         bs = self.block_size
         _require(_is_int(bs) and 1 <= bs <= 256 and bs & (bs - 1) == 0, "block_size", bs,
                  "a power of two from 1 to 256")
@@ -84,8 +90,22 @@ class SchedulerConfig:
     # None: the model's max_position_embeddings.
     max_model_len: int | None = None
     preemption_mode: str = "recompute"
+    # Admission control. A request is admitted only if its pages keep KV use at or
+    # below admission_cap (a fraction of the cache; 1.0 = no cap), and under the
+    # headroom policy: "watermark" keeps a watermark fraction of pages free for the
+    # running requests to grow into; "conservative" sets aside every request's whole
+    # prompt + max_tokens, so nothing is ever preempted; "none" admits while pages last.
+    admission_cap: float = 1.0
+    headroom_policy: str = "watermark"
+    watermark: float = 0.01
 
     def validate(self) -> None:
+        _require(isinstance(self.admission_cap, (int, float)) and not isinstance(self.admission_cap, bool)
+                 and 0 < self.admission_cap <= 1, "admission_cap", self.admission_cap, "a number in (0, 1]")
+        _require(self.headroom_policy in HEADROOM_POLICIES, "headroom_policy", self.headroom_policy,
+                 f"one of {HEADROOM_POLICIES}")
+        _require(isinstance(self.watermark, (int, float)) and not isinstance(self.watermark, bool)
+                 and 0 <= self.watermark < 1, "watermark", self.watermark, "a number in [0, 1)")
         _require(_is_int(self.max_num_seqs) and self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs,
                  "an integer >= 1")
         _require(_is_int(self.max_num_batched_tokens) and self.max_num_batched_tokens >= 1,

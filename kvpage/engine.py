@@ -16,20 +16,22 @@ request is done.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable
 import json
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from kvpage.admission import DELAY_RULES
 from kvpage.config import GIB, EngineConfig
 from kvpage.detokenizer import IncrementalDetokenizer, find_stop_string
-from kvpage.kv import KVCacheManager
+from kvpage.kv import ContiguousKVCacheManager, KVCacheManager
 from kvpage.metrics import RequestCounters, StepTimings
 from kvpage.model import ModelConfig, demo_model_dir, load_model, resolve_dtype
 from kvpage.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from kvpage.pressure import PressureSample, ThrashingMonitor, WasteStats
 from kvpage.request import Request, RequestTimes, Sequence, SequenceStatus
 from kvpage.sampling_params import RequestOutputKind, SamplingParams
 from kvpage.scheduler import Scheduler
@@ -54,7 +56,7 @@ def load_tokenizer(path: Path) -> Any | None:
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path))
+    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)  # never run code from a model dir
 
 
 def read_eos_token_ids(model_dir: Path, config: ModelConfig) -> tuple[int, ...]:
@@ -143,8 +145,13 @@ class LLMEngine:
         num_pages = size_kv_cache(config, per_page, self.max_model_len, self.device)
         self.cache_shape = KVCacheShape(mc.num_layers, num_pages, config.cache.block_size, mc.num_kv_heads,
                                         mc.head_dim, self.dtype)
-        self.kv = KVCacheManager(num_pages, config.cache.block_size, config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, self.eos_token_ids)
+        layout = config.cache.kv_layout
+        self.kv: KVCacheManager | ContiguousKVCacheManager = (
+            KVCacheManager(num_pages, config.cache.block_size, config.cache.enable_prefix_caching)
+            if layout == "paged" else ContiguousKVCacheManager(num_pages, config.cache.block_size))
+        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, self.eos_token_ids, layout)
+        self.waste_stats = WasteStats()
+        self.thrashing = ThrashingMonitor()
         self.runner = ModelRunner(self.model, self.cache_shape, self.device, load.seed, self.eos_token_ids,
                                   max_num_seqs=config.scheduler.max_num_seqs,
                                   max_pages_per_seq=self.kv.pages_for_tokens(self.max_model_len))
@@ -249,6 +256,7 @@ class LLMEngine:
         t3 = time.perf_counter()
         touched = self.scheduler.update(plan, sampled)
         self._check_stop_strings(touched)
+        self._sample_pressure(len(plan.sequences))
         t4 = time.perf_counter()
         outputs = self._collect_outputs(touched)
         t5 = time.perf_counter()
@@ -260,6 +268,12 @@ class LLMEngine:
         timings.update_s += t4 - t3
         timings.output_s += t5 - t4
         return outputs
+
+    def _sample_pressure(self, batch_size: int) -> None:
+        self.waste_stats.add(self.scheduler.kv_waste(), batch_size)
+        c = self.scheduler.counters
+        self.thrashing.add(PressureSample(time.monotonic(), self.kv.num_evictions, c.num_preemptions,
+                                          c.num_recomputed_tokens, c.num_tokens_computed, c.num_generated_tokens))
 
     def _detokenizer(self, seq: Sequence) -> IncrementalDetokenizer:
         detok = self._detokenizers.get(seq.seq_id)
@@ -376,4 +390,8 @@ class LLMEngine:
         metrics.update(num_requests_added=rc.num_requests_added, num_requests_finished=rc.num_requests_finished,
                        num_requests_aborted=rc.num_requests_aborted, num_requests_rejected=rc.num_requests_rejected)
         metrics.update(self.timings.as_dict())
+        metrics.update(self.waste_stats.means())
+        metrics.update(self.thrashing.rates(), is_thrashing=int(self.thrashing.is_thrashing))
+        admission = self.scheduler.admission
+        metrics.update({f"num_requests_delayed_{rule}": getattr(admission.counters, rule) for rule in DELAY_RULES})
         return metrics

@@ -21,9 +21,10 @@ import bisect
 import time
 from dataclasses import dataclass, field
 
+from kvpage.admission import AdmissionController
 from kvpage.batch import SampledToken, ScheduledSequence, SchedulerOutput
 from kvpage.config import SchedulerConfig
-from kvpage.kv import KVCacheManager
+from kvpage.kv import ContiguousKVCacheManager, KVCacheManager, KVWaste
 from kvpage.request import Request, Sequence, SequenceStatus
 
 
@@ -77,10 +78,12 @@ def _running_key(seq: Sequence) -> tuple[int, int]:
 class Scheduler:
     """Decides, step by step, which sequences run and how many tokens each computes."""
 
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int,
-                 eos_token_ids: tuple[int, ...]) -> None:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager | ContiguousKVCacheManager, max_model_len: int,
+                 eos_token_ids: tuple[int, ...], kv_layout: str = "paged") -> None:
         self.config = config
         self.kv = kv
+        self.kv_layout = kv_layout
+        self.admission = AdmissionController(config, kv, kv_layout, max_model_len)
         self.max_model_len = max_model_len
         self.eos_token_ids = frozenset(eos_token_ids)
         self.waiting: list[Sequence] = []
@@ -115,6 +118,7 @@ class Scheduler:
                              f"has {self.kv.num_pages}; lower max_tokens or raise num_kv_blocks / kv_cache_memory")
         if n > self.config.max_num_seqs:
             raise ValueError(f"n ({n}) exceeds max_num_seqs ({self.config.max_num_seqs})")
+        self.admission.check_fits(num_prompt_tokens, new_tokens, n)
 
     def add_request(self, request: Request) -> None:
         params = request.sampling_params
@@ -140,6 +144,7 @@ class Scheduler:
         if request is None:
             return None
         request.num_pending_forks = 0
+        self.admission.forget(request_id)
         for seq in request.sequences:
             if not seq.is_finished:
                 self._finish(seq, SequenceStatus.FINISHED_ABORTED)
@@ -147,6 +152,16 @@ class Scheduler:
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def kv_waste(self) -> KVWaste:
+        """The cache by kind of waste now; external fragmentation is judged against the waiting requests."""
+        min_pending = None
+        if self.kv_layout != "paged" and self.waiting:
+            admission = self.admission
+            min_pending = min(self.kv.pages_for_tokens(admission.reservation_tokens(  # type: ignore[arg-type]
+                seq.num_prompt_tokens, self.max_new_tokens(seq.num_prompt_tokens, seq.request.sampling_params.max_tokens)))
+                for seq in self.waiting)
+        return self.kv.waste(self.admission.reserved_pages(), min_pending)
 
     # ----- planning a step -----------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -177,21 +192,29 @@ class Scheduler:
         return out
 
     def _admit(self, step: _StepPlan) -> None:
+        admission = self.admission
         while self.waiting and step.budget > 0:
             seq = self.waiting[0]
             request = seq.request
             group = 1 + request.num_pending_forks
             while len(self.running) + group > self.config.max_num_seqs:
                 if not self._preempt_lower_priority(request.priority, step):
+                    admission.delay(seq, "max_num_seqs")
                     return
+            max_new = self.max_new_tokens(seq.num_prompt_tokens, request.sampling_params.max_tokens)
             hit = self.kv.find_cached_prefix(seq.token_ids)
             num_new = min(seq.compute_target - hit.num_tokens, step.budget)
-            copies = self.kv.allocate(seq.seq_id, num_new, hit)
+            if admission.blocking_rule(seq, hit, num_new, max_new, len(self.running)) is not None:
+                return
+            reserve = admission.reservation_tokens(seq.num_prompt_tokens, max_new)
+            copies = self.kv.allocate(seq.seq_id, num_new, hit, reserve_tokens=reserve, reserve_count=group)
             while copies is None and self._preempt_lower_priority(request.priority, step):
                 num_new = min(seq.compute_target - hit.num_tokens, step.budget)
-                copies = self.kv.allocate(seq.seq_id, num_new, hit)
+                copies = self.kv.allocate(seq.seq_id, num_new, hit, reserve_tokens=reserve, reserve_count=group)
             if copies is None:
+                admission.delay(seq, "pages")
                 return
+            admission.on_admit(seq, max_new)
             self.waiting.pop(0)
             self.kv.record_prefix_query(seq.num_tokens, hit.num_tokens)
             seq.num_computed_tokens = hit.num_tokens
@@ -234,6 +257,7 @@ class Scheduler:
         step.preempted.append(seq.seq_id)
         self.running.remove(seq)
         self.kv.free(seq.seq_id)
+        self.admission.on_release(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
@@ -246,6 +270,7 @@ class Scheduler:
         for _ in range(request.num_pending_forks):
             child = self._new_sequence(request, len(request.sequences), list(parent.token_ids))
             self.kv.fork(parent.seq_id, child.seq_id)
+            self.admission.on_fork(parent, child)
             child.num_computed_tokens = parent.num_computed_tokens
             child.num_cached_prompt_tokens = parent.num_cached_prompt_tokens
             child.status = SequenceStatus.RUNNING
@@ -314,6 +339,7 @@ class Scheduler:
         elif seq.status is SequenceStatus.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
         self.kv.free(seq.seq_id)
+        self.admission.on_release(seq)
         self.live.pop(seq.seq_id, None)
         seq.status = status
         seq.request.num_unfinished_seqs -= 1

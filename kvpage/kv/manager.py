@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 from kvpage.kv.page_pool import Page, PagePool, PrefixHit
 from kvpage.kv.prefix_hash import ROOT_HASH, page_hash
+from kvpage.kv.waste import KVWaste
 
 PageCopy = tuple[int, int]
 
@@ -97,8 +98,16 @@ class KVCacheManager:
     def num_available_pages(self) -> int:
         return self.pool.num_available_pages
 
+    @property
+    def num_pages_in_use(self) -> int:
+        return self.pool.num_used_pages
+
     def pages_for_tokens(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
+
+    @property
+    def num_evictions(self) -> int:
+        return self.pool.counters.evictions
 
     def has_sequence(self, seq_id: int) -> bool:
         return seq_id in self._tables
@@ -138,7 +147,8 @@ class KVCacheManager:
             self.prefix_cache_hits += num_hit_tokens
 
     # ----- allocation -------------------------------------------------------------
-    def pages_needed(self, seq_id: int, num_new_tokens: int, hit: PrefixHit | None = None) -> int:
+    def pages_needed(self, seq_id: int, num_new_tokens: int, hit: PrefixHit | None = None,
+                     reserve_tokens: int | None = None, reserve_count: int = 1) -> int:
         """Available pages that :meth:`allocate` would consume for these new tokens."""
         table = self._tables.get(seq_id)
         if table is None:
@@ -157,11 +167,13 @@ class KVCacheManager:
     def can_allocate(self, seq_id: int, num_new_tokens: int, hit: PrefixHit | None = None) -> bool:
         return self.pages_needed(seq_id, num_new_tokens, hit) <= self.pool.num_available_pages
 
-    def allocate(self, seq_id: int, num_new_tokens: int, hit: PrefixHit | None = None) -> list[PageCopy] | None:
+    def allocate(self, seq_id: int, num_new_tokens: int, hit: PrefixHit | None = None, *,
+                 reserve_tokens: int | None = None, reserve_count: int = 1) -> list[PageCopy] | None:
         """Make room for ``num_new_tokens`` more tokens of a sequence.
 
         A sequence the manager has not seen starts from ``hit`` (its cached
-        prefix). Returns the page copies to perform before the step (copy-on-
+        prefix). Paging allocates on demand, so the reservation hints of the
+        contiguous layout (``reserve_tokens``, ``reserve_count``) are ignored. Returns the page copies to perform before the step (copy-on-
         write), or ``None`` if the pool cannot supply the pages, in which case
         nothing changed.
         """
@@ -251,6 +263,19 @@ class KVCacheManager:
         return self.pool.clear_cache()
 
     # ----- accounting --------------------------------------------------------------
+    def waste(self, reserved_pages: int = 0, min_pending_pages: int | None = None) -> KVWaste:
+        """Snapshot by kind (:mod:`kvpage.kv.waste`). ``reserved_pages``: held back by admission, unallocated.
+
+        Paging has no external fragmentation: any free page serves any request.
+        """
+        bs = self.block_size
+        pool = self.pool
+        stored = pool.counters.filled_slots_in_use
+        unshared = sum(self.pages_for_tokens(t.num_computed_tokens) for t in self._tables.values())
+        return KVWaste(total_slots=pool.num_pages * bs, stored_slots=stored,
+                       internal_slots=pool.num_used_pages * bs - stored, reserved_slots=reserved_pages * bs,
+                       external_slots=0, pages_in_use=pool.num_used_pages, pages_without_sharing=unshared)
+
     def usage(self) -> KVUsage:
         pool = self.pool
         return KVUsage(

@@ -23,7 +23,13 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from kvpage.engine import LLMEngine, PromptInput
 from kvpage.sampling_params import SamplingParams
-from kvpage.server.async_engine import AsyncEngine, CompletionDelta, RequestHandle, StreamDelta, TokenLogprob
+from kvpage.server.async_engine import (
+    AsyncEngine,
+    CompletionDelta,
+    RequestHandle,
+    StreamDelta,
+    TokenLogprob,
+)
 from kvpage.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,

@@ -1,0 +1,197 @@
+"""The pre-paging baseline: one contiguous reservation per sequence, first fit.
+
+Before PagedAttention, servers such as FasterTransformer and Orca gave each
+request one contiguous run of KV slots for its whole possible length, chosen
+when the request was admitted.  :class:`ContiguousKVCacheManager` does the
+same inside kvpage's KV memory, so both layouts run through the very same
+scheduler, runner and attention code and only the memory layout differs:
+
+* a sequence's reservation is a run of consecutive pages, so its block table
+  is ``[start, start + 1, ...]``; the attention code cannot tell the
+  difference, but the allocator can: holes between reservations that are
+  too small for the next request are **external fragmentation**;
+* the reservation is made whole at admission, for ``prompt + max_tokens``
+  (``contiguous-request``) or ``max_model_len`` (``contiguous-max``) tokens;
+  the slots not yet written are **reservation waste**;
+* nothing is shared: no prefix caching, and each of the ``n`` samples of a
+  request gets its own reservation (taken at admission, all or nothing) and
+  its own copy of the prompt's K/V when the samples fork.
+
+Holes are found first fit in address order and merged with their neighbours
+when freed.  The interface is :class:`~kvpage.kv.manager.KVCacheManager`'s.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from kvpage.kv.manager import KVUsage, PageCopy
+from kvpage.kv.page_pool import PrefixHit
+from kvpage.kv.waste import KVWaste
+
+
+@dataclass
+class _Reservation:
+    start: int  # first page id
+    num_pages: int
+    page_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+
+
+class ContiguousKVCacheManager:
+    """First-fit contiguous reservations over the page array; same interface as the paged manager."""
+
+    enable_prefix_caching = False
+
+    def __init__(self, num_pages: int, block_size: int) -> None:
+        if block_size < 1 or block_size > 256 or block_size & (block_size - 1):
+            raise ValueError(f"block_size must be a power of two from 1 to 256, got {block_size}")
+        if num_pages < 1:
+            raise ValueError(f"num_kv_blocks must be >= 1, got {num_pages}")
+        self.block_size = block_size
+        self.num_pages = num_pages
+        self._holes: list[tuple[int, int]] = [(0, num_pages)]  # (start, length), sorted by start
+        self._tables: dict[int, _Reservation] = {}
+        self._spare: dict[int, list[_Reservation]] = {}  # reservations waiting for a parent's forks
+        self._pending_copies: dict[int, list[PageCopy]] = {}
+        self._pages_in_use = 0
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
+
+    # ----- queries ---------------------------------------------------------------
+    def pages_for_tokens(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    @property
+    def num_available_pages(self) -> int:
+        """The largest hole: what one new reservation can get."""
+        return max((length for _, length in self._holes), default=0)
+
+    @property
+    def num_pages_in_use(self) -> int:
+        return self._pages_in_use
+
+    num_evictions = 0  # nothing is cached, so nothing is evicted
+
+    def has_sequence(self, seq_id: int) -> bool:
+        return seq_id in self._tables
+
+    def page_ids(self, seq_id: int) -> list[int]:
+        return self._tables[seq_id].page_ids
+
+    def find_cached_prefix(self, token_ids: Sequence[int]) -> PrefixHit:
+        return PrefixHit()
+
+    def record_prefix_query(self, num_query_tokens: int, num_hit_tokens: int) -> None:
+        pass
+
+    def reset_prefix_cache(self) -> int:
+        return 0
+
+    # ----- holes -----------------------------------------------------------------------
+    def _take(self, num_pages: int) -> _Reservation | None:
+        for i, (start, length) in enumerate(self._holes):
+            if length >= num_pages:
+                if length == num_pages:
+                    del self._holes[i]
+                else:
+                    self._holes[i] = (start + num_pages, length - num_pages)
+                self._pages_in_use += num_pages
+                return _Reservation(start, num_pages, list(range(start, start + num_pages)))
+        return None
+
+    def _give_back(self, reservation: _Reservation) -> None:
+        start, length = reservation.start, reservation.num_pages
+        self._pages_in_use -= length
+        i = bisect.bisect_left(self._holes, (start, 0))
+        if i < len(self._holes) and self._holes[i][0] == start + length:  # merge with the next hole
+            length += self._holes.pop(i)[1]
+        if i > 0 and self._holes[i - 1][0] + self._holes[i - 1][1] == start:  # and the previous one
+            start, prev_length = self._holes.pop(i - 1)
+            length += prev_length
+            i -= 1
+        self._holes.insert(i, (start, length))
+
+    # ----- allocation ----------------------------------------------------------------
+    def pages_needed(self, seq_id: int, num_new_tokens: int, hit: PrefixHit | None = None,
+                     reserve_tokens: int | None = None, reserve_count: int = 1) -> int:
+        """Pages a first allocation reserves (the whole reservation, for every sample); 0 afterwards."""
+        if seq_id in self._tables:
+            return 0
+        return self.pages_for_tokens(max(reserve_tokens or 0, num_new_tokens)) * reserve_count
+
+    def allocate(self, seq_id: int, num_new_tokens: int, hit: PrefixHit | None = None, *,
+                 reserve_tokens: int | None = None, reserve_count: int = 1) -> list[PageCopy] | None:
+        """Reserve on first use (``reserve_tokens`` slots for each of ``reserve_count`` samples).
+
+        Returns the page copies due before this sequence's next step (a forked
+        sample's copy of its parent's K/V), or ``None`` if no hole fits.
+        """
+        table = self._tables.get(seq_id)
+        if table is None:
+            per_sequence = self.pages_for_tokens(max(reserve_tokens or 0, num_new_tokens))
+            taken: list[_Reservation] = []
+            for _ in range(reserve_count):
+                reservation = self._take(per_sequence)
+                if reservation is None:
+                    for r in taken:
+                        self._give_back(r)
+                    return None
+                taken.append(reservation)
+            self._tables[seq_id] = taken[0]
+            if len(taken) > 1:
+                self._spare[seq_id] = taken[1:]
+            return []
+        if table.num_computed_tokens + num_new_tokens > table.num_pages * self.block_size:
+            raise ValueError(f"sequence {seq_id} outgrew its contiguous reservation of {table.num_pages} pages")
+        return self._pending_copies.pop(seq_id, [])
+
+    def commit(self, seq_id: int, token_ids: Sequence[int], num_computed_tokens: int) -> None:
+        self._tables[seq_id].num_computed_tokens = num_computed_tokens
+
+    def fork(self, parent_id: int, child_id: int) -> None:
+        """Give the child one of the reservations taken for it, and queue the copy of the parent's K/V."""
+        if child_id in self._tables:
+            raise ValueError(f"sequence {child_id} already has a block table")
+        parent = self._tables[parent_id]
+        spare = self._spare.get(parent_id)
+        child = spare.pop() if spare else self._take(parent.num_pages)
+        if child is None:
+            raise ValueError(f"no contiguous room to fork sequence {parent_id}; reserve its samples at admission")
+        if spare == []:
+            del self._spare[parent_id]
+        child.num_computed_tokens = parent.num_computed_tokens
+        self._tables[child_id] = child
+        used = self.pages_for_tokens(parent.num_computed_tokens)
+        self._pending_copies[child_id] = [(parent.start + i, child.start + i) for i in range(used)]
+
+    def free(self, seq_id: int) -> None:
+        table = self._tables.pop(seq_id, None)
+        self._pending_copies.pop(seq_id, None)
+        for reservation in self._spare.pop(seq_id, []) + ([table] if table is not None else []):
+            self._give_back(reservation)
+
+    # ----- accounting ------------------------------------------------------------------
+    def usage(self) -> KVUsage:
+        stored = sum(t.num_computed_tokens for t in self._tables.values())
+        return KVUsage(block_size=self.block_size, num_pages_total=self.num_pages,
+                       num_pages_used=self._pages_in_use, num_pages_cached_free=0,
+                       num_pages_free=self.num_pages - self._pages_in_use, num_tokens_stored=stored,
+                       num_prefix_cache_queries=0, num_prefix_cache_hits=0, num_evictions=0)
+
+    def waste(self, reserved_pages: int = 0, min_pending_pages: int | None = None) -> KVWaste:
+        """Snapshot by kind. ``min_pending_pages``: the smallest reservation a waiting request needs."""
+        bs = self.block_size
+        stored = internal = 0
+        for table in self._tables.values():
+            stored += table.num_computed_tokens
+            internal += self.pages_for_tokens(table.num_computed_tokens) * bs - table.num_computed_tokens
+        held = self._pages_in_use * bs
+        external = 0
+        if min_pending_pages is not None:
+            external = sum(length for _, length in self._holes if length < min_pending_pages) * bs
+        return KVWaste(total_slots=self.num_pages * bs, stored_slots=stored, internal_slots=internal,
+                       reserved_slots=held - stored - internal, external_slots=external,
+                       pages_in_use=self._pages_in_use, pages_without_sharing=self._pages_in_use)
