@@ -117,7 +117,7 @@ class AdmissionController:
         policy = self.config.headroom_policy
         committed = max(kv.num_pages_in_use, self.promised_pages) if policy == "conservative" \
             else kv.num_pages_in_use
-        if committed + wanted > self.cap_pages:
+        if self.cap_pages < kv.num_pages and committed + wanted > self.cap_pages:
             return self.delay(seq, "admission_cap")
         if policy == "conservative" and self.promised_pages + wanted > kv.num_pages:
             return self.delay(seq, "headroom")

@@ -34,12 +34,18 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-num-batched-tokens", type=int, default=8192)
     group.add_argument("--max-model-len", type=int, default=None)
     group.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    group.add_argument("--kv-layout", default="paged", help="paged | contiguous-request | contiguous-max "
+                       "(the pre-paging baselines: one contiguous reservation per sequence)")
+    group.add_argument("--admission-cap", type=float, default=1.0,
+                       help="admit a request only while KV use stays at or below this fraction")
+    group.add_argument("--headroom-policy", default="watermark", help="watermark | conservative | none")
+    group.add_argument("--watermark", type=float, default=0.01, help="free-page fraction kept for growth")
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, object]:
     names = ("model", "tokenizer", "dtype", "device", "seed", "block_size", "num_kv_blocks", "kv_cache_memory",
              "gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
-             "enable_prefix_caching")
+             "enable_prefix_caching", "kv_layout", "admission_cap", "headroom_policy", "watermark")
     return {name: getattr(args, name) for name in names}
 
 

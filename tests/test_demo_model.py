@@ -19,10 +19,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.paged_runner import PagedRunner
 from kvpage import LLM
 from kvpage.cli import main
 from kvpage.model import demo_model_dir
+from tests.paged_runner import PagedRunner
 
 ROOT = Path(__file__).resolve().parents[1]
 PERPLEXITY_BOUND = 22.0  # training run: 20.12 on this split, computed the same way

@@ -20,10 +20,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from kvpage.model import ModelConfig, load_model, random_model_dir, resolve_dtype
+from kvpage.model.config import parse_rope_config
 from tests.checkpoints import ARCHITECTURES, hf_greedy, hf_logits, make_checkpoint
 from tests.paged_runner import BLOCK_SIZE, PagedRunner
-from kvpage.model import ModelConfig, random_model_dir, load_model, resolve_dtype
-from kvpage.model.config import parse_rope_config
+
 
 def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).norm() / expected.norm()).item()

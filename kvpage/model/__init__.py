@@ -8,9 +8,9 @@ random checkpoints for tests and benchmarks.
 
 from kvpage.model.config import SUPPORTED_ARCHITECTURES, ModelConfig, RopeConfig
 from kvpage.model.demo_model import demo_model_dir
-from kvpage.model.random_model import random_model_dir
 from kvpage.model.llama import CausalLM
 from kvpage.model.loader import load_model, resolve_dtype
+from kvpage.model.random_model import random_model_dir
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",

@@ -52,6 +52,17 @@ _GAUGES = (
     ("kv_blocks_total", "kv_pages_total", "KV pages in the cache"),
     ("kv_internal_fragmentation", "kv_internal_fragmentation",
      "Empty slots in in-use pages, as a fraction of all KV slots"),
+    ("kv_stored", "kv_stored_fraction", "KV slots holding a live token's K/V (last step)"),
+    ("kv_reservation_waste", "kv_reservation_waste", "KV slots reserved for tokens not generated yet (last step)"),
+    ("kv_external_fragmentation", "kv_external_fragmentation",
+     "Free KV slots no waiting request can use (last step)"),
+    ("kv_waste_mean", "kv_waste_mean", "Internal + reservation + external waste, averaged over all steps"),
+    ("kv_sharing_saving_mean", "kv_sharing_saving_mean", "Fraction of pages saved by sharing, step average"),
+    ("batch_size_mean", "batch_size_mean", "Sequences per step, averaged over all steps"),
+    ("evictions_per_s", "kv_evictions_per_second", "Cached-page evictions per second (sliding window)"),
+    ("preemptions_per_s", "preemptions_per_second", "Preemptions per second (sliding window)"),
+    ("recompute_fraction", "recompute_fraction", "Recomputed share of computed tokens (sliding window)"),
+    ("is_thrashing", "is_thrashing", "1 while the recomputed fraction is past its threshold"),
 )
 _COUNTERS = (
     ("prefix_cache_queries", "prefix_cache_queries", "Prompt tokens looked up in the prefix cache"),
@@ -61,6 +72,10 @@ _COUNTERS = (
     ("num_generation_tokens", "generation_tokens", "Tokens generated"),
     ("kv_evictions", "kv_cache_evictions", "Cached prefix pages evicted for reuse"),
     ("num_recomputed_tokens", "recomputed_tokens", "Tokens whose K/V was computed again after preemption"),
+    ("num_requests_delayed_max_num_seqs", "requests_delayed_max_num_seqs", "Requests held back by max_num_seqs"),
+    ("num_requests_delayed_admission_cap", "requests_delayed_admission_cap", "Requests held back by admission_cap"),
+    ("num_requests_delayed_headroom", "requests_delayed_headroom", "Requests held back by the headroom policy"),
+    ("num_requests_delayed_pages", "requests_delayed_pages", "Requests held back for want of KV pages"),
 )
 
 

@@ -170,7 +170,9 @@ VLLM_NAMES = ("num_requests_running", "num_requests_waiting", "kv_cache_usage_pe
               "request_queue_time_seconds", "request_success")
 KVPAGE_NAMES = ("kv_pages_free", "kv_pages_in_use", "kv_pages_cached_free", "kv_pages_total",
                 "kv_internal_fragmentation", "kv_cache_evictions", "recomputed_tokens", "goodput_tokens_per_second",
-                "model_tokens_per_second")
+                "model_tokens_per_second", "kv_stored_fraction", "kv_reservation_waste", "kv_external_fragmentation",
+                "kv_waste_mean", "kv_sharing_saving_mean", "recompute_fraction", "is_thrashing",
+                "preemptions_per_second", "requests_delayed_admission_cap", "requests_delayed_headroom")
 
 
 def scrape(server: LiveServer) -> dict[str, float]:
