@@ -18,7 +18,9 @@ checked in this order for the request at the head of the waiting queue:
    want of pages; ``none`` admits while pages last;
 4. the pages themselves.
 
-The cap and the watermark apply only while something is running, and a
+The headroom policies concern paging only: a contiguous reservation already
+holds all the room its sequence can grow into.  The cap and the watermark
+apply only while something is running, and a
 request larger than the cap is refused at submission, so the queue never
 stalls for good.  Each rule counts the requests it delayed (once per request
 per rule), so an operator can see which one is binding.
@@ -119,6 +121,8 @@ class AdmissionController:
             else kv.num_pages_in_use
         if self.cap_pages < kv.num_pages and committed + wanted > self.cap_pages:
             return self.delay(seq, "admission_cap")
+        if self.kv_layout != "paged":
+            return None  # a contiguous reservation already covers all the growth: no headroom to keep
         if policy == "conservative" and self.promised_pages + wanted > kv.num_pages:
             return self.delay(seq, "headroom")
         if policy == "watermark":

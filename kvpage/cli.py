@@ -65,6 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     gen.add_argument("--metrics", action="store_true", help="print engine metrics to stderr at the end")
 
+    bench = commands.add_parser("bench", help="compare KV layouts (paged vs contiguous) on synthetic workloads")
+    add_engine_arguments(bench)
+    bench.add_argument("--workloads", default="sharegpt,alpaca,uniform,long-single,shared-prefix-chat")
+    bench.add_argument("--layouts", default="paged,contiguous-request,contiguous-max")
+    bench.add_argument("--num-requests", type=int, default=64, help="requests per workload")
+    bench.add_argument("--kv-tokens", type=int, default=4096, help="KV budget in token slots, for every layout")
+    bench.add_argument("--sharing-n", default="2,4,6", help="n values of the sharing runs ('' to skip)")
+    bench.add_argument("--sharing-requests", type=int, default=16)
+    bench.add_argument("--out", default="bench-report", help="folder for report.md, report.json and plots")
+    bench.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")
+
     srv = commands.add_parser("serve", help="run the OpenAI-compatible HTTP server")
     add_engine_arguments(srv)
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
@@ -100,6 +111,34 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from kvpage.bench.report import table, to_json, write_report
+    from kvpage.bench.run import BenchConfig
+    from kvpage.bench.run import run_bench as bench
+
+    options = engine_options(args)
+    for fixed in ("kv_layout", "block_size", "num_kv_blocks", "max_num_seqs", "kv_cache_memory"):
+        options.pop(fixed)  # the bench sets these itself, the same for every layout
+    try:
+        sharing = tuple(int(n) for n in args.sharing_n.split(",") if n.strip())
+    except ValueError:
+        raise ValueError(f"--sharing-n must be a comma-separated list of integers, got {args.sharing_n!r}") from None
+    config = BenchConfig(workloads=tuple(w.strip() for w in args.workloads.split(",") if w.strip()),
+                         layouts=tuple(x.strip() for x in args.layouts.split(",") if x.strip()),
+                         num_requests=args.num_requests, kv_tokens=args.kv_tokens, block_size=args.block_size,
+                         max_num_seqs=args.max_num_seqs, seed=args.seed, sharing_ns=sharing,
+                         sharing_requests=args.sharing_requests, engine_options=options)
+    progress = None if args.json else (lambda message: print(f"# {message}", file=sys.stderr, flush=True))
+    results = bench(config, progress)
+    write_report(results, Path(args.out), "kvpage " + " ".join(sys.argv[1:]))
+    print(json.dumps(to_json(results), indent=1) if args.json else table(results))
+    if not args.json:
+        print(f"\nreport: {Path(args.out) / 'report.md'}")
+    return 0
+
+
 def run_serve(args: argparse.Namespace) -> int:
     try:
         import fastapi  # noqa: F401
@@ -130,6 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_generate(args)
         if args.command == "serve":
             return run_serve(args)
+        if args.command == "bench":
+            return run_bench(args)
         parser.error(f"unknown command {args.command!r}")
     except (ValueError, FileNotFoundError, OSError) as exc:
         print(f"kvpage: error: {exc}", file=sys.stderr)

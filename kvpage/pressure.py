@@ -29,6 +29,9 @@ class WasteStats:
     num_samples: int = 0
     sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(WASTE_KINDS, 0.0))
     sharing_saving_sum: float = 0.0
+    # Waste as a share of the memory that is not free (held or unusable), over steps where any is.
+    waste_of_used_sum: float = 0.0
+    num_used_samples: int = 0
     batch_size_sum: int = 0
     max_batch_size: int = 0
     last: KVWaste | None = None
@@ -38,6 +41,10 @@ class WasteStats:
         for kind, value in waste.fractions().items():
             self.sums[kind] += value
         self.sharing_saving_sum += waste.sharing_saving
+        not_free = waste.total_slots - waste.free_slots
+        if not_free:
+            self.waste_of_used_sum += (not_free - waste.stored_slots) / not_free
+            self.num_used_samples += 1
         self.batch_size_sum += batch_size
         self.max_batch_size = max(self.max_batch_size, batch_size)
         self.last = waste
@@ -47,6 +54,7 @@ class WasteStats:
         out = {f"kv_{kind}_mean": value / n for kind, value in self.sums.items()}
         out["kv_waste_mean"] = sum(out[f"kv_{k}_mean"] for k in WASTE_KINDS[1:4])
         out["kv_sharing_saving_mean"] = self.sharing_saving_sum / n
+        out["kv_waste_of_used_mean"] = self.waste_of_used_sum / max(self.num_used_samples, 1)
         out["batch_size_mean"] = self.batch_size_sum / n
         out["batch_size_max"] = self.max_batch_size
         if self.last is not None:

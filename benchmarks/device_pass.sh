@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# One check-and-benchmark pass on the GPU machine (device tool): tests, server load, kvpage bench.
+# Usage (from the repository root, on the device):  bash benchmarks/device_pass.sh tests|bench
+# (two stages, each under the device's 10-minute limit per command)
+# Wheels for what the device lacks (pytest, hypothesis, fastapi stack, openai) come from .whl/.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl >/dev/null 2>&1
+export PYTHONPATH=/tmp/site:$PWD
+{ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; python -c "import torch, transformers, sys; \
+print('python', sys.version.split()[0], 'torch', torch.__version__, 'transformers', transformers.__version__)"; } \
+  > "$OUT/versions.txt" 2>&1
+STAGE=${1:-tests}
+if [ "$STAGE" = tests ]; then
+timeout 300 python -m pytest -q -x -p no:cacheprovider > "$OUT/pytest.txt" 2>&1; echo "pytest rc=$?" >> "$OUT/pytest.txt"
+timeout 120 python benchmarks/serve_load.py --launch --num-prompts 400 --json "$OUT/serve_load_inf.json" \
+  -- --device cuda > "$OUT/serve_load_inf.txt" 2>&1
+timeout 120 python benchmarks/serve_load.py --launch --num-prompts 400 --request-rate 50 \
+  --json "$OUT/serve_load_r50.json" -- --device cuda > "$OUT/serve_load_r50.txt" 2>&1
+fi
+if [ "$STAGE" = bench ]; then
+timeout 240 python -m kvpage.cli bench --device cuda --out /tmp/bench-demo > "$OUT/bench-demo.txt" 2>&1
+cp /tmp/bench-demo/report.json "$OUT/bench-demo.json"
+python - <<'PY' > "$OUT/long-model.txt" 2>&1
+from dataclasses import replace
+from pathlib import Path
+from kvpage.model.random_model import RANDOM_MODEL_SPEC, build_random_model
+spec = replace(RANDOM_MODEL_SPEC, name="random-4k", max_position_embeddings=4096)
+Path("/tmp/random-4k").mkdir(exist_ok=True)
+build_random_model(Path("/tmp/random-4k"), spec)
+print("built /tmp/random-4k")
+PY
+timeout 240 python -m kvpage.cli bench --device cuda --model /tmp/random-4k --max-model-len 2048 \
+  --workloads sharegpt,alpaca,long-single --kv-tokens 16384 --num-requests 128 --sharing-n "" \
+  --out /tmp/bench-2k > "$OUT/bench-2k.txt" 2>&1
+cp /tmp/bench-2k/report.json "$OUT/bench-2k.json"
+fi
+echo "$STAGE done" > "$OUT/done.txt"

@@ -1,0 +1,159 @@
+"""Turn bench results into a table, ``report.md``, PNG plots and JSON, beside the published figures.
+
+The targets come from Kwon et al. 2023 ("Efficient Memory Management for
+Large Language Model Serving with PagedAttention"): vLLM keeps waste under
+4% of its KV memory, runs 2.2x the batch of Orca (Oracle) and 4.3x that of
+Orca (Max), and saves 6.1-9.8% (Alpaca) and 16.2-30.5% (ShareGPT) of KV
+memory by sharing among parallel samples.  ``contiguous-request`` plays Orca
+(Oracle) with a perfect length guess, ``contiguous-max`` plays Orca (Max).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from kvpage.bench.run import BenchResults, CaseResult
+
+PAPER = {"paged_waste_max": 0.04, "batch_vs_request": 2.0, "batch_vs_max": 4.0, "throughput_vs_max": 2.0,
+         # parallel-sampling savings at n = 2 and n = 6, the ends of the paper's ranges
+         "sharing": {"alpaca": {2: 0.061, 6: 0.098}, "sharegpt": {2: 0.162, 6: 0.305}}}
+WASTE_KINDS = ("internal_fragmentation", "reservation_waste", "external_fragmentation")
+
+
+def _find(cases: list[CaseResult], workload: str, layout: str) -> CaseResult | None:
+    return next((c for c in cases if c.workload == workload and c.layout == layout), None)
+
+
+def verdicts(results: BenchResults) -> list[dict[str, Any]]:
+    """Each target of issue #5 that these results can judge: measured value, target, met or not."""
+    out = []
+    sharegpt = {layout: _find(results.cases, "sharegpt", layout) for layout in results.config.layouts}
+    paged = sharegpt.get("paged")
+    if paged is not None:
+        out.append({"target": "paged waste on sharegpt, share of memory not free", "measured": paged.waste_of_used,
+                    "goal": f"<= {PAPER['paged_waste_max']}", "met": paged.waste_of_used <= PAPER["paged_waste_max"]})
+        for layout, key, what in (("contiguous-request", "batch_vs_request", "mean batch"),
+                                  ("contiguous-max", "batch_vs_max", "mean batch"),
+                                  ("contiguous-max", "throughput_vs_max", "throughput")):
+            other = sharegpt.get(layout)
+            if other is None:
+                continue
+            ratio = (paged.batch_size_mean / other.batch_size_mean if what == "mean batch"
+                     else paged.requests_per_s / other.requests_per_s)
+            out.append({"target": f"{what} paged / {layout} on sharegpt", "measured": ratio,
+                        "goal": f">= {PAPER[key]}", "met": ratio >= PAPER[key]})
+    for case in results.sharing:
+        goal = PAPER["sharing"].get(case.workload, {}).get(case.n)
+        if goal is not None:
+            out.append({"target": f"parallel-sampling saving, {case.workload}, n={case.n}",
+                        "measured": case.sharing_saving, "goal": f">= {goal}", "met": case.sharing_saving >= goal})
+    return out
+
+
+def to_json(results: BenchResults) -> dict[str, Any]:
+    config = results.config
+    return {"model": results.model, "device": results.device, "max_model_len": results.max_model_len,
+            "kv_tokens": config.kv_tokens, "block_size": config.block_size, "max_num_seqs": config.max_num_seqs,
+            "num_requests": config.num_requests, "seed": config.seed,
+            "cases": [c.as_dict() for c in results.cases], "sharing": [c.as_dict() for c in results.sharing],
+            "beam_search": "not measured: beam search is not implemented yet",
+            "targets": verdicts(results)}
+
+
+def table(results: BenchResults) -> str:
+    head = (f"{'workload':<19}{'layout':<20}{'batch mean':>11}{'max':>5}{'waste':>8}{'of used':>8}{'internal':>9}"
+            f"{'reserved':>9}{'external':>9}{'req/s':>8}{'out tok/s':>10}{'preempt':>8}")
+    lines = [head, "-" * len(head)]
+    for c in results.cases:
+        lines.append(f"{c.workload:<19}{c.layout:<20}{c.batch_size_mean:>11.1f}{c.batch_size_max:>5}"
+                     f"{c.waste:>8.1%}{c.waste_of_used:>8.1%}{c.internal_fragmentation:>9.1%}{c.reservation_waste:>9.1%}"
+                     f"{c.external_fragmentation:>9.1%}{c.requests_per_s:>8.2f}{c.goodput_tokens_per_s:>10.0f}"
+                     f"{c.num_preemptions:>8}")
+    if results.sharing:
+        lines += ["", "memory saved by sharing among parallel samples (paged, step average):"]
+        lines += [f"  {c.workload:<10} n={c.n}: {c.sharing_saving:6.1%}" for c in results.sharing]
+    lines += ["", "targets (Kwon et al. 2023):"]
+    lines += [f"  {'met ' if v['met'] else 'MISS'} {v['target']}: {v['measured']:.3f} (goal {v['goal']})"
+              for v in verdicts(results)]
+    return "\n".join(lines)
+
+
+def write_report(results: BenchResults, out_dir: Path, command: str) -> list[Path]:
+    """``report.md`` plus PNG plots in ``out_dir``; returns the files written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [out_dir / "report.json"]
+    written[0].write_text(json.dumps(to_json(results), indent=1) + "\n")
+    written += _plots(results, out_dir)
+    config = results.config
+    md = [f"# kvpage bench\n\n`{command}`\n",
+          f"Model `{results.model}` on {results.device}, max_model_len {results.max_model_len}; the same KV budget "
+          f"for every layout: {config.kv_tokens} token slots ({config.kv_tokens // config.block_size} pages of "
+          f"{config.block_size}); max_num_seqs {config.max_num_seqs}; {config.num_requests} requests per workload, "
+          f"all submitted at once; seed {config.seed}. Waste columns are fractions of KV memory averaged over "
+          "steps: `waste` of all KV memory, `of used` of the memory not free (held by requests or unusable).\n",
+          "```", table(results), "```\n"]
+    md += [f"![{p.stem}]({p.name})\n" for p in written if p.suffix == ".png"]
+    md.append("Beam search: not measured (not implemented yet).\n")
+    written.append(out_dir / "report.md")
+    written[-1].write_text("\n".join(md))
+    return written
+
+
+def _plots(results: BenchResults, out_dir: Path) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    workloads = list(dict.fromkeys(c.workload for c in results.cases))
+    layouts = list(results.config.layouts)
+    paths = []
+    panels = (("batch_size_mean", "mean batch size"), ("batch_size_max", "max batch size"),
+              ("goodput_tokens_per_s", "generated tokens/s"), ("num_preemptions", "preemptions"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    width = 0.8 / max(len(layouts), 1)
+    for ax, (key, title) in zip(axes, panels):
+        for j, layout in enumerate(layouts):
+            values = [getattr(_find(results.cases, w, layout), key, 0) or 0 for w in workloads]
+            ax.bar([i + j * width for i in range(len(workloads))], values, width, label=layout)
+        ax.set_xticks([i + width * (len(layouts) - 1) / 2 for i in range(len(workloads))], workloads, rotation=30)
+        ax.set_title(title)
+    axes[0].legend()
+    fig.tight_layout()
+    paths.append(out_dir / "batch_throughput.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(workloads), figsize=(3.2 * len(workloads), 3.6), sharey=True, squeeze=False)
+    for ax, workload in zip(axes[0], workloads):
+        bottoms = [0.0] * len(layouts)
+        for kind in WASTE_KINDS:
+            values = [getattr(_find(results.cases, workload, layout), kind, 0) or 0 for layout in layouts]
+            ax.bar(range(len(layouts)), values, bottom=bottoms, label=kind.replace("_", " "))
+            bottoms = [b + v for b, v in zip(bottoms, values)]
+        ax.set_xticks(range(len(layouts)), layouts, rotation=30)
+        ax.set_title(workload)
+    axes[0][0].set_ylabel("fraction of KV memory")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out_dir / "waste.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    if results.sharing:
+        fig, ax = plt.subplots(figsize=(5, 3.6))
+        for workload in dict.fromkeys(c.workload for c in results.sharing):
+            cases = [c for c in results.sharing if c.workload == workload]
+            ax.plot([c.n for c in cases], [c.sharing_saving for c in cases], marker="o", label=workload)
+        ax.set_xlabel("parallel samples n")
+        ax.set_ylabel("KV memory saved by sharing")
+        ax.legend()
+        fig.tight_layout()
+        paths.append(out_dir / "sharing.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths

@@ -1,0 +1,168 @@
+"""Run workloads through the real engine under each KV layout, with one KV budget for all.
+
+A *case* is one workload on one layout: every request is submitted at once
+(so memory, not arrivals, limits the batch), the engine steps until all are
+done, and the engine's own counters give the figures: batch size, waste by
+kind (averaged over steps), preemptions, recomputed tokens, and wall time.
+Every layout gets the same number of KV pages, the same ``max_num_seqs`` and
+the same model, so the comparison isolates the memory layout.
+
+The sharing runs measure what copy-on-write saves: the same requests with
+``n`` parallel samples on the paged layout, where the engine counts, every
+step, the pages in use against the pages the same sequences would hold if
+nothing were shared.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from kvpage.llm import LLM
+from kvpage.pressure import WasteStats
+from kvpage.sampling_params import RequestOutputKind, SamplingParams
+from kvpage.workloads import WORKLOAD_NAMES, Workload, WorkloadSpec, make_workload
+
+LAYOUTS = ("paged", "contiguous-request", "contiguous-max")
+SHARING_NS = (2, 4, 6)
+SHARING_WORKLOADS = ("alpaca", "sharegpt")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    workloads: tuple[str, ...] = WORKLOAD_NAMES
+    layouts: tuple[str, ...] = LAYOUTS
+    num_requests: int = 64
+    kv_tokens: int = 4096  # KV budget in token slots, the same for every layout: small enough to bind
+    block_size: int = 16
+    max_num_seqs: int = 256
+    seed: int = 0
+    sharing_ns: tuple[int, ...] = SHARING_NS
+    sharing_requests: int = 16
+    engine_options: dict[str, Any] = field(default_factory=dict)  # model, device, dtype, ...
+
+    def validate(self) -> None:
+        for name in self.workloads:
+            if name not in WORKLOAD_NAMES:
+                raise ValueError(f"workloads contains {name!r}; known workloads: {', '.join(WORKLOAD_NAMES)}")
+        for layout in self.layouts:
+            if layout not in LAYOUTS:
+                raise ValueError(f"layouts contains {layout!r}; known layouts: {', '.join(LAYOUTS)}")
+        for name in ("num_requests", "kv_tokens", "max_num_seqs", "sharing_requests"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)}")
+        if self.kv_tokens < self.block_size:
+            raise ValueError(f"kv_tokens ({self.kv_tokens}) must hold at least one page of {self.block_size}")
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    workload: str
+    layout: str
+    n: int
+    num_requests: int
+    wall_s: float
+    generated_tokens: int
+    computed_tokens: int
+    requests_per_s: float
+    goodput_tokens_per_s: float  # generated tokens: recomputation never counts
+    model_tokens_per_s: float    # every token the model ran, recomputation included
+    batch_size_mean: float
+    batch_size_max: int
+    stored: float
+    internal_fragmentation: float
+    reservation_waste: float
+    external_fragmentation: float
+    waste: float
+    waste_of_used: float  # the same, as a share of the memory not free
+    sharing_saving: float
+    num_preemptions: int
+    recomputed_tokens: int
+    num_steps: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def run_case(llm: LLM, workload: Workload, layout: str, n: int = 1) -> CaseResult:
+    """Submit every request of ``workload`` at once and step the engine until all are done."""
+    engine = llm.engine
+    engine.waste_stats = WasteStats()  # step averages of this case only
+    before = engine.get_metrics()
+    ids = []
+    for request in workload.requests:
+        params = SamplingParams(n=n, temperature=0.0 if n == 1 else 1.0, seed=len(ids), ignore_eos=True,
+                                max_tokens=request.output_tokens, output_kind=RequestOutputKind.FINAL_ONLY)
+        ids.append(engine.add_request(None, {"prompt_token_ids": list(request.prompt_token_ids)}, params))
+    start = time.perf_counter()
+    while engine.has_unfinished_requests():
+        engine.step()
+    wall = time.perf_counter() - start
+    after = engine.get_metrics()
+    generated = after["num_generation_tokens"] - before["num_generation_tokens"]
+    computed = after["num_tokens_computed"] - before["num_tokens_computed"]
+    if engine.kv.num_pages_in_use:
+        raise RuntimeError(f"{engine.kv.num_pages_in_use} KV pages still in use after the {layout} run")
+    return CaseResult(
+        workload=workload.name, layout=layout, n=n, num_requests=len(ids), wall_s=wall, generated_tokens=generated,
+        computed_tokens=computed, requests_per_s=len(ids) / wall, goodput_tokens_per_s=generated / wall,
+        model_tokens_per_s=computed / wall, batch_size_mean=after["batch_size_mean"],
+        batch_size_max=int(after["batch_size_max"]), stored=after["kv_stored_mean"],
+        internal_fragmentation=after["kv_internal_fragmentation_mean"],
+        reservation_waste=after["kv_reservation_waste_mean"],
+        external_fragmentation=after["kv_external_fragmentation_mean"], waste=after["kv_waste_mean"],
+        waste_of_used=after["kv_waste_of_used_mean"],
+        sharing_saving=after["kv_sharing_saving_mean"],
+        num_preemptions=after["num_preemptions"] - before["num_preemptions"],
+        recomputed_tokens=after["num_recomputed_tokens"] - before["num_recomputed_tokens"],
+        num_steps=after["step_num_steps"] - before["step_num_steps"])
+
+
+def new_llm(config: BenchConfig, layout: str) -> LLM:
+    options = {**config.engine_options, "kv_layout": layout, "block_size": config.block_size,
+               "num_kv_blocks": config.kv_tokens // config.block_size, "max_num_seqs": config.max_num_seqs}
+    return LLM(**options)
+
+
+@dataclass
+class BenchResults:
+    config: BenchConfig
+    model: str
+    device: str
+    max_model_len: int
+    cases: list[CaseResult] = field(default_factory=list)
+    sharing: list[CaseResult] = field(default_factory=list)
+
+
+def run_bench(config: BenchConfig, progress: Any = None) -> BenchResults:
+    """Every workload under every layout, then the sharing runs; ``progress(str)`` hears of each case."""
+    config.validate()
+    say = progress or (lambda message: None)
+    results: BenchResults | None = None
+    for layout in config.layouts:
+        llm = new_llm(config, layout)
+        engine = llm.engine
+        if results is None:
+            results = BenchResults(config, str(engine.model_dir), str(engine.device), engine.max_model_len)
+        for name in config.workloads:
+            workload = workload_for(config, name, engine.max_model_len, engine.model_config.vocab_size)
+            say(f"{name} on {layout} ({len(workload.requests)} requests)")
+            results.cases.append(run_case(llm, workload, layout))
+            engine.kv.reset_prefix_cache()  # each workload starts cold
+    assert results is not None
+    if config.sharing_ns and "paged" in config.layouts:
+        llm = new_llm(config, "paged")
+        for name in SHARING_WORKLOADS:
+            base = workload_for(replace(config, num_requests=config.sharing_requests), name,
+                                llm.engine.max_model_len, llm.engine.model_config.vocab_size)
+            for n in config.sharing_ns:
+                say(f"{name} with n={n} on paged")
+                results.sharing.append(run_case(llm, base, "paged", n=n))
+                llm.engine.kv.reset_prefix_cache()
+    return results
+
+
+def workload_for(config: BenchConfig, name: str, max_model_len: int, vocab_size: int) -> Workload:
+    return make_workload(WorkloadSpec(name=name, num_requests=config.num_requests, seed=config.seed,
+                                      vocab_size=vocab_size, max_model_len=max_model_len))
