@@ -270,7 +270,7 @@ class LLMEngine:
         return outputs
 
     def _sample_pressure(self, batch_size: int) -> None:
-        self.waste_stats.add(self.scheduler.kv_waste(), batch_size)
+        self.waste_stats.add(self.scheduler.kv_waste(), batch_size, bool(self.scheduler.waiting))
         c = self.scheduler.counters
         self.thrashing.add(PressureSample(time.monotonic(), self.kv.num_evictions, c.num_preemptions,
                                           c.num_recomputed_tokens, c.num_tokens_computed, c.num_generated_tokens))

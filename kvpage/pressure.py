@@ -34,10 +34,16 @@ class WasteStats:
     num_used_samples: int = 0
     batch_size_sum: int = 0
     max_batch_size: int = 0
+    # Steps with requests waiting: the memory-bound regime, where the layout decides the batch.
+    loaded_batch_size_sum: int = 0
+    num_loaded_samples: int = 0
     last: KVWaste | None = None
 
-    def add(self, waste: KVWaste, batch_size: int) -> None:
+    def add(self, waste: KVWaste, batch_size: int, requests_waiting: bool = False) -> None:
         self.num_samples += 1
+        if requests_waiting:
+            self.loaded_batch_size_sum += batch_size
+            self.num_loaded_samples += 1
         for kind, value in waste.fractions().items():
             self.sums[kind] += value
         self.sharing_saving_sum += waste.sharing_saving
@@ -57,6 +63,7 @@ class WasteStats:
         out["kv_waste_of_used_mean"] = self.waste_of_used_sum / max(self.num_used_samples, 1)
         out["batch_size_mean"] = self.batch_size_sum / n
         out["batch_size_max"] = self.max_batch_size
+        out["batch_size_mean_loaded"] = self.loaded_batch_size_sum / max(self.num_loaded_samples, 1)
         if self.last is not None:
             out.update({f"kv_{kind}": value for kind, value in self.last.fractions().items()})
             out["kv_waste"] = self.last.waste_fraction

@@ -157,10 +157,9 @@ class Scheduler:
         """The cache by kind of waste now; external fragmentation is judged against the waiting requests."""
         min_pending = None
         if self.kv_layout != "paged" and self.waiting:
-            admission = self.admission
-            min_pending = min(self.kv.pages_for_tokens(admission.reservation_tokens(  # type: ignore[arg-type]
-                seq.num_prompt_tokens, self.max_new_tokens(seq.num_prompt_tokens, seq.request.sampling_params.max_tokens)))
-                for seq in self.waiting)
+            reservations = (self.admission.reservation_tokens(seq.num_prompt_tokens, self.max_new_tokens(
+                seq.num_prompt_tokens, seq.request.sampling_params.max_tokens)) for seq in self.waiting)
+            min_pending = min(self.kv.pages_for_tokens(r or 0) for r in reservations)
         return self.kv.waste(self.admission.reserved_pages(), min_pending)
 
     # ----- planning a step -----------------------------------------------------------

@@ -12,6 +12,7 @@ from kvpage.cli import main
 
 FIELDS = {"workload", "layout", "n", "num_requests", "wall_s", "generated_tokens", "computed_tokens",
           "requests_per_s", "goodput_tokens_per_s", "model_tokens_per_s", "batch_size_mean", "batch_size_max",
+          "batch_size_mean_loaded",
           "stored", "internal_fragmentation", "reservation_waste", "external_fragmentation", "waste",
           "waste_of_used", "sharing_saving", "num_preemptions", "recomputed_tokens", "num_steps"}
 

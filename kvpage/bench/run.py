@@ -69,6 +69,7 @@ class CaseResult:
     goodput_tokens_per_s: float  # generated tokens: recomputation never counts
     model_tokens_per_s: float    # every token the model ran, recomputation included
     batch_size_mean: float
+    batch_size_mean_loaded: float  # over the steps where requests were waiting
     batch_size_max: int
     stored: float
     internal_fragmentation: float
@@ -108,6 +109,7 @@ def run_case(llm: LLM, workload: Workload, layout: str, n: int = 1) -> CaseResul
         workload=workload.name, layout=layout, n=n, num_requests=len(ids), wall_s=wall, generated_tokens=generated,
         computed_tokens=computed, requests_per_s=len(ids) / wall, goodput_tokens_per_s=generated / wall,
         model_tokens_per_s=computed / wall, batch_size_mean=after["batch_size_mean"],
+        batch_size_mean_loaded=after["batch_size_mean_loaded"],
         batch_size_max=int(after["batch_size_max"]), stored=after["kv_stored_mean"],
         internal_fragmentation=after["kv_internal_fragmentation_mean"],
         reservation_waste=after["kv_reservation_waste_mean"],

@@ -173,7 +173,8 @@ class KVCacheManager:
 
         A sequence the manager has not seen starts from ``hit`` (its cached
         prefix). Paging allocates on demand, so the reservation hints of the
-        contiguous layout (``reserve_tokens``, ``reserve_count``) are ignored. Returns the page copies to perform before the step (copy-on-
+        contiguous layout (``reserve_tokens``, ``reserve_count``) are ignored.
+        Returns the page copies to perform before the step (copy-on-
         write), or ``None`` if the pool cannot supply the pages, in which case
         nothing changed.
         """
