@@ -67,7 +67,8 @@ def table(results: BenchResults) -> str:
             f"{'internal':>9}{'reserved':>9}{'external':>9}{'req/s':>8}{'out tok/s':>10}{'preempt':>8}")
     lines = [head, "-" * len(head)]
     for c in results.cases:
-        lines.append(f"{c.workload:<19}{c.layout:<20}{c.batch_size_mean:>11.1f}{c.batch_size_mean_loaded:>7.1f}"
+        loaded = f"{c.batch_size_mean_loaded:.1f}" if c.batch_size_mean_loaded else "-"  # "-": nothing waited
+        lines.append(f"{c.workload:<19}{c.layout:<20}{c.batch_size_mean:>11.1f}{loaded:>7}"
                      f"{c.batch_size_max:>5}"
                      f"{c.waste:>8.1%}{c.waste_of_used:>8.1%}{c.internal_fragmentation:>9.1%}{c.reservation_waste:>9.1%}"
                      f"{c.external_fragmentation:>9.1%}{c.requests_per_s:>8.2f}{c.goodput_tokens_per_s:>10.0f}"

@@ -1,7 +1,7 @@
 """The built-in default model: a small trained Llama that ships inside the package.
 
 With no ``model`` given, every entry point (``LLM()``, ``kvpage generate``,
-``kvpage serve``) loads ``kvpage/assets/demo-model/``: an 11M-parameter
+``kvpage serve``, ``kvpage bench``) loads ``kvpage/assets/demo-model/``: an 11M-parameter
 ``LlamaForCausalLM`` trained on the King James Bible, with a byte-level BPE
 tokenizer.  It is an ordinary Hugging Face directory loaded through the same
 path as any user checkpoint, so the default exercises the real code, and it
