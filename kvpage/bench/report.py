@@ -97,7 +97,9 @@ def write_report(results: BenchResults, out_dir: Path, command: str) -> list[Pat
           "steps: `waste` of all KV memory, `of used` of the memory not free (held by requests or unusable). "
           "`loaded` is the mean batch over the steps where requests were waiting (memory-bound).\n",
           "```", table(results), "```\n"]
-    md += [f"![{p.stem}]({p.name})\n" for p in written if p.suffix == ".png"]
+    pngs = [p for p in written if p.suffix == ".png"]
+    md += [f"![{p.stem}]({p.name})\n" for p in pngs] or ["No plots: matplotlib is not installed "
+                                                        "(`pip install matplotlib`).\n"]
     md.append("Beam search: not measured (not implemented yet).\n")
     written.append(out_dir / "report.md")
     written[-1].write_text("\n".join(md))
