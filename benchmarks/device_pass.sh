@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One check-and-benchmark pass on the GPU machine (device tool): tests, server load, kvpage bench.
-# Usage (from the repository root, on the device):  bash benchmarks/device_pass.sh tests|bench
-# (two stages, each under the device's 10-minute limit per command)
+# Usage (from the repository root, on the device):  bash benchmarks/device_pass.sh tests|bench|swap
+# (stages, each under the device's 10-minute limit per command; swap = tests + the preemption-mode bench)
 # Wheels for what the device lacks (pytest, hypothesis, fastapi stack, openai) come from .whl/.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -12,8 +12,15 @@ export PYTHONPATH=/tmp/site:$PWD
 print('python', sys.version.split()[0], 'torch', torch.__version__, 'transformers', transformers.__version__)"; } \
   > "$OUT/versions.txt" 2>&1
 STAGE=${1:-tests}
-if [ "$STAGE" = tests ]; then
+if [ "$STAGE" = tests ] || [ "$STAGE" = swap ]; then
 timeout 300 python -m pytest -q -x -p no:cacheprovider > "$OUT/pytest.txt" 2>&1; echo "pytest rc=$?" >> "$OUT/pytest.txt"
+fi
+if [ "$STAGE" = swap ]; then
+timeout 240 python -m kvpage.cli bench --device cuda --layouts paged --preemption-modes swap,auto --sharing-n "" \
+  --out /tmp/bench-swap > "$OUT/bench-swap.txt" 2>&1
+cp /tmp/bench-swap/report.json "$OUT/bench-swap.json"
+fi
+if [ "$STAGE" = tests ]; then
 timeout 120 python benchmarks/serve_load.py --launch --num-prompts 400 --json "$OUT/serve_load_inf.json" \
   -- --device cuda > "$OUT/serve_load_inf.txt" 2>&1
 timeout 120 python benchmarks/serve_load.py --launch --num-prompts 400 --request-rate 50 \

@@ -38,6 +38,10 @@ class SchedulerOutput:
     sequences: list[ScheduledSequence] = field(default_factory=list)
     # (src, dst) page copies for copy-on-write, performed before the forward pass.
     page_copies: list[tuple[int, int]] = field(default_factory=list)
+    # (device page, host page) copies of swapped-out sequences, then (host page, device page) of
+    # swapped-in ones: performed first, in that order, since freed pages may be reused this step.
+    swap_out: list[tuple[int, int]] = field(default_factory=list)
+    swap_in: list[tuple[int, int]] = field(default_factory=list)
     preempted_seq_ids: list[int] = field(default_factory=list)
     # Sequences that ended since the last step: the runner drops their per-sequence state.
     finished_seq_ids: list[int] = field(default_factory=list)

@@ -40,12 +40,15 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                        help="admit a request only while KV use stays at or below this fraction")
     group.add_argument("--headroom-policy", default="watermark", help="watermark | conservative | none")
     group.add_argument("--watermark", type=float, default=0.01, help="free-page fraction kept for growth")
+    group.add_argument("--preemption-mode", default="recompute", help="recompute | swap | auto")
+    group.add_argument("--swap-space", type=float, default=4.0, help="GiB of host memory for swapped pages")
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, object]:
     names = ("model", "tokenizer", "dtype", "device", "seed", "block_size", "num_kv_blocks", "kv_cache_memory",
              "gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
-             "enable_prefix_caching", "kv_layout", "admission_cap", "headroom_policy", "watermark")
+             "enable_prefix_caching", "kv_layout", "admission_cap", "headroom_policy", "watermark",
+             "preemption_mode", "swap_space")
     return {name: getattr(args, name) for name in names}
 
 
@@ -73,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--kv-tokens", type=int, default=4096, help="KV budget in token slots, for every layout")
     bench.add_argument("--sharing-n", default="2,4,6", help="n values of the sharing runs ('' to skip)")
     bench.add_argument("--sharing-requests", type=int, default=16)
+    bench.add_argument("--preemption-modes", default="swap",
+                       help="extra paged runs with these modes (swap, auto), beside recompute; '' to skip")
     bench.add_argument("--out", default="bench-report", help="folder for report.md, report.json and plots")
     bench.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")
 
@@ -119,7 +124,7 @@ def run_bench(args: argparse.Namespace) -> int:
     from kvpage.bench.run import run_bench as bench
 
     options = engine_options(args)
-    for fixed in ("kv_layout", "block_size", "num_kv_blocks", "max_num_seqs", "kv_cache_memory"):
+    for fixed in ("kv_layout", "block_size", "num_kv_blocks", "max_num_seqs", "kv_cache_memory", "preemption_mode"):
         options.pop(fixed)  # the bench sets these itself, the same for every layout
     try:
         sharing = tuple(int(n) for n in args.sharing_n.split(",") if n.strip())
@@ -129,7 +134,8 @@ def run_bench(args: argparse.Namespace) -> int:
                          layouts=tuple(x.strip() for x in args.layouts.split(",") if x.strip()),
                          num_requests=args.num_requests, kv_tokens=args.kv_tokens, block_size=args.block_size,
                          max_num_seqs=args.max_num_seqs, seed=args.seed, sharing_ns=sharing,
-                         sharing_requests=args.sharing_requests, engine_options=options)
+                         sharing_requests=args.sharing_requests, engine_options=options,
+                         preemption_modes=tuple(m.strip() for m in args.preemption_modes.split(",") if m.strip()))
     progress = None if args.json else (lambda message: print(f"# {message}", file=sys.stderr, flush=True))
     results = bench(config, progress)
     write_report(results, Path(args.out), "kvpage " + " ".join(sys.argv[1:]))

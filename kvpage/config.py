@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 GIB = 1 << 30
-PREEMPTION_MODES = ("recompute",)
+PREEMPTION_MODES = ("recompute", "swap", "auto")
 KV_LAYOUTS = ("paged", "contiguous-request", "contiguous-max")
 HEADROOM_POLICIES = ("none", "watermark", "conservative")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -60,6 +60,9 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.9
     cpu_kv_cache_space: int = 2 * GIB
     enable_prefix_caching: bool = True
+    # Host memory for swapped-out pages, in GiB (pinned when the cache is on a GPU); used only
+    # with preemption_mode "swap" or "auto".
+    swap_space: float = 4.0
     # "paged", or a pre-paging baseline: one contiguous reservation per sequence of
     # prompt + max_tokens ("contiguous-request") or max_model_len ("contiguous-max") tokens.
     kv_layout: str = "paged"
@@ -77,6 +80,8 @@ class CacheConfig:
                  "gpu_memory_utilization", self.gpu_memory_utilization, "a number in (0, 1]")
         _require(_is_int(self.cpu_kv_cache_space) and self.cpu_kv_cache_space > 0, "cpu_kv_cache_space",
                  self.cpu_kv_cache_space, "a positive number of bytes")
+        _require(isinstance(self.swap_space, (int, float)) and not isinstance(self.swap_space, bool)
+                 and self.swap_space >= 0, "swap_space", self.swap_space, "a number of GiB >= 0")
         _require(isinstance(self.enable_prefix_caching, bool), "enable_prefix_caching",
                  self.enable_prefix_caching, "True or False")
 
@@ -113,7 +118,7 @@ class SchedulerConfig:
         _require(self.max_model_len is None or (_is_int(self.max_model_len) and self.max_model_len >= 2),
                  "max_model_len", self.max_model_len, "None or an integer >= 2")
         _require(self.preemption_mode in PREEMPTION_MODES, "preemption_mode", self.preemption_mode,
-                 f"one of {PREEMPTION_MODES} (swap and auto are not implemented yet)")
+                 f"one of {PREEMPTION_MODES}")
 
 
 @dataclass

@@ -31,6 +31,7 @@ from kvpage.kv import ContiguousKVCacheManager, KVCacheManager
 from kvpage.metrics import RequestCounters, StepTimings
 from kvpage.model import ModelConfig, demo_model_dir, load_model, resolve_dtype
 from kvpage.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from kvpage.preemption import SwapCostModel
 from kvpage.pressure import PressureSample, ThrashingMonitor, WasteStats
 from kvpage.request import Request, RequestTimes, Sequence, SequenceStatus
 from kvpage.sampling_params import RequestOutputKind, SamplingParams
@@ -146,15 +147,21 @@ class LLMEngine:
         self.cache_shape = KVCacheShape(mc.num_layers, num_pages, config.cache.block_size, mc.num_kv_heads,
                                         mc.head_dim, self.dtype)
         layout = config.cache.kv_layout
+        swapping = config.scheduler.preemption_mode != "recompute" and layout == "paged"
+        num_host_pages = int(config.cache.swap_space * GIB) // per_page if swapping else 0
         self.kv: KVCacheManager | ContiguousKVCacheManager = (
-            KVCacheManager(num_pages, config.cache.block_size, config.cache.enable_prefix_caching)
+            KVCacheManager(num_pages, config.cache.block_size, config.cache.enable_prefix_caching, num_host_pages)
             if layout == "paged" else ContiguousKVCacheManager(num_pages, config.cache.block_size))
-        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, self.eos_token_ids, layout)
+        swap_cost = SwapCostModel.for_device(self.device.type, sum(p.numel() for p in self.model.parameters()),
+                                             per_page, mc.num_layers, mc.num_attention_heads, mc.head_dim)
+        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, self.eos_token_ids, layout,
+                                   swap_cost)
         self.waste_stats = WasteStats()
         self.thrashing = ThrashingMonitor()
         self.runner = ModelRunner(self.model, self.cache_shape, self.device, load.seed, self.eos_token_ids,
                                   max_num_seqs=config.scheduler.max_num_seqs,
-                                  max_pages_per_seq=self.kv.pages_for_tokens(self.max_model_len))
+                                  max_pages_per_seq=self.kv.pages_for_tokens(self.max_model_len),
+                                  num_host_pages=num_host_pages)
         self.timings = StepTimings()
         self.request_counters = RequestCounters()
         self._detokenizers: dict[int, IncrementalDetokenizer] = {}
@@ -251,6 +258,7 @@ class LLMEngine:
         t1 = time.perf_counter()
         inputs = self.runner.prepare(plan)
         t2 = time.perf_counter()
+        self.runner.swap(plan.swap_out, plan.swap_in)
         self.runner.copy_pages(plan.page_copies)
         sampled = self.runner.run(inputs) if inputs is not None else []
         t3 = time.perf_counter()
@@ -369,6 +377,8 @@ class LLMEngine:
             "num_seqs_running": len(self.scheduler.running),
             "num_preemptions": counters.num_preemptions,
             "num_recomputed_tokens": counters.num_recomputed_tokens,
+            "num_swapped_out": counters.num_swapped_out,
+            "num_swapped_in": counters.num_swapped_in,
             "num_tokens_computed": counters.num_tokens_computed,
             "num_prompt_tokens_computed": counters.num_prompt_tokens_computed,
             "num_generation_tokens": counters.num_generated_tokens,

@@ -25,12 +25,15 @@ from kvpage.admission import AdmissionController
 from kvpage.batch import SampledToken, ScheduledSequence, SchedulerOutput
 from kvpage.config import SchedulerConfig
 from kvpage.kv import ContiguousKVCacheManager, KVCacheManager, KVWaste
+from kvpage.preemption import SwapCostModel
 from kvpage.request import Request, Sequence, SequenceStatus
 
 
 @dataclass
 class SchedulerCounters:
     num_preemptions: int = 0
+    num_swapped_out: int = 0  # preemptions by swap (the rest recompute)
+    num_swapped_in: int = 0
     num_tokens_computed: int = 0  # every token fed through the model, recomputation included
     num_recomputed_tokens: int = 0
     num_prompt_tokens_computed: int = 0
@@ -45,6 +48,8 @@ class _StepPlan:
     planned: dict[int, ScheduledSequence] = field(default_factory=dict)
     copies: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
     preempted: list[int] = field(default_factory=list)
+    swap_out: list[tuple[int, int]] = field(default_factory=list)
+    swap_in: list[tuple[int, int]] = field(default_factory=list)
 
     def add(self, seq: ScheduledSequence, copies: list[tuple[int, int]]) -> None:
         self.planned[seq.seq_id] = seq
@@ -64,6 +69,8 @@ class _StepPlan:
             page_copies=[c for copies in self.copies.values() for c in copies],
             preempted_seq_ids=self.preempted,
             finished_seq_ids=finished_seq_ids,
+            swap_out=self.swap_out,
+            swap_in=self.swap_in,
         )
 
 
@@ -79,7 +86,8 @@ class Scheduler:
     """Decides, step by step, which sequences run and how many tokens each computes."""
 
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager | ContiguousKVCacheManager, max_model_len: int,
-                 eos_token_ids: tuple[int, ...], kv_layout: str = "paged") -> None:
+                 eos_token_ids: tuple[int, ...], kv_layout: str = "paged",
+                 swap_cost: SwapCostModel | None = None) -> None:
         self.config = config
         self.kv = kv
         self.kv_layout = kv_layout
@@ -88,6 +96,8 @@ class Scheduler:
         self.eos_token_ids = frozenset(eos_token_ids)
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
+        self.swapped: list[Sequence] = []  # preempted to host memory, resumed before any admission
+        self.swap_cost = swap_cost
         self.requests: dict[str, Request] = {}
         # Every unfinished sequence by id (waiting or running).
         self.live: dict[int, Sequence] = {}
@@ -151,7 +161,7 @@ class Scheduler:
         return request
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.swapped)
 
     def kv_waste(self) -> KVWaste:
         """The cache by kind of waste now; external fragmentation is judged against the waiting requests."""
@@ -183,9 +193,11 @@ class Scheduler:
                 break
             step.add(self._plan(seq, num_new), copies)
             i += 1
-        # Admitting while evicting running work would only thrash.
+        # Admitting (or resuming) while evicting running work would only thrash.
         if not step.preempted:
-            self._admit(step)
+            self._swap_in(step)
+            if not self.swapped:
+                self._admit(step)
         out = step.output(self._finished_since_last_step)
         self._finished_since_last_step = []
         return out
@@ -255,13 +267,48 @@ class Scheduler:
         step.withdraw(seq.seq_id)  # it may already be planned in this step (priority preemption)
         step.preempted.append(seq.seq_id)
         self.running.remove(seq)
+        self.counters.num_preemptions += 1
+        if self._should_swap(seq):
+            copies = self.kv.swap_out(seq.seq_id)  # type: ignore[union-attr]
+            if copies is not None:
+                step.swap_out.extend(copies)
+                seq.status = SequenceStatus.SWAPPED
+                self.counters.num_swapped_out += 1
+                bisect.insort(self.swapped, seq, key=_running_key)
+                return
         self.kv.free(seq.seq_id)
         self.admission.on_release(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
-        self.counters.num_preemptions += 1
         bisect.insort(self.waiting, seq, key=_waiting_key)
+
+    def _should_swap(self, seq: Sequence) -> bool:
+        mode = self.config.preemption_mode
+        if mode == "recompute" or not isinstance(self.kv, KVCacheManager) or seq.num_computed_tokens == 0:
+            return False
+        if mode == "swap" or self.swap_cost is None:
+            return True
+        return self.swap_cost.prefer_swap(seq.num_computed_tokens,
+                                          self.kv.pages_for_tokens(seq.num_computed_tokens))
+
+    def _swap_in(self, step: _StepPlan) -> None:
+        """Resume swapped-out sequences, oldest admitted first, while pages and batch room last."""
+        while self.swapped and len(self.running) < self.config.max_num_seqs:
+            seq = self.swapped[0]
+            copies = self.kv.swap_in(seq.seq_id)  # type: ignore[union-attr]
+            if copies is None:
+                return
+            self.swapped.pop(0)
+            step.swap_in.extend(copies)
+            seq.status = SequenceStatus.RUNNING
+            self.counters.num_swapped_in += 1
+            bisect.insort(self.running, seq, key=_running_key)
+            num_new = min(seq.compute_target - seq.num_computed_tokens, step.budget)
+            if num_new > 0:
+                page_copies = self.kv.allocate(seq.seq_id, num_new)
+                if page_copies is not None:
+                    step.add(self._plan(seq, num_new), page_copies)
 
     def _fork(self, parent: Sequence) -> None:
         """Start the siblings of a parent that has computed all its prompt but the last token."""
@@ -337,6 +384,8 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
+        elif seq.status is SequenceStatus.SWAPPED:
+            self.swapped.remove(seq)
         self.kv.free(seq.seq_id)
         self.admission.on_release(seq)
         self.live.pop(seq.seq_id, None)

@@ -12,22 +12,32 @@ from kvpage.cli import main
 
 FIELDS = {"workload", "layout", "n", "num_requests", "wall_s", "generated_tokens", "computed_tokens",
           "requests_per_s", "goodput_tokens_per_s", "model_tokens_per_s", "batch_size_mean", "batch_size_max",
-          "batch_size_mean_loaded",
+          "batch_size_mean_loaded", "preemption_mode", "num_swapped_out",
           "stored", "internal_fragmentation", "reservation_waste", "external_fragmentation", "waste",
           "waste_of_used", "sharing_saving", "num_preemptions", "recomputed_tokens", "num_steps"}
 
 
 def test_bench_json_reports_every_figure(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "report"
-    assert main(["bench", "--json", "--workloads", "alpaca,uniform", "--num-requests", "8", "--kv-tokens", "1024",
+    assert main(["bench", "--json", "--workloads", "alpaca,uniform", "--num-requests", "8", "--kv-tokens", "256",
                  "--max-model-len", "256", "--sharing-n", "2", "--sharing-requests", "3", "--device", "cpu",
+                 "--preemption-modes", "swap,auto",
                  "--out", str(out)]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["kv_tokens"] == 1024 and report["max_model_len"] == 256 and report["model"].endswith("demo-model")
+    assert report["kv_tokens"] == 256 and report["max_model_len"] == 256 and report["model"].endswith("demo-model")
     cases = {(c["workload"], c["layout"]): c for c in report["cases"]}
     assert set(cases) == {(w, lay) for w in ("alpaca", "uniform")
                           for lay in ("paged", "contiguous-request", "contiguous-max")}
-    for case in report["cases"] + report["sharing"]:
+    assert [(c["workload"], c["preemption_mode"]) for c in report["preemption"]] == [
+        ("alpaca", "swap"), ("uniform", "swap"), ("alpaca", "auto"), ("uniform", "auto")]
+    swap = {c["workload"]: c for c in report["preemption"] if c["preemption_mode"] == "swap"}
+    recompute = {c["workload"]: c for c in report["cases"] if c["layout"] == "paged"}
+    preempted = [w for w in recompute if recompute[w]["num_preemptions"]]
+    assert preempted  # 256 slots are tight enough to preempt; then swap must replace recompute
+    for workload in preempted:
+        assert recompute[workload]["recomputed_tokens"] > 0
+        assert swap[workload]["num_swapped_out"] > 0 and swap[workload]["recomputed_tokens"] == 0
+    for case in report["cases"] + report["sharing"] + report["preemption"]:
         assert set(case) == FIELDS
         assert case["generated_tokens"] > 0 and case["wall_s"] > 0 and case["batch_size_max"] >= 1
         kinds = case["stored"] + case["internal_fragmentation"] + case["reservation_waste"] \

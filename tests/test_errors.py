@@ -73,7 +73,7 @@ def test_engine_option_errors(model_dir: Path) -> None:
     with pytest.raises(ValueError, match="block_size must be a power of two from 1 to 256, got 24"):
         LLM(model=str(model_dir), block_size=24)
     with pytest.raises(ValueError, match="preemption_mode"):
-        LLM(model=str(model_dir), preemption_mode="swap")
+        LLM(model=str(model_dir), preemption_mode="sideways")
     with pytest.raises(ValueError, match=r"max_model_len \(4096\) exceeds the model's max_position_embeddings"):
         LLM(model=str(model_dir), max_model_len=4096)
     with pytest.raises(ValueError, match="needs 5 KV pages"):

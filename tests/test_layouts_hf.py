@@ -75,3 +75,29 @@ def test_thrashing_warning_fires_only_when_recomputation_dominates(model_dir: Pa
     assert tight.engine.thrashing.num_warnings >= 1
     assert any("thrashing" in r.message and "admission_cap" in r.message for r in caplog.records)
     assert metrics["num_recomputed_tokens"] > 0.1 * metrics["num_tokens_computed"]  # over the whole run
+
+
+@pytest.mark.parametrize("mode", ["swap", "auto"])
+def test_swap_and_auto_preemption_match_transformers(model_dir: Path, mode: str) -> None:
+    prompts, max_tokens = mixed_batch(seed=25, max_new=64)
+    llm = LLM(model=str(model_dir), block_size=8, num_kv_blocks=(300 + 64) // 8 + 8, max_model_len=512,
+              headroom_policy="none", preemption_mode=mode, swap_space=0.05)
+    engine = llm.engine
+    decisions: list[bool] = []
+    if mode == "auto":  # a cost model that answers swap, recompute, swap, ...: auto must follow it per victim
+        class Alternating:
+            def prefer_swap(self, num_tokens: int, num_pages: int) -> bool:
+                decisions.append(len(decisions) % 2 == 0)
+                return decisions[-1]
+
+        engine.scheduler.swap_cost = Alternating()
+    check(model_dir, llm, prompts, max_tokens)
+    metrics = llm.get_metrics()
+    assert metrics["num_preemptions"] > 0 and metrics["num_swapped_out"] > 0
+    assert metrics["num_swapped_in"] == metrics["num_swapped_out"]
+    if mode == "swap":
+        assert metrics["num_swapped_out"] == metrics["num_preemptions"] and metrics["num_recomputed_tokens"] == 0
+    else:
+        assert metrics["num_swapped_out"] == decisions.count(True) and decisions.count(False) >= 1
+        assert metrics["num_recomputed_tokens"] > 0
+    assert engine.kv.swap_space.num_free_pages == engine.kv.swap_space.num_pages

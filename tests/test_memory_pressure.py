@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import zlib
 
 import pytest
 from hypothesis import given, settings
@@ -26,7 +27,7 @@ def scheduler(layout: str = "paged", num_pages: int = 64, block_size: int = 4, m
 
 
 def submit(sched: Scheduler, rid: str, prompt_len: int, max_tokens: int, n: int = 1, arrival: float = 0.0) -> None:
-    prompt = [10 + (hash(rid) % 50) + i for i in range(prompt_len)]
+    prompt = [10 + zlib.crc32(rid.encode()) % 50 + i for i in range(prompt_len)]  # stable across processes
     sched.add_request(Request(rid, None, prompt, SamplingParams(n=n, max_tokens=max_tokens, temperature=0,
                                                                 ignore_eos=True), arrival_time=arrival))
 
@@ -251,3 +252,71 @@ def test_pure_python_modules_import_without_torch() -> None:
     code = ("import sys, kvpage.admission, kvpage.pressure, kvpage.kv, kvpage.scheduler, kvpage.workloads; "
             "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ----- swap -----------------------------------------------------------------------------------
+def test_swap_round_trip_keeps_the_accounting() -> None:
+    kv = KVCacheManager(8, 4, num_swap_pages=4)
+    assert kv.allocate(0, 10) == []
+    kv.commit(0, list(range(10)), 10)
+    device_pages = list(kv.page_ids(0))
+    out = kv.swap_out(0)
+    assert out is not None and [d for d, _ in out] == device_pages and len({h for _, h in out}) == 3
+    assert kv.num_pages_in_use == 0 and kv.swap_space.num_free_pages == 1 and not kv.has_sequence(0)
+    assert kv.allocate(1, 16) == []
+    kv.commit(1, list(range(100, 116)), 16)
+    assert kv.swap_out(1) is None and kv.has_sequence(1)  # 4 pages, the swap space has 1: nothing changes
+    kv.free(1)
+    back = kv.swap_in(0)
+    assert back is not None and [h for h, _ in back] == [h for _, h in out]
+    assert kv.page_ids(0) == [d for _, d in back] and kv.swap_space.num_free_pages == 4
+    assert kv.waste().stored_slots == 10 and kv.pages_needed(0, 2) == 0  # resumes mid-page, no copy-on-write
+    assert kv.swap_out(0) is not None
+    kv.free(0)  # an aborted swapped sequence gives its host pages back
+    assert kv.swap_space.num_free_pages == 4 and kv.num_pages_in_use == 0
+
+
+@pytest.mark.parametrize("mode", ["swap", "recompute"])
+def test_swap_preemption_resumes_without_recomputing(mode: str) -> None:
+    kv = KVCacheManager(24, 4, num_swap_pages=64)
+    sched = Scheduler(SchedulerConfig(preemption_mode=mode, headroom_policy="none"), kv, 64, eos_token_ids=(2,))
+    for i in range(8):
+        submit(sched, f"r{i}", 8, 24, arrival=i)
+    while sched.has_unfinished():
+        step(sched)
+        assert kv.num_pages_in_use + kv.swap_space.num_free_pages <= 24 + 64
+    counters = sched.counters
+    assert counters.num_preemptions > 0
+    if mode == "swap":
+        assert counters.num_swapped_out == counters.num_preemptions == counters.num_swapped_in
+        assert counters.num_recomputed_tokens == 0
+    else:
+        assert counters.num_swapped_out == 0 and counters.num_recomputed_tokens > 0
+    assert kv.num_pages_in_use == 0 and kv.swap_space.num_free_pages == 64
+
+
+def test_swap_falls_back_to_recompute_when_host_memory_is_full() -> None:
+    kv = KVCacheManager(24, 4, num_swap_pages=3)
+    sched = Scheduler(SchedulerConfig(preemption_mode="swap", headroom_policy="none"), kv, 64, eos_token_ids=(2,))
+    for i in range(8):
+        submit(sched, f"r{i}", 8, 24, arrival=i)
+    while sched.has_unfinished():
+        step(sched)
+    assert sched.counters.num_recomputed_tokens > 0 and sched.counters.num_swapped_out < sched.counters.num_preemptions
+    assert kv.swap_space.num_free_pages == 3
+
+
+def test_auto_swaps_long_contexts_and_recomputes_short_ones() -> None:
+    from kvpage.preemption import SwapCostModel
+
+    # A 1B-parameter Llama on a GPU: 16 layers, 8 KV heads of 64, bf16, pages of 16 tokens.
+    cost = SwapCostModel.for_device("cuda", num_parameters=1_000_000_000, bytes_per_page=2 * 16 * 16 * 8 * 64 * 2,
+                                    num_layers=16, num_heads=32, head_dim=64)
+    assert not cost.prefer_swap(16, 1)  # one page of context: recomputing beats a round trip's latency
+    assert cost.prefer_swap(1024, 64)  # a long context: moving 64 pages beats recomputing 1024 tokens
+    tiny = SwapCostModel.for_device("cuda", num_parameters=11_000_000, bytes_per_page=2 * 6 * 16 * 2 * 64 * 2,
+                                    num_layers=6, num_heads=6, head_dim=64)
+    assert not tiny.prefer_swap(1024, 64)  # the demo model recomputes a whole context in microseconds
+    cpu = SwapCostModel.for_device("cpu", num_parameters=11_000_000, bytes_per_page=2 * 6 * 16 * 2 * 64 * 4,
+                                   num_layers=6, num_heads=6, head_dim=64)
+    assert cpu.prefer_swap(64, 4)  # on a CPU compute is dear and "host memory" is the same memory

@@ -58,6 +58,7 @@ def to_json(results: BenchResults) -> dict[str, Any]:
             "kv_tokens": config.kv_tokens, "block_size": config.block_size, "max_num_seqs": config.max_num_seqs,
             "num_requests": config.num_requests, "seed": config.seed,
             "cases": [c.as_dict() for c in results.cases], "sharing": [c.as_dict() for c in results.sharing],
+            "preemption": [c.as_dict() for c in results.preemption],
             "beam_search": "not measured: beam search is not implemented yet",
             "targets": verdicts(results)}
 
@@ -73,6 +74,15 @@ def table(results: BenchResults) -> str:
                      f"{c.waste:>8.1%}{c.waste_of_used:>8.1%}{c.internal_fragmentation:>9.1%}{c.reservation_waste:>9.1%}"
                      f"{c.external_fragmentation:>9.1%}{c.requests_per_s:>8.2f}{c.goodput_tokens_per_s:>10.0f}"
                      f"{c.num_preemptions:>8}")
+    if results.preemption:
+        lines += ["", "preemption modes (paged):",
+                  f"  {'workload':<19}{'mode':<10}{'req/s':>8}{'out tok/s':>10}{'model tok/s':>12}{'preempt':>8}"
+                  f"{'swapped':>8}{'recomputed':>11}"]
+        recompute = [c for c in results.cases if c.layout == "paged"]
+        for c in sorted(recompute + results.preemption, key=lambda c: (c.workload, c.preemption_mode)):
+            lines.append(f"  {c.workload:<19}{c.preemption_mode:<10}{c.requests_per_s:>8.2f}"
+                         f"{c.goodput_tokens_per_s:>10.0f}{c.model_tokens_per_s:>12.0f}{c.num_preemptions:>8}"
+                         f"{c.num_swapped_out:>8}{c.recomputed_tokens:>11}")
     if results.sharing:
         lines += ["", "memory saved by sharing among parallel samples (paged, step average):"]
         lines += [f"  {c.workload:<10} n={c.n}: {c.sharing_saving:6.1%}" for c in results.sharing]

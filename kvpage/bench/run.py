@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from kvpage.config import PREEMPTION_MODES
 from kvpage.llm import LLM
 from kvpage.pressure import WasteStats
 from kvpage.sampling_params import RequestOutputKind, SamplingParams
@@ -39,6 +40,8 @@ class BenchConfig:
     max_num_seqs: int = 256
     seed: int = 0
     sharing_ns: tuple[int, ...] = SHARING_NS
+    # Extra paged runs with these preemption modes, beside the default recompute.
+    preemption_modes: tuple[str, ...] = ("swap",)
     sharing_requests: int = 16
     engine_options: dict[str, Any] = field(default_factory=dict)  # model, device, dtype, ...
 
@@ -52,6 +55,9 @@ class BenchConfig:
         for name in ("num_requests", "kv_tokens", "max_num_seqs", "sharing_requests"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)}")
+        for mode in self.preemption_modes:
+            if mode not in PREEMPTION_MODES:
+                raise ValueError(f"preemption_modes contains {mode!r}; known modes: {', '.join(PREEMPTION_MODES)}")
         if self.kv_tokens < self.block_size:
             raise ValueError(f"kv_tokens ({self.kv_tokens}) must hold at least one page of {self.block_size}")
 
@@ -81,6 +87,8 @@ class CaseResult:
     num_preemptions: int
     recomputed_tokens: int
     num_steps: int
+    preemption_mode: str = "recompute"
+    num_swapped_out: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -118,12 +126,15 @@ def run_case(llm: LLM, workload: Workload, layout: str, n: int = 1) -> CaseResul
         sharing_saving=after["kv_sharing_saving_mean"],
         num_preemptions=after["num_preemptions"] - before["num_preemptions"],
         recomputed_tokens=after["num_recomputed_tokens"] - before["num_recomputed_tokens"],
-        num_steps=after["step_num_steps"] - before["step_num_steps"])
+        num_steps=after["step_num_steps"] - before["step_num_steps"],
+        preemption_mode=engine.config.scheduler.preemption_mode,
+        num_swapped_out=after["num_swapped_out"] - before["num_swapped_out"])
 
 
-def new_llm(config: BenchConfig, layout: str) -> LLM:
+def new_llm(config: BenchConfig, layout: str, preemption_mode: str = "recompute") -> LLM:
     options = {**config.engine_options, "kv_layout": layout, "block_size": config.block_size,
-               "num_kv_blocks": config.kv_tokens // config.block_size, "max_num_seqs": config.max_num_seqs}
+               "num_kv_blocks": config.kv_tokens // config.block_size, "max_num_seqs": config.max_num_seqs,
+               "preemption_mode": preemption_mode}
     return LLM(**options)
 
 
@@ -135,6 +146,7 @@ class BenchResults:
     max_model_len: int
     cases: list[CaseResult] = field(default_factory=list)
     sharing: list[CaseResult] = field(default_factory=list)
+    preemption: list[CaseResult] = field(default_factory=list)  # paged, other preemption modes
 
 
 def run_bench(config: BenchConfig, progress: Any = None) -> BenchResults:
@@ -153,6 +165,15 @@ def run_bench(config: BenchConfig, progress: Any = None) -> BenchResults:
             results.cases.append(run_case(llm, workload, layout))
             engine.kv.reset_prefix_cache()  # each workload starts cold
     assert results is not None
+    for mode in config.preemption_modes if "paged" in config.layouts else ():
+        if mode == "recompute":
+            continue  # the main runs
+        llm = new_llm(config, "paged", mode)
+        for name in config.workloads:
+            workload = workload_for(config, name, llm.engine.max_model_len, llm.engine.model_config.vocab_size)
+            say(f"{name} on paged, preemption by {mode}")
+            results.preemption.append(run_case(llm, workload, "paged"))
+            llm.engine.kv.reset_prefix_cache()
     if config.sharing_ns and "paged" in config.layouts:
         llm = new_llm(config, "paged")
         for name in SHARING_WORKLOADS:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 from kvpage.kv.page_pool import Page, PagePool, PrefixHit
 from kvpage.kv.prefix_hash import ROOT_HASH, page_hash
+from kvpage.kv.swap import SwappedTable, SwapSpace
 from kvpage.kv.waste import KVWaste
 
 PageCopy = tuple[int, int]
@@ -79,13 +80,16 @@ class KVUsage:
 class KVCacheManager:
     """Allocates, shares and frees pages for sequences, with prefix caching."""
 
-    def __init__(self, num_pages: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_pages: int, block_size: int, enable_prefix_caching: bool = True,
+                 num_swap_pages: int = 0) -> None:
         if block_size < 1 or block_size > 256 or block_size & (block_size - 1):
             raise ValueError(f"block_size must be a power of two from 1 to 256, got {block_size}")
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.pool = PagePool(num_pages, block_size)
+        self.swap_space = SwapSpace(num_swap_pages)
         self._tables: dict[int, BlockTable] = {}
+        self._swapped: dict[int, SwappedTable] = {}
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
 
@@ -252,8 +256,49 @@ class KVCacheManager:
             num_computed_tokens=parent.num_computed_tokens,
         )
 
+    # ----- swap ----------------------------------------------------------------------
+    def swap_out(self, seq_id: int) -> list[PageCopy] | None:
+        """Move a sequence's computed pages to the swap space and free its device pages.
+
+        Returns the ``(device page, host page)`` copies to perform before any
+        freed page is written again, or None (nothing changed) if the swap
+        space is too full.
+        """
+        table = self._tables[seq_id]
+        num_pages = self.pages_for_tokens(table.num_computed_tokens)
+        host = self.swap_space.take(num_pages)
+        if host is None:
+            return None
+        copies = [(page.page_id, h) for page, h in zip(table.pages, host)]
+        self.free(seq_id)  # the device pages only: nothing is swapped under this id yet
+        self._swapped[seq_id] = SwappedTable(host, list(table.hashes), table.num_computed_tokens)
+        return copies
+
+    def swap_in(self, seq_id: int) -> list[PageCopy] | None:
+        """Give a swapped-out sequence fresh device pages; returns the ``(host, device)`` copies, or None."""
+        swapped = self._swapped[seq_id]
+        if len(swapped.host_page_ids) > self.pool.num_available_pages:
+            return None
+        del self._swapped[seq_id]
+        table = BlockTable(hashes=swapped.hashes, num_computed_tokens=swapped.num_computed_tokens)
+        for i in range(len(swapped.host_page_ids)):
+            page = self.pool.allocate()
+            # Private copies: not in the prefix-cache index (the originals may still be).
+            self.pool.set_filled(page, min(self.block_size, swapped.num_computed_tokens - i * self.block_size))
+            table.pages.append(page)
+            table.page_ids.append(page.page_id)
+        self._tables[seq_id] = table
+        self.swap_space.give_back(swapped.host_page_ids)
+        return [(h, page.page_id) for h, page in zip(swapped.host_page_ids, table.pages)]
+
+    def swapped_pages(self, seq_id: int) -> int:
+        return len(self._swapped[seq_id].host_page_ids)
+
     def free(self, seq_id: int) -> None:
         """Return a sequence's pages. Tail pages go first, so shared prefixes stay cached longest."""
+        swapped = self._swapped.pop(seq_id, None)
+        if swapped is not None:
+            self.swap_space.give_back(swapped.host_page_ids)
         table = self._tables.pop(seq_id, None)
         if table is None:
             return

@@ -72,6 +72,7 @@ _COUNTERS = (
     ("num_generation_tokens", "generation_tokens", "Tokens generated"),
     ("kv_evictions", "kv_cache_evictions", "Cached prefix pages evicted for reuse"),
     ("num_recomputed_tokens", "recomputed_tokens", "Tokens whose K/V was computed again after preemption"),
+    ("num_swapped_out", "swapped_out", "Preemptions that moved the victim's pages to host memory"),
     ("num_requests_delayed_max_num_seqs", "requests_delayed_max_num_seqs", "Requests held back by max_num_seqs"),
     ("num_requests_delayed_admission_cap", "requests_delayed_admission_cap", "Requests held back by admission_cap"),
     ("num_requests_delayed_headroom", "requests_delayed_headroom", "Requests held back by the headroom policy"),

@@ -69,12 +69,19 @@ class ModelRunner:
     """Executes scheduled steps on one device."""
 
     def __init__(self, model: CausalLM, cache_shape: KVCacheShape, device: torch.device, seed: int,
-                 eos_token_ids: tuple[int, ...], max_num_seqs: int, max_pages_per_seq: int) -> None:
+                 eos_token_ids: tuple[int, ...], max_num_seqs: int, max_pages_per_seq: int,
+                 num_host_pages: int = 0) -> None:
         self.model = model
         self.device = device
         self.cache_shape = cache_shape
         self.block_size = cache_shape.block_size
         self.kv_caches = allocate_kv_cache(cache_shape, device)
+        # Swap space in host memory, pinned so that copies to and from a GPU run at full speed.
+        host = (num_host_pages, cache_shape.block_size, cache_shape.num_kv_heads, cache_shape.head_dim)
+        pin = device.type == "cuda"
+        self.host_caches = [(torch.empty(host, dtype=cache_shape.dtype, pin_memory=pin),
+                             torch.empty(host, dtype=cache_shape.dtype, pin_memory=pin))
+                            for _ in range(cache_shape.num_layers)] if num_host_pages else []
         self.sampler = Sampler(device, seed, eos_token_ids)
         self.block_tables = BlockTableBuffer(max_num_seqs, max_pages_per_seq, device)
 
@@ -132,6 +139,23 @@ class ModelRunner:
     def copy_pages(self, copies: list[tuple[int, int]]) -> None:
         if copies:
             copy_pages(self.kv_caches, copies)
+
+    @torch.inference_mode()
+    def swap(self, swap_out: list[tuple[int, int]], swap_in: list[tuple[int, int]]) -> None:
+        """Copy swapped-out pages device -> host, then swapped-in pages host -> device."""
+        if swap_out:
+            device_ids = torch.tensor([d for d, _ in swap_out], dtype=torch.long, device=self.device)
+            host_ids = torch.tensor([h for _, h in swap_out], dtype=torch.long)
+            for (key, value), (host_key, host_value) in zip(self.kv_caches, self.host_caches):
+                # Blocking: the freed device pages may be overwritten by this very step.
+                host_key[host_ids] = key.index_select(0, device_ids).cpu()
+                host_value[host_ids] = value.index_select(0, device_ids).cpu()
+        if swap_in:
+            host_ids = torch.tensor([h for h, _ in swap_in], dtype=torch.long)
+            device_ids = torch.tensor([d for _, d in swap_in], dtype=torch.long, device=self.device)
+            for (key, value), (host_key, host_value) in zip(self.kv_caches, self.host_caches):
+                key.index_copy_(0, device_ids, host_key.index_select(0, host_ids).to(self.device))
+                value.index_copy_(0, device_ids, host_value.index_select(0, host_ids).to(self.device))
 
     @torch.inference_mode()
     def run(self, inputs: StepInputs) -> list[SampledToken]:
