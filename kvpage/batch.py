@@ -58,3 +58,5 @@ class SampledToken:
     token_id: int
     # {token id: logprob} of the sampled token plus the top-k, when logprobs were asked for.
     logprobs: dict[int, float] | None = None
+    # Beam search: the sequence's best next tokens and their log-probabilities, best first.
+    beam_candidates: list[tuple[int, float]] | None = None

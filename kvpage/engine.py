@@ -345,7 +345,13 @@ class LLMEngine:
     def _request_output(self, request: Request) -> RequestOutput:
         completions = []
         finished = request.is_finished
-        for seq in request.sequences:
+        if request.beam is not None:  # the best finished hypotheses, not the sequences that carried them
+            skip = request.sampling_params.skip_special_tokens
+            completions = [CompletionOutput(
+                index=i, token_ids=list(h.token_ids), finish_reason=h.finish_reason, stop_reason=None, logprobs=None,
+                text=self.tokenizer.decode(list(h.token_ids), skip_special_tokens=skip) if self.tokenizer else "")
+                for i, h in enumerate(request.beam.results())]
+        for seq in request.sequences if request.beam is None else ():
             decode = (lambda s=seq: self._text_of(s))
             text: str | Any = self._text_of(seq) if finished else decode
             completions.append(CompletionOutput(

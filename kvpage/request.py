@@ -17,6 +17,8 @@ Life of a sequence::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from kvpage.beam import BeamGroup
 from enum import Enum
 
 from kvpage.sampling_params import SamplingParams
@@ -129,6 +131,7 @@ class Request:
     # Kept by the scheduler so that "is the request done?" costs O(1) per step.
     num_unfinished_seqs: int = 0
     times: RequestTimes | None = None
+    beam: BeamGroup | None = None  # beam search state, for use_beam_search requests
 
     @property
     def is_finished(self) -> bool:

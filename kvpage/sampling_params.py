@@ -60,6 +60,13 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    # Beam search: keep beam_width beams (default: n), return the best n; scores are
+    # sum(logprobs) / generated_length ** length_penalty; early_stopping is True, False or "never",
+    # as in transformers' generate().
+    use_beam_search: bool = False
+    beam_width: int | None = None
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
     stop_strings: tuple[str, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -93,6 +100,28 @@ class SamplingParams:
         self.stop_token_ids = ids
         _check(isinstance(self.output_kind, RequestOutputKind), "output_kind", self.output_kind,
                f"one of {[k.name for k in RequestOutputKind]}")
+        self._check_beam_search()
+
+    def _check_beam_search(self) -> None:
+        _check(isinstance(self.use_beam_search, bool), "use_beam_search", self.use_beam_search, "True or False")
+        _check(_is_number(self.length_penalty), "length_penalty", self.length_penalty, "a number")
+        _check(self.early_stopping in (True, False, "never"), "early_stopping", self.early_stopping,
+               "True, False or 'never'")
+        if not self.use_beam_search:
+            _check(self.beam_width is None, "beam_width", self.beam_width, "None unless use_beam_search=True")
+            return
+        if self.beam_width is None:
+            self.beam_width = self.n
+        _check(_is_int(self.beam_width) and self.beam_width >= self.n, "beam_width", self.beam_width,
+               f"an integer >= n ({self.n})")
+        # Beam search is deterministic and scores raw log-probabilities: sampling knobs would be ignored.
+        for name, neutral in (("temperature", 0.0), ("top_p", 1.0), ("min_p", 0.0), ("presence_penalty", 0.0),
+                              ("frequency_penalty", 0.0), ("repetition_penalty", 1.0), ("min_tokens", 0)):
+            _check(getattr(self, name) == neutral, name, getattr(self, name), f"{neutral} with use_beam_search")
+        _check(self.effective_top_k == 0, "top_k", self.top_k, "0 or -1 with use_beam_search")
+        _check(not self.stop_strings, "stop", self.stop, "None with use_beam_search (stop strings are not "
+               "supported there; use stop_token_ids)")
+        _check(self.max_tokens is not None, "max_tokens", self.max_tokens, "set with use_beam_search")
 
     @property
     def is_greedy(self) -> bool:

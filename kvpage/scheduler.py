@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 
 from kvpage.admission import AdmissionController
+from kvpage.beam import BeamGroup
 from kvpage.batch import SampledToken, ScheduledSequence, SchedulerOutput
 from kvpage.config import SchedulerConfig
 from kvpage.kv import ContiguousKVCacheManager, KVCacheManager, KVWaste
@@ -132,11 +133,18 @@ class Scheduler:
 
     def add_request(self, request: Request) -> None:
         params = request.sampling_params
-        self.check_fits(len(request.prompt_token_ids), params.max_tokens, params.n)
+        self.check_fits(len(request.prompt_token_ids), params.max_tokens,
+                        params.beam_width if params.use_beam_search else params.n)  # type: ignore[arg-type]
         if request.request_id in self.requests:
             raise ValueError(f"request_id {request.request_id!r} is already in use")
-        request.num_pending_forks = params.n - 1
+        request.num_pending_forks = 0 if params.use_beam_search else params.n - 1
+        if params.use_beam_search:  # beams grow by forking, step by step
+            stops = frozenset(params.stop_token_ids or ()) | (frozenset() if params.ignore_eos else self.eos_token_ids)
+            request.beam = BeamGroup(params.beam_width, params.n, params.length_penalty,  # type: ignore[arg-type]
+                                     params.early_stopping, stops, params.max_tokens)  # type: ignore[arg-type]
         seq = self._new_sequence(request, 0, list(request.prompt_token_ids))
+        if request.beam is not None:
+            request.beam.running = [(seq.seq_id, 0.0)]
         self.requests[request.request_id] = request
         bisect.insort(self.waiting, seq, key=_waiting_key)
 
@@ -219,14 +227,14 @@ class Scheduler:
                 return
             reserve = admission.reservation_tokens(seq.num_prompt_tokens, max_new)
             copies = self.kv.allocate(seq.seq_id, num_new, hit, reserve_tokens=reserve, reserve_count=group)
-            while copies is None and self._preempt_lower_priority(request.priority, step):
+            while copies is None and (self._preempt_lower_priority(request.priority, step) or self._preempt_idle(step)):
                 num_new = min(seq.compute_target - hit.num_tokens, step.budget)
                 copies = self.kv.allocate(seq.seq_id, num_new, hit, reserve_tokens=reserve, reserve_count=group)
             if copies is None:
                 admission.delay(seq, "pages")
                 return
             admission.on_admit(seq, max_new)
-            self.waiting.pop(0)
+            self.waiting.remove(seq)  # not pop(0): a victim preempted just now may sort ahead of it
             self.kv.record_prefix_query(seq.num_tokens, hit.num_tokens)
             seq.num_computed_tokens = hit.num_tokens
             if seq.num_preemptions == 0:
@@ -249,6 +257,18 @@ class Scheduler:
         self._preempt(self.running[-1], step)
         return True
 
+    def _preempt_idle(self, step: _StepPlan) -> bool:
+        """Free the pages of a running beam that only waits for its siblings' candidates.
+
+        Without this, beams holding pages while they wait could starve the
+        sibling they wait for.
+        """
+        for seq in reversed(self.running):
+            if seq.request.beam is not None and seq.num_computed_tokens >= seq.compute_target:
+                self._preempt(seq, step)
+                return True
+        return False
+
     def _plan(self, seq: Sequence, num_new: int) -> ScheduledSequence:
         start = seq.num_computed_tokens
         return ScheduledSequence(
@@ -264,6 +284,7 @@ class Scheduler:
         )
 
     def _preempt(self, seq: Sequence, step: _StepPlan) -> None:
+        # A beam keeps its next-token candidates: they depend on its tokens, not on where its K/V is.
         step.withdraw(seq.seq_id)  # it may already be planned in this step (priority preemption)
         step.preempted.append(seq.seq_id)
         self.running.remove(seq)
@@ -330,6 +351,7 @@ class Scheduler:
         """Apply a step's results. Returns the sequences that got a new token."""
         samples = iter(sampled)
         touched: list[Sequence] = []
+        beam_requests: dict[str, Request] = {}
         for planned in out.sequences:
             live = self.live.get(planned.seq_id)
             if live is None:  # aborted during the step
@@ -352,10 +374,17 @@ class Scheduler:
             if not planned.sample:
                 continue
             token = next(samples)
+            if seq.request.beam is not None:
+                seq.request.beam.candidates[seq.seq_id] = token.beam_candidates  # type: ignore[assignment]
+                beam_requests[seq.request.request_id] = seq.request
+                continue
             seq.append_token(token.token_id, token.logprobs)
             self.counters.num_generated_tokens += 1
             touched.append(seq)
             self._check_token_stop(seq, token.token_id)
+        for request in beam_requests.values():
+            if request.beam is not None and request.beam.ready():
+                touched += advance_beams(self, request)
         return touched
 
     def _check_token_stop(self, seq: Sequence, token_id: int) -> None:
@@ -394,3 +423,47 @@ class Scheduler:
         self._finished_since_last_step.append(seq.seq_id)
         if seq.request.is_finished:
             self.requests.pop(seq.request.request_id, None)
+
+
+def advance_beams(sched: Scheduler, request: Request) -> list[Sequence]:
+    """One beam step: fork the beams chosen twice, extend the chosen, free the rest.
+
+    Returns a sequence of the request when the search is over (so that its
+    output is reported), else nothing: beams report only their final result.
+    """
+    group = request.beam
+    assert group is not None
+    beams = {seq_id: sched.live[seq_id] for seq_id, _ in group.running}
+    choices = group.step({seq_id: seq.output_token_ids for seq_id, seq in beams.items()})
+    sched.counters.num_generated_tokens += len(choices)
+    if group.done:
+        for seq in beams.values():
+            sched.finish_sequence(seq, SequenceStatus.FINISHED_STOPPED)
+        return [next(iter(beams.values()))]
+    extended: list[tuple[Sequence, int]] = []
+    running = []
+    for choice in choices:
+        parent = beams[choice.parent_seq_id]
+        if all(p is not parent for p, _ in extended):
+            extended.append((parent, choice.token_id))
+            running.append((parent.seq_id, choice.score))
+            continue
+        child = sched._new_sequence(request, len(request.sequences), list(parent.token_ids))
+        child.append_token(choice.token_id, None)
+        if parent.status is SequenceStatus.RUNNING:
+            sched.kv.fork(parent.seq_id, child.seq_id)  # shares every page; the last one copy-on-write
+            child.num_computed_tokens = parent.num_computed_tokens
+            child.status = SequenceStatus.RUNNING
+            child.admit_order = parent.admit_order
+            bisect.insort(sched.running, child, key=_running_key)
+        else:  # the parent was preempted after giving its candidates: the child waits and recomputes too
+            bisect.insort(sched.waiting, child, key=_waiting_key)
+        running.append((child.seq_id, choice.score))
+    for parent, token_id in extended:
+        parent.append_token(token_id, None)
+    kept = {p.seq_id for p, _ in extended}
+    for seq_id, seq in beams.items():
+        if seq_id not in kept:
+            sched.finish_sequence(seq, SequenceStatus.FINISHED_ABORTED)  # pruned: its pages go back
+    group.running = running
+    return []

@@ -80,7 +80,19 @@ class Sampler:
         results = [SampledToken(token_id=t) for t in token_list]
         if raw_logprobs is not None:
             self._attach_logprobs(raw_logprobs, token_list, seqs, results)
+        beams = [i for i, p in enumerate(params) if p.use_beam_search]
+        if beams:
+            self._attach_beam_candidates(logits, beams, params, results)
         return results
+
+    def _attach_beam_candidates(self, logits: torch.Tensor, rows: list[int], params: list,
+                                results: list[SampledToken]) -> None:
+        """Each beam's best next tokens by raw log-probability, as many as the beam step can use."""
+        logprobs = torch.log_softmax(logits[rows], dim=-1)
+        k = min(logprobs.shape[-1], max(2, 1 + len(self.eos_token_ids)) * max(params[i].beam_width for i in rows))
+        values, indices = torch.topk(logprobs, k, dim=-1)
+        for row, vals, ids in zip(rows, values.tolist(), indices.tolist()):
+            results[row].beam_candidates = list(zip(ids, vals))
 
     @staticmethod
     def _apply_penalties(row: torch.Tensor, seq: ScheduledSequence) -> None:
