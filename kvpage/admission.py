@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 from kvpage.config import SchedulerConfig
 from kvpage.kv import ContiguousKVCacheManager, KVCacheManager, PrefixHit
-from kvpage.request import Sequence
+from kvpage.request import Request, Sequence
 
 DELAY_RULES = ("max_num_seqs", "admission_cap", "headroom", "pages")
 
@@ -48,6 +48,18 @@ class AdmissionCounters:
     pages: int = 0
 
 
+def group_size(seq: Sequence) -> int:
+    """Sequences a waiting sequence brings into the batch once admitted.
+
+    Its pending parallel samples, or, for a beam search admitted for the
+    first time, all its beams (they appear by forking within a step or two).
+    """
+    request = seq.request
+    if request.beam is not None:
+        return request.beam.width if request.admit_rank is None else 1
+    return 1 + request.num_pending_forks
+
+
 class AdmissionController:
     """Applies the admission rules and keeps the conservative policy's promises."""
 
@@ -59,7 +71,8 @@ class AdmissionController:
         self.max_model_len = max_model_len
         self.counters = AdmissionCounters()
         self.promised_pages = 0  # conservative policy: pages promised to running sequences
-        self._promises: dict[int, int] = {}  # seq_id -> pages it carries in promised_pages
+        # seq_id (a beam search's request_id: its beams come and go) -> pages it carries in promised_pages
+        self._promises: dict[int | str, int] = {}
         self._unit: dict[int, int] = {}  # seq_id -> pages promised for one sample of its request
         self._delayed: dict[str, set[str]] = {}  # request_id -> rules that already counted it
         num_pages = kv.num_pages
@@ -113,7 +126,7 @@ class AdmissionController:
         if not num_running:
             return None
         kv = self.kv
-        group = 1 + seq.request.num_pending_forks
+        group = group_size(seq)
         wanted = self.admission_pages(len(seq.token_ids), seq.num_prompt_tokens, max_new_tokens, group,
                                       hit.num_tokens)
         policy = self.config.headroom_policy
@@ -145,31 +158,36 @@ class AdmissionController:
         self._delayed.pop(seq.request.request_id, None)
         if self.config.headroom_policy != "conservative":
             return
-        group = 1 + seq.request.num_pending_forks
         pages = self.kv.pages_for_tokens(self.full_tokens(seq.num_prompt_tokens, max_new_tokens))
+        if seq.request.beam is not None:  # one promise for all the beams, kept until the search ends
+            if seq.request.request_id not in self._promises:
+                self._promise(seq.request.request_id, pages * seq.request.beam.width)
+            return
         self._unit[seq.seq_id] = pages
-        self._promise(seq.seq_id, pages * group)
+        self._promise(seq.seq_id, pages * group_size(seq))
 
     def on_fork(self, parent: Sequence, child: Sequence) -> None:
         """A forked sample takes its share of the parent's promise."""
         share = self._unit.get(parent.seq_id, 0)
         if share:
-            self._promises[parent.seq_id] -= share
+            self._promises[parent.seq_id] -= share  # moved, not added: the total stays
             self._unit[child.seq_id] = share
-            self._promise(child.seq_id, share)
+            self._promises[child.seq_id] = share
 
     def on_release(self, seq: Sequence) -> None:
         """The sequence left the running batch (finished, aborted or preempted)."""
         self.promised_pages -= self._promises.pop(seq.seq_id, 0)
         self._unit.pop(seq.seq_id, None)
 
-    def _promise(self, seq_id: int, pages: int) -> None:
-        self._promises[seq_id] = self._promises.get(seq_id, 0) + pages
+    def on_request_done(self, request: Request) -> None:
+        """Every sequence of the request has finished."""
+        self.promised_pages -= self._promises.pop(request.request_id, 0)
+        self._delayed.pop(request.request_id, None)
+
+    def _promise(self, key: int | str, pages: int) -> None:
+        self._promises[key] = self._promises.get(key, 0) + pages
         self.promised_pages += pages
 
     def reserved_pages(self) -> int:
         """Pages promised but not yet allocated (the conservative policy's reservation waste)."""
         return max(0, self.promised_pages - self.kv.num_pages_in_use)
-
-    def forget(self, request_id: str) -> None:
-        self._delayed.pop(request_id, None)

@@ -31,17 +31,31 @@ class ScheduledSequence:
     num_prompt_tokens: int
 
 
+PAGE_OP_KINDS = ("swap_out", "swap_in", "copy")
+
+
+@dataclass(slots=True)
+class PageOps:
+    """A run of page copies of one kind.
+
+    ``swap_out`` pairs are (device page, host page), ``swap_in`` pairs
+    (host page, device page), ``copy`` pairs (source, destination) device
+    pages for copy-on-write and forks.
+    """
+
+    kind: str
+    pairs: list[tuple[int, int]]
+
+
 @dataclass
 class SchedulerOutput:
     """The plan of one step."""
 
     sequences: list[ScheduledSequence] = field(default_factory=list)
-    # (src, dst) page copies for copy-on-write, performed before the forward pass.
-    page_copies: list[tuple[int, int]] = field(default_factory=list)
-    # (device page, host page) copies of swapped-out sequences, then (host page, device page) of
-    # swapped-in ones: performed first, in that order, since freed pages may be reused this step.
-    swap_out: list[tuple[int, int]] = field(default_factory=list)
-    swap_in: list[tuple[int, int]] = field(default_factory=list)
+    # Page copies, performed before the forward pass in exactly this order: the scheduler
+    # reuses a page freed by an earlier operation of the same step (a swapped-out device
+    # page for a swap-in, a swapped-in host page for a later swap-out).
+    page_ops: list[PageOps] = field(default_factory=list)
     preempted_seq_ids: list[int] = field(default_factory=list)
     # Sequences that ended since the last step: the runner drops their per-sequence state.
     finished_seq_ids: list[int] = field(default_factory=list)
@@ -49,6 +63,10 @@ class SchedulerOutput:
     @property
     def num_batched_tokens(self) -> int:
         return sum(len(s.input_token_ids) for s in self.sequences)
+
+    def pairs(self, kind: str) -> list[tuple[int, int]]:
+        """Every pair of one kind of operation, in order."""
+        return [pair for ops in self.page_ops if ops.kind == kind for pair in ops.pairs]
 
 
 @dataclass(slots=True)

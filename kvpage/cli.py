@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--num-requests", type=int, default=64, help="requests per workload")
     bench.add_argument("--kv-tokens", type=int, default=4096, help="KV budget in token slots, for every layout")
     bench.add_argument("--sharing-n", default="2,4,6", help="n values of the sharing runs ('' to skip)")
+    bench.add_argument("--beam-widths", default="2,4,6", help="beam widths of the sharing runs ('' to skip)")
     bench.add_argument("--sharing-requests", type=int, default=16)
     bench.add_argument("--preemption-modes", default="swap",
                        help="extra paged runs with these modes (swap, auto), beside recompute; '' to skip")
@@ -116,6 +117,13 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(flag: str, value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(n) for n in value.split(",") if n.strip())
+    except ValueError:
+        raise ValueError(f"{flag} must be a comma-separated list of integers, got {value!r}") from None
+
+
 def run_bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -126,14 +134,12 @@ def run_bench(args: argparse.Namespace) -> int:
     options = engine_options(args)
     for fixed in ("kv_layout", "block_size", "num_kv_blocks", "max_num_seqs", "kv_cache_memory", "preemption_mode"):
         options.pop(fixed)  # the bench sets these itself, the same for every layout
-    try:
-        sharing = tuple(int(n) for n in args.sharing_n.split(",") if n.strip())
-    except ValueError:
-        raise ValueError(f"--sharing-n must be a comma-separated list of integers, got {args.sharing_n!r}") from None
+    sharing, widths = (_int_list(flag, value) for flag, value in (("--sharing-n", args.sharing_n),
+                                                                  ("--beam-widths", args.beam_widths)))
     config = BenchConfig(workloads=tuple(w.strip() for w in args.workloads.split(",") if w.strip()),
                          layouts=tuple(x.strip() for x in args.layouts.split(",") if x.strip()),
                          num_requests=args.num_requests, kv_tokens=args.kv_tokens, block_size=args.block_size,
-                         max_num_seqs=args.max_num_seqs, seed=args.seed, sharing_ns=sharing,
+                         max_num_seqs=args.max_num_seqs, seed=args.seed, sharing_ns=sharing, beam_widths=widths,
                          sharing_requests=args.sharing_requests, engine_options=options,
                          preemption_modes=tuple(m.strip() for m in args.preemption_modes.split(",") if m.strip()))
     progress = None if args.json else (lambda message: print(f"# {message}", file=sys.stderr, flush=True))

@@ -258,8 +258,7 @@ class LLMEngine:
         t1 = time.perf_counter()
         inputs = self.runner.prepare(plan)
         t2 = time.perf_counter()
-        self.runner.swap(plan.swap_out, plan.swap_in)
-        self.runner.copy_pages(plan.page_copies)
+        self.runner.apply_page_ops(plan.page_ops)
         sampled = self.runner.run(inputs) if inputs is not None else []
         t3 = time.perf_counter()
         touched = self.scheduler.update(plan, sampled)

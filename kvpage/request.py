@@ -132,6 +132,9 @@ class Request:
     num_unfinished_seqs: int = 0
     times: RequestTimes | None = None
     beam: BeamGroup | None = None  # beam search state, for use_beam_search requests
+    # Order of first admission, kept through preemptions: among equal priorities the
+    # request admitted first is the last to yield pages, so the oldest always progresses.
+    admit_rank: int | None = None
 
     @property
     def is_finished(self) -> bool:

@@ -9,25 +9,38 @@ starting from their longest cached prefix. Prefill is chunked, so a long
 prompt shares steps with decodes instead of stalling them.
 
 When the pool cannot supply a running sequence's next page, the scheduler
-preempts the running sequence with the lowest priority that was admitted
-last: its pages are freed and it returns to the waiting queue, ahead of later
-arrivals, to be recomputed (its full pages usually survive in the prefix
-cache). A request that could never fit, even alone, is refused at submission.
+preempts the running sequence of the lowest priority whose request was
+admitted last.  Its pages are swapped to host memory (``preemption_mode``
+``swap``, or ``auto`` when the cost model says so) or freed, and then it
+waits, ahead of later arrivals, to be recomputed (its full pages usually
+survive in the prefix cache).  Requests keep their first admission rank
+through preemptions, so the oldest is never the victim of a younger one and
+always progresses.  A request that could never fit, even alone, is refused
+at submission.
+
+Beam search couples sequences: a search advances only when every beam has
+given its next-token candidates.  A beam that has given them is *parked*:
+it is the first to yield pages within its request and is not resumed until
+its group advances.  An admitted search holds ``beam_width`` seats under
+``max_num_seqs`` and may reclaim pages from requests admitted after it, so
+no set of searches can starve each other of the pages they wait for.
 """
 
 from __future__ import annotations
 
 import bisect
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from kvpage.admission import AdmissionController
-from kvpage.beam import BeamGroup
+from kvpage.admission import AdmissionController, group_size
 from kvpage.batch import SampledToken, ScheduledSequence, SchedulerOutput
+from kvpage.beam import BeamGroup
+from kvpage.beam_scheduling import advance_beams
 from kvpage.config import SchedulerConfig
 from kvpage.kv import ContiguousKVCacheManager, KVCacheManager, KVWaste
 from kvpage.preemption import SwapCostModel
 from kvpage.request import Request, Sequence, SequenceStatus
+from kvpage.step_plan import StepPlan, is_parked, ranks_before, running_key, waiting_key
 
 
 @dataclass
@@ -39,48 +52,6 @@ class SchedulerCounters:
     num_recomputed_tokens: int = 0
     num_prompt_tokens_computed: int = 0
     num_generated_tokens: int = 0
-
-
-@dataclass
-class _StepPlan:
-    """The step being planned: sequences, their page copies, the token budget left."""
-
-    budget: int
-    planned: dict[int, ScheduledSequence] = field(default_factory=dict)
-    copies: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
-    preempted: list[int] = field(default_factory=list)
-    swap_out: list[tuple[int, int]] = field(default_factory=list)
-    swap_in: list[tuple[int, int]] = field(default_factory=list)
-
-    def add(self, seq: ScheduledSequence, copies: list[tuple[int, int]]) -> None:
-        self.planned[seq.seq_id] = seq
-        if copies:
-            self.copies[seq.seq_id] = copies
-        self.budget -= len(seq.input_token_ids)
-
-    def withdraw(self, seq_id: int) -> None:
-        seq = self.planned.pop(seq_id, None)
-        if seq is not None:
-            self.budget += len(seq.input_token_ids)
-            self.copies.pop(seq_id, None)
-
-    def output(self, finished_seq_ids: list[int]) -> SchedulerOutput:
-        return SchedulerOutput(
-            sequences=list(self.planned.values()),
-            page_copies=[c for copies in self.copies.values() for c in copies],
-            preempted_seq_ids=self.preempted,
-            finished_seq_ids=finished_seq_ids,
-            swap_out=self.swap_out,
-            swap_in=self.swap_in,
-        )
-
-
-def _waiting_key(seq: Sequence) -> tuple[int, float, int]:
-    return (seq.request.priority, seq.request.arrival_time, seq.seq_id)
-
-
-def _running_key(seq: Sequence) -> tuple[int, int]:
-    return (seq.request.priority, seq.admit_order)
 
 
 class Scheduler:
@@ -100,6 +71,7 @@ class Scheduler:
         self.swapped: list[Sequence] = []  # preempted to host memory, resumed before any admission
         self.swap_cost = swap_cost
         self.requests: dict[str, Request] = {}
+        self._beam_requests: dict[str, Request] = {}  # admitted beam searches, holding their seats
         # Every unfinished sequence by id (waiting or running).
         self.live: dict[int, Sequence] = {}
         self.counters = SchedulerCounters()
@@ -142,13 +114,13 @@ class Scheduler:
             stops = frozenset(params.stop_token_ids or ()) | (frozenset() if params.ignore_eos else self.eos_token_ids)
             request.beam = BeamGroup(params.beam_width, params.n, params.length_penalty,  # type: ignore[arg-type]
                                      params.early_stopping, stops, params.max_tokens)  # type: ignore[arg-type]
-        seq = self._new_sequence(request, 0, list(request.prompt_token_ids))
+        seq = self.new_sequence(request, 0, list(request.prompt_token_ids))
         if request.beam is not None:
             request.beam.running = [(seq.seq_id, 0.0)]
         self.requests[request.request_id] = request
-        bisect.insort(self.waiting, seq, key=_waiting_key)
+        bisect.insort(self.waiting, seq, key=waiting_key)
 
-    def _new_sequence(self, request: Request, index: int, token_ids: list[int]) -> Sequence:
+    def new_sequence(self, request: Request, index: int, token_ids: list[int]) -> Sequence:
         seq = Sequence(seq_id=self._next_seq_id, request=request, sample_index=index, token_ids=token_ids,
                        num_prompt_tokens=len(request.prompt_token_ids))
         self._next_seq_id += 1
@@ -162,7 +134,6 @@ class Scheduler:
         if request is None:
             return None
         request.num_pending_forks = 0
-        self.admission.forget(request_id)
         for seq in request.sequences:
             if not seq.is_finished:
                 self._finish(seq, SequenceStatus.FINISHED_ABORTED)
@@ -182,7 +153,7 @@ class Scheduler:
 
     # ----- planning a step -----------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
-        step = _StepPlan(budget=self.config.max_num_batched_tokens)
+        step = StepPlan(budget=self.config.max_num_batched_tokens)
         i = 0
         while i < len(self.running) and step.budget > 0:
             seq = self.running[i]
@@ -192,7 +163,7 @@ class Scheduler:
                 continue
             copies = self.kv.allocate(seq.seq_id, num_new)
             while copies is None:
-                victim = self.running[-1]
+                victim = self._victim()
                 self._preempt(victim, step)
                 if victim is seq:
                     break
@@ -203,36 +174,43 @@ class Scheduler:
             i += 1
         # Admitting (or resuming) while evicting running work would only thrash.
         if not step.preempted:
-            self._swap_in(step)
-            if not self.swapped:
-                self._admit(step)
+            self._admit(step, ahead_of=self._swap_in(step))
         out = step.output(self._finished_since_last_step)
         self._finished_since_last_step = []
         return out
 
-    def _admit(self, step: _StepPlan) -> None:
+    def _admit(self, step: StepPlan, ahead_of: Sequence | None) -> None:
+        """Admit waiting sequences in queue order while budget, rules and pages allow.
+
+        While ``ahead_of`` (a swapped-out sequence) cannot resume, only
+        preempted beams of requests that rank before it may come back.
+        """
         admission = self.admission
-        while self.waiting and step.budget > 0:
-            seq = self.waiting[0]
+        while step.budget > 0:
+            seq = next((s for s in self.waiting if not is_parked(s)
+                        and (ahead_of is None or ranks_before(s.request, ahead_of.request))), None)
+            if seq is None:
+                return
             request = seq.request
-            group = 1 + request.num_pending_forks
-            while len(self.running) + group > self.config.max_num_seqs:
-                if not self._preempt_lower_priority(request.priority, step):
+            group = group_size(seq)
+            while self._num_seats_taken() + (0 if self._has_seat(seq) else group) > self.config.max_num_seqs:
+                if not self._make_room(seq, step):
                     admission.delay(seq, "max_num_seqs")
                     return
             max_new = self.max_new_tokens(seq.num_prompt_tokens, request.sampling_params.max_tokens)
-            hit = self.kv.find_cached_prefix(seq.token_ids)
-            num_new = min(seq.compute_target - hit.num_tokens, step.budget)
-            if admission.blocking_rule(seq, hit, num_new, max_new, len(self.running)) is not None:
-                return
             reserve = admission.reservation_tokens(seq.num_prompt_tokens, max_new)
-            copies = self.kv.allocate(seq.seq_id, num_new, hit, reserve_tokens=reserve, reserve_count=group)
-            while copies is None and (self._preempt_lower_priority(request.priority, step) or self._preempt_idle(step)):
+            while True:
+                hit = self.kv.find_cached_prefix(seq.token_ids)
                 num_new = min(seq.compute_target - hit.num_tokens, step.budget)
-                copies = self.kv.allocate(seq.seq_id, num_new, hit, reserve_tokens=reserve, reserve_count=group)
-            if copies is None:
-                admission.delay(seq, "pages")
-                return
+                blocked = admission.blocking_rule(seq, hit, num_new, max_new, len(self.running))
+                copies = None if blocked else self.kv.allocate(seq.seq_id, num_new, hit, reserve_tokens=reserve,
+                                                              reserve_count=group)
+                if copies is not None:
+                    break
+                if not self._make_room(seq, step):
+                    if blocked is None:
+                        admission.delay(seq, "pages")
+                    return
             admission.on_admit(seq, max_new)
             self.waiting.remove(seq)  # not pop(0): a victim preempted just now may sort ahead of it
             self.kv.record_prefix_query(seq.num_tokens, hit.num_tokens)
@@ -242,31 +220,70 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             if request.times is not None and request.times.scheduled is None:
                 request.times.scheduled = time.monotonic()
+            if request.admit_rank is None:
+                request.admit_rank = self._next_admit
+                if request.beam is not None:
+                    self._beam_requests[request.request_id] = request
             seq.admit_order = self._next_admit
             self._next_admit += 1
-            bisect.insort(self.running, seq, key=_running_key)
+            bisect.insort(self.running, seq, key=running_key)
             if num_new > 0:
                 step.add(self._plan(seq, num_new), copies)
             else:
                 self._fork(seq)
 
-    def _preempt_lower_priority(self, priority: int, step: _StepPlan) -> bool:
-        """Make room for a waiting request by preempting a running one of strictly lower priority."""
-        if not self.running or self.running[-1].request.priority <= priority:
-            return False
-        self._preempt(self.running[-1], step)
-        return True
+    def _num_seats_taken(self) -> int:
+        """Running sequences, plus the seats under ``max_num_seqs`` kept for beams not running now.
 
-    def _preempt_idle(self, step: _StepPlan) -> bool:
-        """Free the pages of a running beam that only waits for its siblings' candidates.
-
-        Without this, beams holding pages while they wait could starve the
-        sibling they wait for.
+        An admitted beam search holds ``beam_width`` seats until it ends, so
+        its beams can always fork and come back.
         """
-        for seq in reversed(self.running):
-            if seq.request.beam is not None and seq.num_computed_tokens >= seq.compute_target:
-                self._preempt(seq, step)
+        taken = len(self.running)
+        for request in self._beam_requests.values():
+            beam = request.beam
+            assert beam is not None
+            taken += beam.width - sum(self.live[seq_id].status is SequenceStatus.RUNNING
+                                      for seq_id, _ in beam.running if seq_id in self.live)
+        return taken
+
+    def _has_seat(self, seq: Sequence) -> bool:
+        return seq.request.request_id in self._beam_requests
+
+    def _victim(self) -> Sequence:
+        """The running sequence to preempt next: from the request that ranks last, a parked beam if it has one."""
+        last = self.running[-1]
+        if last.request.beam is not None:
+            for seq in reversed(self.running):
+                if seq.request is not last.request:
+                    break
+                if is_parked(seq):
+                    return seq
+        return last
+
+    def _make_room(self, seq: Sequence, step: StepPlan) -> bool:
+        """Preempt one running sequence so that ``seq`` can be admitted or resumed; False if none may yield.
+
+        Any request may displace one of strictly lower priority.  A beam
+        search request also displaces its own parked beams, and, once admitted,
+        requests admitted after it: its beams advance only together, so
+        without this rule two beam requests could take each other's pages
+        forever, or park holding the pages their last beam needs.
+        """
+        request = seq.request
+        if self.running:
+            victim = self._victim()
+            other = victim.request
+            if victim.seq_id in step.resumed:
+                return False
+            if other is not request and (other.priority > request.priority
+                                         or (request.beam is not None and ranks_before(request, other))):
+                self._preempt(victim, step)
                 return True
+        if request.beam is not None:
+            for other_seq in reversed(self.running):
+                if other_seq.request is request and is_parked(other_seq) and other_seq.seq_id not in step.resumed:
+                    self._preempt(other_seq, step)
+                    return True
         return False
 
     def _plan(self, seq: Sequence, num_new: int) -> ScheduledSequence:
@@ -283,7 +300,7 @@ class Scheduler:
             num_prompt_tokens=seq.num_prompt_tokens,
         )
 
-    def _preempt(self, seq: Sequence, step: _StepPlan) -> None:
+    def _preempt(self, seq: Sequence, step: StepPlan) -> None:
         # A beam keeps its next-token candidates: they depend on its tokens, not on where its K/V is.
         step.withdraw(seq.seq_id)  # it may already be planned in this step (priority preemption)
         step.preempted.append(seq.seq_id)
@@ -292,17 +309,17 @@ class Scheduler:
         if self._should_swap(seq):
             copies = self.kv.swap_out(seq.seq_id)  # type: ignore[union-attr]
             if copies is not None:
-                step.swap_out.extend(copies)
+                step.log("swap_out", copies)
                 seq.status = SequenceStatus.SWAPPED
                 self.counters.num_swapped_out += 1
-                bisect.insort(self.swapped, seq, key=_running_key)
+                bisect.insort(self.swapped, seq, key=running_key)
                 return
         self.kv.free(seq.seq_id)
         self.admission.on_release(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
-        bisect.insort(self.waiting, seq, key=_waiting_key)
+        bisect.insort(self.waiting, seq, key=waiting_key)
 
     def _should_swap(self, seq: Sequence) -> bool:
         mode = self.config.preemption_mode
@@ -313,29 +330,46 @@ class Scheduler:
         return self.swap_cost.prefer_swap(seq.num_computed_tokens,
                                           self.kv.pages_for_tokens(seq.num_computed_tokens))
 
-    def _swap_in(self, step: _StepPlan) -> None:
-        """Resume swapped-out sequences, oldest admitted first, while pages and batch room last."""
-        while self.swapped and len(self.running) < self.config.max_num_seqs:
-            seq = self.swapped[0]
-            copies = self.kv.swap_in(seq.seq_id)  # type: ignore[union-attr]
-            if copies is None:
-                return
-            self.swapped.pop(0)
-            step.swap_in.extend(copies)
+    def _swap_in(self, step: StepPlan) -> Sequence | None:
+        """Resume swapped-out sequences, oldest admitted first, while pages and batch room last.
+
+        A sequence comes back only with room for its next tokens too, and not
+        ahead of a preempted beam of an older request waiting to recompute.
+        Returns the first one that must stay out, if any.
+        """
+        kv = self.kv
+        assert isinstance(kv, KVCacheManager) or not self.swapped
+        while True:
+            seq = next((s for s in self.swapped if not is_parked(s)), None)
+            if seq is None or (not self._has_seat(seq) and self._num_seats_taken() >= self.config.max_num_seqs) or any(
+                    not is_parked(w) and ranks_before(w.request, seq.request) for w in self.waiting):
+                return seq
+            num_new = min(seq.compute_target - seq.num_computed_tokens, step.budget)
+            computed = seq.num_computed_tokens
+            wanted = kv.swapped_pages(seq.seq_id) + kv.pages_for_tokens(computed + num_new) \
+                - kv.pages_for_tokens(computed)
+            while wanted > kv.num_available_pages and seq.request.beam is not None and self._make_room(seq, step):
+                pass
+            if wanted > kv.num_available_pages:
+                return seq
+            copies = kv.swap_in(seq.seq_id)
+            assert copies is not None
+            self.swapped.remove(seq)
+            step.log("swap_in", copies)
+            step.resumed.add(seq.seq_id)
             seq.status = SequenceStatus.RUNNING
             self.counters.num_swapped_in += 1
-            bisect.insort(self.running, seq, key=_running_key)
-            num_new = min(seq.compute_target - seq.num_computed_tokens, step.budget)
+            bisect.insort(self.running, seq, key=running_key)
             if num_new > 0:
-                page_copies = self.kv.allocate(seq.seq_id, num_new)
-                if page_copies is not None:
-                    step.add(self._plan(seq, num_new), page_copies)
+                page_copies = kv.allocate(seq.seq_id, num_new)
+                assert page_copies is not None
+                step.add(self._plan(seq, num_new), page_copies)
 
     def _fork(self, parent: Sequence) -> None:
         """Start the siblings of a parent that has computed all its prompt but the last token."""
         request = parent.request
         for _ in range(request.num_pending_forks):
-            child = self._new_sequence(request, len(request.sequences), list(parent.token_ids))
+            child = self.new_sequence(request, len(request.sequences), list(parent.token_ids))
             self.kv.fork(parent.seq_id, child.seq_id)
             self.admission.on_fork(parent, child)
             child.num_computed_tokens = parent.num_computed_tokens
@@ -343,7 +377,7 @@ class Scheduler:
             child.status = SequenceStatus.RUNNING
             child.admit_order = self._next_admit
             self._next_admit += 1
-            bisect.insort(self.running, child, key=_running_key)
+            bisect.insort(self.running, child, key=running_key)
         request.num_pending_forks = 0
 
     # ----- after a step -------------------------------------------------------------------
@@ -364,8 +398,7 @@ class Scheduler:
             self.counters.num_tokens_computed += len(planned.input_token_ids)
             if start < seq.max_computed_tokens:  # computed before a preemption: recomputation
                 self.counters.num_recomputed_tokens += min(seq.num_computed_tokens, seq.max_computed_tokens) - start
-            if seq.num_computed_tokens > seq.max_computed_tokens:
-                seq.max_computed_tokens = seq.num_computed_tokens
+            seq.max_computed_tokens = max(seq.max_computed_tokens, seq.num_computed_tokens)
             if start < seq.num_prompt_tokens:
                 self.counters.num_prompt_tokens_computed += min(seq.num_computed_tokens, seq.num_prompt_tokens) - start
             self.kv.commit(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
@@ -423,47 +456,5 @@ class Scheduler:
         self._finished_since_last_step.append(seq.seq_id)
         if seq.request.is_finished:
             self.requests.pop(seq.request.request_id, None)
-
-
-def advance_beams(sched: Scheduler, request: Request) -> list[Sequence]:
-    """One beam step: fork the beams chosen twice, extend the chosen, free the rest.
-
-    Returns a sequence of the request when the search is over (so that its
-    output is reported), else nothing: beams report only their final result.
-    """
-    group = request.beam
-    assert group is not None
-    beams = {seq_id: sched.live[seq_id] for seq_id, _ in group.running}
-    choices = group.step({seq_id: seq.output_token_ids for seq_id, seq in beams.items()})
-    sched.counters.num_generated_tokens += len(choices)
-    if group.done:
-        for seq in beams.values():
-            sched.finish_sequence(seq, SequenceStatus.FINISHED_STOPPED)
-        return [next(iter(beams.values()))]
-    extended: list[tuple[Sequence, int]] = []
-    running = []
-    for choice in choices:
-        parent = beams[choice.parent_seq_id]
-        if all(p is not parent for p, _ in extended):
-            extended.append((parent, choice.token_id))
-            running.append((parent.seq_id, choice.score))
-            continue
-        child = sched._new_sequence(request, len(request.sequences), list(parent.token_ids))
-        child.append_token(choice.token_id, None)
-        if parent.status is SequenceStatus.RUNNING:
-            sched.kv.fork(parent.seq_id, child.seq_id)  # shares every page; the last one copy-on-write
-            child.num_computed_tokens = parent.num_computed_tokens
-            child.status = SequenceStatus.RUNNING
-            child.admit_order = parent.admit_order
-            bisect.insort(sched.running, child, key=_running_key)
-        else:  # the parent was preempted after giving its candidates: the child waits and recomputes too
-            bisect.insort(sched.waiting, child, key=_waiting_key)
-        running.append((child.seq_id, choice.score))
-    for parent, token_id in extended:
-        parent.append_token(token_id, None)
-    kept = {p.seq_id for p, _ in extended}
-    for seq_id, seq in beams.items():
-        if seq_id not in kept:
-            sched.finish_sequence(seq, SequenceStatus.FINISHED_ABORTED)  # pruned: its pages go back
-    group.running = running
-    return []
+            self._beam_requests.pop(seq.request.request_id, None)
+            self.admission.on_request_done(seq.request)

@@ -74,17 +74,32 @@ def test_beams_of_different_lengths_occur(eos_model: tuple[Path, int]) -> None:
     assert {r for _, r in reasons} == {"stop", "length"} and len({n for n, _ in reasons}) >= 2
 
 
-def test_beam_search_under_preemption_and_swap(eos_model: tuple[Path, int]) -> None:
+@pytest.mark.parametrize(("mode", "num_kv_blocks", "swap_space"), [
+    ("recompute", 40, 0.0), ("swap", 40, 0.01),
+    # Extreme pressure: the longest beam alone needs 13 of the 13 pages, four searches compete,
+    # and swap space holds a few pages only. Searches must still all finish, and equal transformers'.
+    ("recompute", 13, 0.0), ("swap", 13, 0.0002)])
+def test_beam_search_under_preemption_and_swap(eos_model: tuple[Path, int], mode: str, num_kv_blocks: int,
+                                               swap_space: float) -> None:
     model_dir, eos = eos_model
     expected = [hf_beams(model_dir, eos, p, 4, 2, 1.0, False) for p in prompts()]
-    for mode in ("recompute", "swap"):
-        llm = LLM(model=str(model_dir), block_size=4, num_kv_blocks=40, headroom_policy="none",
-                  preemption_mode=mode, swap_space=0.01)
-        params = SamplingParams(n=2, use_beam_search=True, beam_width=4, max_tokens=MAX_NEW, temperature=0)
-        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts()], params, use_tqdm=False)
-        assert [[c.token_ids for c in out.outputs] for out in outputs] == expected
-        assert llm.get_metrics()["num_preemptions"] > 0, mode
-        assert llm.engine.kv.num_pages_in_use == 0
+    llm = LLM(model=str(model_dir), block_size=4, num_kv_blocks=num_kv_blocks, headroom_policy="none",
+              preemption_mode=mode, swap_space=swap_space)
+    params = SamplingParams(n=2, use_beam_search=True, beam_width=4, max_tokens=MAX_NEW, temperature=0)
+    engine = llm.engine
+    for i, prompt in enumerate(prompts()):
+        engine.add_request(str(i), {"prompt_token_ids": prompt}, params)
+    finished = {}
+    for _ in range(2000):  # bounded: a livelock fails here instead of hanging
+        finished.update({out.request_id: out for out in engine.step() if out.finished})
+        if not engine.has_unfinished_requests():
+            break
+    assert not engine.has_unfinished_requests(), "beam searches preempt each other without end"
+    assert [[c.token_ids for c in finished[str(i)].outputs] for i in range(len(expected))] == expected
+    metrics = llm.get_metrics()
+    assert metrics["num_preemptions"] > 0
+    assert (metrics["num_swapped_out"] > 0) == (mode == "swap")
+    assert llm.engine.kv.num_pages_in_use == 0
 
 
 def test_beams_share_pages_and_pruned_beams_free_theirs(eos_model: tuple[Path, int]) -> None:

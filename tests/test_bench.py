@@ -14,13 +14,13 @@ FIELDS = {"workload", "layout", "n", "num_requests", "wall_s", "generated_tokens
           "requests_per_s", "goodput_tokens_per_s", "model_tokens_per_s", "batch_size_mean", "batch_size_max",
           "batch_size_mean_loaded", "preemption_mode", "num_swapped_out",
           "stored", "internal_fragmentation", "reservation_waste", "external_fragmentation", "waste",
-          "waste_of_used", "sharing_saving", "num_preemptions", "recomputed_tokens", "num_steps"}
+          "waste_of_used", "sharing_saving", "num_preemptions", "recomputed_tokens", "num_steps", "beam_width"}
 
 
 def test_bench_json_reports_every_figure(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "report"
     assert main(["bench", "--json", "--workloads", "alpaca,uniform", "--num-requests", "8", "--kv-tokens", "256",
-                 "--max-model-len", "256", "--sharing-n", "2", "--sharing-requests", "3", "--device", "cpu",
+                 "--max-model-len", "256", "--sharing-n", "2", "--beam-widths", "2", "--sharing-requests", "3", "--device", "cpu",
                  "--preemption-modes", "swap,auto",
                  "--out", str(out)]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -37,7 +37,7 @@ def test_bench_json_reports_every_figure(tmp_path: Path, capsys: pytest.CaptureF
     for workload in preempted:
         assert recompute[workload]["recomputed_tokens"] > 0
         assert swap[workload]["num_swapped_out"] > 0 and swap[workload]["recomputed_tokens"] == 0
-    for case in report["cases"] + report["sharing"] + report["preemption"]:
+    for case in report["cases"] + report["sharing"] + report["beam_search"] + report["preemption"]:
         assert set(case) == FIELDS
         assert case["generated_tokens"] > 0 and case["wall_s"] > 0 and case["batch_size_max"] >= 1
         kinds = case["stored"] + case["internal_fragmentation"] + case["reservation_waste"] \
@@ -52,7 +52,12 @@ def test_bench_json_reports_every_figure(tmp_path: Path, capsys: pytest.CaptureF
     sharing = report["sharing"]
     assert [(c["workload"], c["n"]) for c in sharing] == [("alpaca", 2), ("sharegpt", 2)]
     assert all(c["sharing_saving"] > 0 for c in sharing)
-    assert {t["target"].split(",")[0] for t in report["targets"]} >= {"parallel-sampling saving"}
+    beams = report["beam_search"]
+    assert [(c["workload"], c["beam_width"], c["n"]) for c in beams] == [("alpaca", 2, 1), ("sharegpt", 2, 1)]
+    for beam, sample in zip(beams, sharing):  # beams share their generated prefix too, samples only the prompt
+        assert beam["sharing_saving"] > sample["sharing_saving"] > 0
+    assert {t["target"].split(",")[0] for t in report["targets"]} >= {"parallel-sampling saving",
+                                                                        "beam-search saving"}
     assert (out / "report.md").is_file() and (out / "report.json").is_file()
     assert {p.name for p in out.glob("*.png")} == {"batch_throughput.png", "waste.png", "sharing.png"}
 
@@ -62,4 +67,6 @@ def test_bench_rejects_unknown_names() -> None:
         BenchConfig(workloads=("nope",)).validate()
     with pytest.raises(ValueError, match="layouts contains 'virtual'"):
         BenchConfig(layouts=("virtual",)).validate()
+    with pytest.raises(ValueError, match=r"beam_widths contains 0; each must be from 1 to max_num_seqs \(256\)"):
+        BenchConfig(beam_widths=(0,)).validate()
     assert main(["bench", "--workloads", "nope"]) == 1

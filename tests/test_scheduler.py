@@ -118,7 +118,7 @@ def test_parallel_samples_fork_after_the_prompt() -> None:
     out = step(sched)
     assert len(out.sequences) == 4 and all(s.sample for s in out.sequences)
     # Each writes the last prompt token into the shared partial page: three copies, the last writer keeps it.
-    assert len(out.page_copies) == 3
+    assert len(out.pairs("copy")) == 3
     run_all(sched)
     assert all(len(s.output_token_ids) == 3 for s in req.sequences)
     assert sched.kv.usage().num_pages_used == 0

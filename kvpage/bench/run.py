@@ -8,9 +8,9 @@ Every layout gets the same number of KV pages, the same ``max_num_seqs`` and
 the same model, so the comparison isolates the memory layout.
 
 The sharing runs measure what copy-on-write saves: the same requests with
-``n`` parallel samples on the paged layout, where the engine counts, every
-step, the pages in use against the pages the same sequences would hold if
-nothing were shared.
+``n`` parallel samples, and again as beam searches of width 2, 4 and 6, on
+the paged layout, where the engine counts, every step, the pages in use
+against the pages the same sequences would hold if nothing were shared.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from kvpage.workloads import WORKLOAD_NAMES, Workload, WorkloadSpec, make_worklo
 
 LAYOUTS = ("paged", "contiguous-request", "contiguous-max")
 SHARING_NS = (2, 4, 6)
+BEAM_WIDTHS = (2, 4, 6)
 SHARING_WORKLOADS = ("alpaca", "sharegpt")
 
 
@@ -40,6 +41,7 @@ class BenchConfig:
     max_num_seqs: int = 256
     seed: int = 0
     sharing_ns: tuple[int, ...] = SHARING_NS
+    beam_widths: tuple[int, ...] = BEAM_WIDTHS
     # Extra paged runs with these preemption modes, beside the default recompute.
     preemption_modes: tuple[str, ...] = ("swap",)
     sharing_requests: int = 16
@@ -55,6 +57,11 @@ class BenchConfig:
         for name in ("num_requests", "kv_tokens", "max_num_seqs", "sharing_requests"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)}")
+        for name in ("sharing_ns", "beam_widths"):
+            for value in getattr(self, name):
+                if not 1 <= value <= self.max_num_seqs:
+                    raise ValueError(f"{name} contains {value}; each must be from 1 to max_num_seqs "
+                                     f"({self.max_num_seqs})")
         for mode in self.preemption_modes:
             if mode not in PREEMPTION_MODES:
                 raise ValueError(f"preemption_modes contains {mode!r}; known modes: {', '.join(PREEMPTION_MODES)}")
@@ -89,20 +96,27 @@ class CaseResult:
     num_steps: int
     preemption_mode: str = "recompute"
     num_swapped_out: int = 0
+    beam_width: int = 0  # beam search of this width; 0: sampling (n samples)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
-def run_case(llm: LLM, workload: Workload, layout: str, n: int = 1) -> CaseResult:
-    """Submit every request of ``workload`` at once and step the engine until all are done."""
+def run_case(llm: LLM, workload: Workload, layout: str, n: int = 1, beam_width: int = 0) -> CaseResult:
+    """Submit every request of ``workload`` at once and step the engine until all are done.
+
+    ``n`` samples per request, or with ``beam_width`` a beam search of that
+    width returning its best beam.
+    """
     engine = llm.engine
     engine.waste_stats = WasteStats()  # step averages of this case only
     before = engine.get_metrics()
     ids = []
     for request in workload.requests:
-        params = SamplingParams(n=n, temperature=0.0 if n == 1 else 1.0, seed=len(ids), ignore_eos=True,
-                                max_tokens=request.output_tokens, output_kind=RequestOutputKind.FINAL_ONLY)
+        params = SamplingParams(n=n, temperature=0.0 if n == 1 or beam_width else 1.0, seed=len(ids),
+                                ignore_eos=True, max_tokens=request.output_tokens,
+                                output_kind=RequestOutputKind.FINAL_ONLY, use_beam_search=beam_width > 0,
+                                beam_width=beam_width or None)
         ids.append(engine.add_request(None, {"prompt_token_ids": list(request.prompt_token_ids)}, params))
     start = time.perf_counter()
     while engine.has_unfinished_requests():
@@ -128,7 +142,7 @@ def run_case(llm: LLM, workload: Workload, layout: str, n: int = 1) -> CaseResul
         recomputed_tokens=after["num_recomputed_tokens"] - before["num_recomputed_tokens"],
         num_steps=after["step_num_steps"] - before["step_num_steps"],
         preemption_mode=engine.config.scheduler.preemption_mode,
-        num_swapped_out=after["num_swapped_out"] - before["num_swapped_out"])
+        num_swapped_out=after["num_swapped_out"] - before["num_swapped_out"], beam_width=beam_width)
 
 
 def new_llm(config: BenchConfig, layout: str, preemption_mode: str = "recompute") -> LLM:
@@ -145,7 +159,7 @@ class BenchResults:
     device: str
     max_model_len: int
     cases: list[CaseResult] = field(default_factory=list)
-    sharing: list[CaseResult] = field(default_factory=list)
+    sharing: list[CaseResult] = field(default_factory=list)  # parallel samples, then beam searches
     preemption: list[CaseResult] = field(default_factory=list)  # paged, other preemption modes
 
 
@@ -174,14 +188,15 @@ def run_bench(config: BenchConfig, progress: Any = None) -> BenchResults:
             say(f"{name} on paged, preemption by {mode}")
             results.preemption.append(run_case(llm, workload, "paged"))
             llm.engine.kv.reset_prefix_cache()
-    if config.sharing_ns and "paged" in config.layouts:
+    if (config.sharing_ns or config.beam_widths) and "paged" in config.layouts:
         llm = new_llm(config, "paged")
+        runs = [(n, 0) for n in config.sharing_ns] + [(1, width) for width in config.beam_widths]
         for name in SHARING_WORKLOADS:
             base = workload_for(replace(config, num_requests=config.sharing_requests), name,
                                 llm.engine.max_model_len, llm.engine.model_config.vocab_size)
-            for n in config.sharing_ns:
-                say(f"{name} with n={n} on paged")
-                results.sharing.append(run_case(llm, base, "paged", n=n))
+            for n, width in runs:
+                say(f"{name} with " + (f"beam width {width}" if width else f"n={n}") + " on paged")
+                results.sharing.append(run_case(llm, base, "paged", n=n, beam_width=width))
                 llm.engine.kv.reset_prefix_cache()
     return results
 

@@ -151,6 +151,12 @@ class ContiguousKVCacheManager:
     def commit(self, seq_id: int, token_ids: Sequence[int], num_computed_tokens: int) -> None:
         self._tables[seq_id].num_computed_tokens = num_computed_tokens
 
+    def can_fork(self, parent_id: int) -> bool:
+        """Whether a child of ``parent_id`` can get a reservation: a spare one, or a hole as large."""
+        parent = self._tables.get(parent_id)
+        return parent is not None and (bool(self._spare.get(parent_id))
+                                       or any(length >= parent.num_pages for _, length in self._holes))
+
     def fork(self, parent_id: int, child_id: int) -> None:
         """Give the child one of the reservations taken for it, and queue the copy of the parent's K/V."""
         if child_id in self._tables:

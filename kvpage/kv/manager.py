@@ -244,6 +244,9 @@ class KVCacheManager:
             table.hashes.append(parent)
             self.pool.register(table.pages[i], parent, page_tokens)
 
+    def can_fork(self, parent_id: int) -> bool:
+        return parent_id in self._tables  # sharing needs no free page
+
     def fork(self, parent_id: int, child_id: int) -> None:
         """Give ``child_id`` a table sharing every page of ``parent_id``."""
         if child_id in self._tables:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvpage.batch import SampledToken, ScheduledSequence, SchedulerOutput
+from kvpage.batch import PageOps, SampledToken, ScheduledSequence, SchedulerOutput
 from kvpage.model import CausalLM
 from kvpage.ops import AttentionMetadata, copy_pages
 from kvpage.worker.block_table_buffer import BlockTableBuffer
@@ -136,26 +136,30 @@ class ModelRunner:
         return self.prepare_inputs(out.sequences) if out.sequences else None
 
     @torch.inference_mode()
-    def copy_pages(self, copies: list[tuple[int, int]]) -> None:
-        if copies:
-            copy_pages(self.kv_caches, copies)
+    def apply_page_ops(self, page_ops: list[PageOps]) -> None:
+        """Perform a step's swaps and page copies, in order (later ones may reuse pages earlier ones freed)."""
+        for ops in page_ops:
+            if ops.kind == "copy":
+                copy_pages(self.kv_caches, ops.pairs)
+            elif ops.kind == "swap_out":
+                self._swap_out(ops.pairs)
+            else:
+                self._swap_in(ops.pairs)
 
-    @torch.inference_mode()
-    def swap(self, swap_out: list[tuple[int, int]], swap_in: list[tuple[int, int]]) -> None:
-        """Copy swapped-out pages device -> host, then swapped-in pages host -> device."""
-        if swap_out:
-            device_ids = torch.tensor([d for d, _ in swap_out], dtype=torch.long, device=self.device)
-            host_ids = torch.tensor([h for _, h in swap_out], dtype=torch.long)
-            for (key, value), (host_key, host_value) in zip(self.kv_caches, self.host_caches):
-                # Blocking: the freed device pages may be overwritten by this very step.
-                host_key[host_ids] = key.index_select(0, device_ids).cpu()
-                host_value[host_ids] = value.index_select(0, device_ids).cpu()
-        if swap_in:
-            host_ids = torch.tensor([h for h, _ in swap_in], dtype=torch.long)
-            device_ids = torch.tensor([d for _, d in swap_in], dtype=torch.long, device=self.device)
-            for (key, value), (host_key, host_value) in zip(self.kv_caches, self.host_caches):
-                key.index_copy_(0, device_ids, host_key.index_select(0, host_ids).to(self.device))
-                value.index_copy_(0, device_ids, host_value.index_select(0, host_ids).to(self.device))
+    def _swap_out(self, pairs: list[tuple[int, int]]) -> None:
+        device_ids = torch.tensor([d for d, _ in pairs], dtype=torch.long, device=self.device)
+        host_ids = torch.tensor([h for _, h in pairs], dtype=torch.long)
+        for (key, value), (host_key, host_value) in zip(self.kv_caches, self.host_caches):
+            # Blocking: the freed device pages may be overwritten by this very step.
+            host_key[host_ids] = key.index_select(0, device_ids).cpu()
+            host_value[host_ids] = value.index_select(0, device_ids).cpu()
+
+    def _swap_in(self, pairs: list[tuple[int, int]]) -> None:
+        host_ids = torch.tensor([h for h, _ in pairs], dtype=torch.long)
+        device_ids = torch.tensor([d for _, d in pairs], dtype=torch.long, device=self.device)
+        for (key, value), (host_key, host_value) in zip(self.kv_caches, self.host_caches):
+            key.index_copy_(0, device_ids, host_key.index_select(0, host_ids).to(self.device))
+            value.index_copy_(0, device_ids, host_value.index_select(0, host_ids).to(self.device))
 
     @torch.inference_mode()
     def run(self, inputs: StepInputs) -> list[SampledToken]:
