@@ -16,7 +16,7 @@ if [ "$STAGE" = tests ] || [ "$STAGE" = swap ]; then
 timeout 300 python -m pytest -q -x -p no:cacheprovider > "$OUT/pytest.txt" 2>&1; echo "pytest rc=$?" >> "$OUT/pytest.txt"
 fi
 if [ "$STAGE" = swap ]; then
-timeout 240 python -m kvpage.cli bench --device cuda --layouts paged --preemption-modes swap,auto --sharing-n "" \
+timeout 240 python -m kvpage.cli bench --device cuda --layouts paged --preemption-modes swap,auto --sharing-n "" --beam-widths "" \
   --out /tmp/bench-swap > "$OUT/bench-swap.txt" 2>&1
 cp /tmp/bench-swap/report.json "$OUT/bench-swap.json"
 fi
@@ -27,7 +27,7 @@ timeout 120 python benchmarks/serve_load.py --launch --num-prompts 400 --request
   --json "$OUT/serve_load_r50.json" -- --device cuda > "$OUT/serve_load_r50.txt" 2>&1
 fi
 if [ "$STAGE" = bench ]; then
-timeout 240 python -m kvpage.cli bench --device cuda --out /tmp/bench-demo > "$OUT/bench-demo.txt" 2>&1
+timeout 300 python -m kvpage.cli bench --device cuda --out /tmp/bench-demo > "$OUT/bench-demo.txt" 2>&1
 cp /tmp/bench-demo/report.json "$OUT/bench-demo.json"
 python - <<'PY' > "$OUT/long-model.txt" 2>&1
 from dataclasses import replace
@@ -38,8 +38,8 @@ Path("/tmp/random-4k").mkdir(exist_ok=True)
 build_random_model(Path("/tmp/random-4k"), spec)
 print("built /tmp/random-4k")
 PY
-timeout 240 python -m kvpage.cli bench --device cuda --model /tmp/random-4k --max-model-len 2048 \
-  --workloads sharegpt,alpaca,long-single --kv-tokens 16384 --num-requests 128 --sharing-n "" \
+timeout 270 python -m kvpage.cli bench --device cuda --model /tmp/random-4k --max-model-len 2048 \
+  --workloads sharegpt,alpaca,long-single --kv-tokens 16384 --num-requests 128 --sharing-n "" --preemption-modes "" \
   --out /tmp/bench-2k > "$OUT/bench-2k.txt" 2>&1
 cp /tmp/bench-2k/report.json "$OUT/bench-2k.json"
 fi

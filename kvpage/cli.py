@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     gen.add_argument("--metrics", action="store_true", help="print engine metrics to stderr at the end")
 
+    from kvpage.plan.cli import add_plan_parser
+
+    add_plan_parser(commands)
     bench = commands.add_parser("bench", help="compare KV layouts (paged vs contiguous) on synthetic workloads")
     add_engine_arguments(bench)
     bench.add_argument("--workloads", default="sharegpt,alpaca,uniform,long-single,shared-prefix-chat")
@@ -81,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="extra paged runs with these modes (swap, auto), beside recompute; '' to skip")
     bench.add_argument("--out", default="bench-report", help="folder for report.md, report.json and plots")
     bench.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")
+    bench.add_argument("--calibrate", action="store_true",
+                       help="instead: time the engine's steps at a grid of batch shapes and save the fitted "
+                            "cost model for kvpage plan --cost-model")
+    bench.add_argument("--calibration-out", default="kvpage-calibration.json")
 
     srv = commands.add_parser("serve", help="run the OpenAI-compatible HTTP server")
     add_engine_arguments(srv)
@@ -131,6 +138,14 @@ def run_bench(args: argparse.Namespace) -> int:
     from kvpage.bench.run import BenchConfig
     from kvpage.bench.run import run_bench as bench
 
+    if args.calibrate:
+        from kvpage.bench.calibrate import calibrate
+        from kvpage.llm import LLM
+
+        model = calibrate(LLM(**engine_options(args)))
+        model.save(args.calibration_out)
+        print(f"{model.describe()}; saved to {args.calibration_out}")
+        return 0
     options = engine_options(args)
     for fixed in ("kv_layout", "block_size", "num_kv_blocks", "max_num_seqs", "kv_cache_memory", "preemption_mode"):
         options.pop(fixed)  # the bench sets these itself, the same for every layout
@@ -183,6 +198,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_serve(args)
         if args.command == "bench":
             return run_bench(args)
+        if args.command == "plan":
+            from kvpage.plan.cli import run_plan
+
+            return run_plan(args)
         parser.error(f"unknown command {args.command!r}")
     except (ValueError, FileNotFoundError, OSError) as exc:
         print(f"kvpage: error: {exc}", file=sys.stderr)

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from kvpage.admission import DELAY_RULES
+from kvpage.batch import SchedulerOutput
 from kvpage.config import GIB, EngineConfig
 from kvpage.detokenizer import IncrementalDetokenizer, find_stop_string
 from kvpage.kv import ContiguousKVCacheManager, KVCacheManager
@@ -156,6 +157,7 @@ class LLMEngine:
                                              per_page, mc.num_layers, mc.num_attention_heads, mc.head_dim)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, self.eos_token_ids, layout,
                                    swap_cost)
+        self.last_plan: SchedulerOutput | None = None
         self.waste_stats = WasteStats()
         self.thrashing = ThrashingMonitor()
         self.runner = ModelRunner(self.model, self.cache_shape, self.device, load.seed, self.eos_token_ids,
@@ -255,6 +257,7 @@ class LLMEngine:
         """Run one batched step; returns the requests that produced tokens or finished."""
         t0 = time.perf_counter()
         plan = self.scheduler.schedule()
+        self.last_plan = plan  # what the step ran: the planner's calibration reads its shape
         t1 = time.perf_counter()
         inputs = self.runner.prepare(plan)
         t2 = time.perf_counter()

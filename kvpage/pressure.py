@@ -83,7 +83,9 @@ class PressureSample:
 class ThrashingMonitor:
     """Rates over a sliding window, and the thrashing warning."""
 
-    def __init__(self, window_s: float = 10.0, recompute_threshold: float = 0.2, min_tokens: int = 256) -> None:
+    def __init__(self, window_s: float = 10.0, recompute_threshold: float = 0.2, min_tokens: int = 256,
+                 warn: bool = True) -> None:
+        self.warn = warn  # log the warning (the engine); the planner only reads the state
         self.window_s = window_s
         self.recompute_threshold = recompute_threshold
         self.min_tokens = min_tokens  # too few tokens in the window to judge: no verdict
@@ -101,6 +103,7 @@ class ThrashingMonitor:
                      and rates["recompute_fraction"] > self.recompute_threshold)
         if thrashing and not self.is_thrashing:
             self.num_warnings += 1
+        if thrashing and not self.is_thrashing and self.warn:
             logger.warning(
                 "KV cache thrashing: %.0f%% of the tokens computed in the last %.0f s were recomputation after "
                 "preemption (%.1f preemptions/s, %.1f cached-page evictions/s). Goodput is %.0f tokens/s against "

@@ -83,6 +83,8 @@ class WorkloadRequest:
     n: int = 1  # parallel samples
     prefix_group: int | None = None  # requests of one group share their first shared_prefix_tokens tokens
     shared_prefix_tokens: int = 0
+    beam_width: int = 0  # > 0: a beam search of this width instead of sampling
+    priority: int = 0  # lower runs first, as in SamplingParams-level priority
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,128 @@
+"""``kvpage plan``: the command line of the planner (no torch is imported)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+from kvpage.plan.cost import HARDWARE, CalibratedCostModel, ModelShape, PhysicsCostModel
+from kvpage.plan.replay import CostModel, ReplaySettings, replay
+from kvpage.plan.report import PlanReport, table, to_json, write_report
+from kvpage.plan.sweep import _parse_bytes, layout_savings, offered_rate, parse_slo, parse_sweep, run_sweep, \
+    thrashing_onset
+from kvpage.plan.trace import TraceLimits, load_trace, synthetic_trace
+from kvpage.workloads import WORKLOAD_NAMES
+
+ENGINE_FLAGS = ("block_size", "max_num_seqs", "max_num_batched_tokens", "admission_cap", "headroom_policy",
+                "watermark", "preemption_mode", "swap_space", "kv_layout", "enable_prefix_caching")
+
+
+def add_plan_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    plan = commands.add_parser("plan", help="replay a traffic trace through the scheduler to size a deployment")
+    plan.add_argument("trace", nargs="?", help="JSONL trace, one request a line (or --synthetic)")
+    plan.add_argument("--synthetic", choices=WORKLOAD_NAMES, help="generate a seeded synthetic trace instead")
+    plan.add_argument("--rate", type=float, default=None, help="synthetic: mean request rate (default: all at once)")
+    plan.add_argument("--num", type=int, default=1000, help="synthetic: number of requests")
+    plan.add_argument("--burstiness", type=float, default=1.0, help="synthetic: gamma shape; 1 = Poisson, < 1 burstier")
+    plan.add_argument("--seed", type=int, default=0)
+    plan.add_argument("--model", default=None, help="Hugging Face model directory (its config.json; default: demo)")
+    plan.add_argument("--max-model-len", type=int, default=None)
+    plan.add_argument("--hardware", default="h100", choices=sorted(HARDWARE), help="physics cost model preset")
+    plan.add_argument("--cost-model", default=None, help="calibration JSON from kvpage bench --calibrate")
+    plan.add_argument("--dtype-bytes", type=int, default=None, help="bytes per weight and K/V value (default: "
+                      "2 on GPU presets, 4 on cpu)")
+    size = plan.add_argument_group("KV size (one of)")
+    size.add_argument("--kv-memory", default=None, help="KV cache memory, e.g. 8GiB (default 8GiB)")
+    size.add_argument("--kv-tokens", type=int, default=None, help="KV cache size in token slots")
+    engine = plan.add_argument_group("engine settings (as for kvpage serve)")
+    engine.add_argument("--block-size", type=int, default=16)
+    engine.add_argument("--max-num-seqs", type=int, default=256)
+    engine.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    engine.add_argument("--admission-cap", type=float, default=1.0)
+    engine.add_argument("--headroom-policy", default="watermark")
+    engine.add_argument("--watermark", type=float, default=0.01)
+    engine.add_argument("--preemption-mode", default="recompute")
+    engine.add_argument("--swap-space", type=float, default=4.0)
+    engine.add_argument("--kv-layout", default="paged")
+    engine.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    plan.add_argument("--sweep", nargs="*", default=[], metavar="NAME=V1,V2",
+                      help="settings to sweep: block_size, admission_cap, kv_memory, kv_tokens, max_num_seqs, "
+                           "max_num_batched_tokens, preemption_mode, headroom_policy, watermark, kv_layout")
+    plan.add_argument("--slo", default="", help="e.g. ttft_p99=2s,tpot_p99=100ms: the recommendation must meet it")
+    plan.add_argument("--rate-factors", default="0.5,1,2,4,8",
+                      help="replay at these multiples of the trace's rate to find where thrashing starts ('' skips)")
+    plan.add_argument("--no-layouts", dest="layouts", action="store_false",
+                      help="skip the paged-versus-contiguous comparison")
+    plan.add_argument("--out", default="plan-report", help="folder for plan.md, plan.json and plots")
+    plan.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")
+
+
+def _model_dir(model: str | None) -> Path:
+    if model is None:
+        return Path(str(resources.files("kvpage").joinpath("assets", "demo-model")))
+    return Path(model)
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    model_dir = _model_dir(args.model)
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise ValueError(f"--model {str(model_dir)!r} has no config.json")
+    config = json.loads(config_path.read_text())
+    cost: CostModel
+    if args.cost_model is not None:
+        cost = CalibratedCostModel.load(args.cost_model)
+        device_type = "cpu" if cost.device.startswith("cpu") else "cuda"
+    else:
+        cost = None  # type: ignore[assignment]
+        device_type = "cpu" if args.hardware == "cpu" else "cuda"
+    dtype_bytes = args.dtype_bytes or (4 if device_type == "cpu" else 2)
+    model = ModelShape.from_config(config_path, dtype_bytes)
+    if cost is None:
+        cost = PhysicsCostModel(HARDWARE[args.hardware], model)
+    max_len = args.max_model_len or config.get("max_position_embeddings", 4096)
+    limits = TraceLimits(max_model_len=max_len, vocab_size=config.get("vocab_size", 32000))
+    if (args.trace is None) == (args.synthetic is None):
+        raise ValueError("give a trace file or --synthetic NAME (one of them)")
+    if args.synthetic is not None:
+        if args.num < 1:
+            raise ValueError(f"--num must be an integer >= 1, got {args.num}")
+        workload = synthetic_trace(args.synthetic, args.num, args.rate, limits, args.seed, args.burstiness)
+    else:
+        workload = load_trace(args.trace, limits)
+    if args.kv_memory is not None and args.kv_tokens is not None:
+        raise ValueError("give --kv-memory or --kv-tokens, not both")
+    options = {name: getattr(args, name) for name in ENGINE_FLAGS}
+    options["max_model_len"] = max_len
+    if args.kv_tokens is None:
+        options["kv_cache_memory"] = _parse_bytes(args.kv_memory or "8GiB")
+    settings = ReplaySettings(options=options, kv_tokens=args.kv_tokens, max_model_len=max_len,
+                              vocab_size=limits.vocab_size, device_type=device_type)
+    sweep, slo = parse_sweep(args.sweep), parse_slo(args.slo)
+    try:
+        factors = tuple(float(f) for f in args.rate_factors.split(",") if f.strip())
+    except ValueError:
+        raise ValueError(f"--rate-factors must be numbers separated by commas, got {args.rate_factors!r}") from None
+    if any(f <= 0 for f in factors):
+        raise ValueError(f"--rate-factors must be positive, got {args.rate_factors!r}")
+
+    start = time.perf_counter()
+    base = replay(workload, settings, cost, model)
+    seconds = time.perf_counter() - start
+    report = PlanReport(args.trace or f"synthetic {args.synthetic}", len(workload.requests), offered_rate(workload),
+                        str(model_dir), cost.describe(), base, slo, replay_seconds=seconds)
+    if sweep or slo:
+        report.sweep, report.recommended = run_sweep(workload, settings, sweep, slo, cost, model)
+    if factors and report.offered_rate != float("inf"):
+        report.onset_rows, report.onset_rate = thrashing_onset(workload, settings, cost, model, factors)
+    if args.layouts:
+        report.layouts = layout_savings(workload, settings, cost, model)
+    write_report(report, Path(args.out), "kvpage " + " ".join(sys.argv[1:]))
+    print(json.dumps(to_json(report), indent=1, default=str) if args.json else table(report))
+    if not args.json:
+        print(f"\nreport: {Path(args.out) / 'plan.md'}")
+    return 0

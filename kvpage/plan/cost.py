@@ -1,0 +1,221 @@
+"""How long a model step takes: the planner's stand-in for the forward pass (pure Python).
+
+A step is summarised by its :class:`StepShape`: sequences, tokens computed,
+sequences sampled, K/V tokens read by attention, query-key pairs attended,
+and bytes swapped.  Two models turn a shape into seconds:
+
+:class:`PhysicsCostModel`
+    From the hardware's peak FLOP/s and memory bandwidth (presets for H100,
+    H200, A100 and a CPU) and the model's shape: a step costs the larger of
+    its FLOPs over the peak (``2 x parameters`` a token plus attention) and
+    its bytes over the bandwidth (the weights once, plus the K/V read),
+    each at an achievable fraction of the peak, plus a fixed host overhead
+    a step and a sequence, plus swap traffic over the host link.
+
+:class:`CalibratedCostModel`
+    A linear fit, with non-negative coefficients, of step times measured on
+    the real engine (``kvpage bench --calibrate``), saved as a small JSON
+    file that ``kvpage plan --cost-model FILE`` loads.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+FEATURES = ("num_seqs", "num_prefill_seqs", "num_tokens", "num_sampled", "kv_tokens_read", "padded_kv_tokens",
+            "attention_pairs")
+
+
+@dataclass(frozen=True)
+class StepShape:
+    num_seqs: int
+    num_prefill_seqs: int  # sequences computing more than one token (prefill chunks)
+    num_tokens: int  # every token computed, prefill and decode
+    num_sampled: int
+    kv_tokens_read: int  # per sequence, its context after the step; summed
+    # Decode sequences x the longest decode context: what attention costs when it pads
+    # the batch to its longest sequence (the reference CPU path does).
+    padded_kv_tokens: int
+    attention_pairs: int  # (query, key) pairs the causal attention computes
+    swap_bytes: int = 0
+
+    def features(self) -> tuple[float, ...]:
+        return (1.0, *(float(getattr(self, name)) for name in FEATURES))
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the cost of a model step depends on, read from a Hugging Face config.json."""
+
+    num_parameters: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    dtype_bytes: int = 2
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.num_parameters * self.dtype_bytes
+
+    @classmethod
+    def from_config(cls, config_path: str | Path, dtype_bytes: int = 2) -> ModelShape:
+        c = json.loads(Path(config_path).read_text())
+        c = c.get("text_config", c)
+        hidden, layers = c["hidden_size"], c["num_hidden_layers"]
+        heads = c["num_attention_heads"]
+        kv_heads = c.get("num_key_value_heads") or heads
+        head_dim = c.get("head_dim") or hidden // heads
+        inter, vocab = c["intermediate_size"], c["vocab_size"]
+        per_layer = hidden * (heads + 2 * kv_heads) * head_dim + heads * head_dim * hidden + 3 * hidden * inter
+        embeddings = vocab * hidden * (1 if c.get("tie_word_embeddings", False) else 2)
+        return cls(layers * per_layer + embeddings, layers, heads, kv_heads, head_dim, dtype_bytes)
+
+
+@dataclass(frozen=True)
+class Hardware:
+    name: str
+    peak_flops: float  # dense, in the model's dtype
+    memory_bytes_per_s: float
+    link_bytes_per_s: float  # host <-> device, for swap
+    flops_efficiency: float = 0.6
+    bandwidth_efficiency: float = 0.8
+    step_overhead_s: float = 1e-3  # the engine's host work a step, not hidden behind the device
+    seq_overhead_s: float = 3e-6  # and a sequence
+
+
+HARDWARE = {
+    "h100": Hardware("h100", 989e12, 3.35e12, 5.0e10),
+    "h200": Hardware("h200", 989e12, 4.8e12, 5.0e10),
+    "a100": Hardware("a100", 312e12, 2.0e12, 2.5e10),
+    # A few server cores in float32: compute-bound long before memory is.
+    "cpu": Hardware("cpu", 2e11, 4e10, 1e10, flops_efficiency=0.5, bandwidth_efficiency=0.5,
+                    step_overhead_s=2e-4, seq_overhead_s=5e-6),
+}
+
+
+@dataclass(frozen=True)
+class PhysicsCostModel:
+    hardware: Hardware
+    model: ModelShape
+
+    def step_time(self, shape: StepShape) -> float:
+        hw, m = self.hardware, self.model
+        flops = 2.0 * m.num_parameters * shape.num_tokens \
+            + 4.0 * m.num_layers * m.num_heads * m.head_dim * shape.attention_pairs
+        memory = m.weight_bytes + m.kv_bytes_per_token * shape.kv_tokens_read
+        device = max(flops / (hw.peak_flops * hw.flops_efficiency),
+                     memory / (hw.memory_bytes_per_s * hw.bandwidth_efficiency))
+        return hw.step_overhead_s + hw.seq_overhead_s * shape.num_seqs + device \
+            + shape.swap_bytes / hw.link_bytes_per_s
+
+    def describe(self) -> str:
+        return f"physics, {self.hardware.name} preset"
+
+
+@dataclass(frozen=True)
+class CalibratedCostModel:
+    """seconds = intercept + sum(coefficient x feature), fitted on measured steps."""
+
+    coefficients: tuple[float, ...]  # intercept, then one per FEATURES name
+    link_bytes_per_s: float = 1e10
+    device: str = ""
+    model: str = ""
+    num_samples: int = 0
+    mean_abs_error: float = 0.0  # relative, on the calibration steps
+
+    def step_time(self, shape: StepShape) -> float:
+        return sum(c * x for c, x in zip(self.coefficients, shape.features())) \
+            + shape.swap_bytes / self.link_bytes_per_s
+
+    def describe(self) -> str:
+        return f"calibrated on {self.device} ({self.num_samples} steps, mean error {self.mean_abs_error:.1%})"
+
+    def save(self, path: str | Path) -> None:
+        data = asdict(self)
+        data["features"] = ["intercept", *FEATURES]
+        Path(path).write_text(json.dumps(data, indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> CalibratedCostModel:
+        try:
+            data = json.loads(Path(path).read_text())
+            if data.pop("features") != ["intercept", *FEATURES]:
+                raise ValueError("its features are not this version's")
+            return cls(**{**data, "coefficients": tuple(data["coefficients"])})
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"cost model {str(path)!r} is not a kvpage calibration file: {exc}") from None
+
+    @classmethod
+    def fit(cls, samples: list[tuple[StepShape, float]], **meta: object) -> CalibratedCostModel:
+        """Least squares, then again without the outliers (a pause of the host, say).
+
+        A step more than three times the median relative error off the
+        first fit is dropped from the second.
+        """
+        if len(samples) < len(FEATURES) + 1:
+            raise ValueError(f"calibration needs at least {len(FEATURES) + 1} measured steps, got {len(samples)}")
+        first = cls._fit(samples)
+        errors = [abs(first.step_time(s) - t) / t for s, t in samples]
+        cutoff = 3 * sorted(errors)[len(errors) // 2]
+        kept = [sample for sample, error in zip(samples, errors) if error <= cutoff]
+        fitted = cls._fit(kept if len(kept) > len(FEATURES) else samples)
+        error = sum(abs(fitted.step_time(s) - t) / t for s, t in samples) / len(samples)
+        return cls(fitted.coefficients, num_samples=len(samples), mean_abs_error=error, **meta)  # type: ignore
+
+    @classmethod
+    def _fit(cls, samples: list[tuple[StepShape, float]]) -> CalibratedCostModel:
+        """Weighted least squares, dropping features whose weight comes out negative."""
+        rows = [shape.features() for shape, _ in samples]
+        times = [t for _, t in samples]
+        # Relative errors matter: weight each step by 1 / its time, so short steps count as much as long.
+        weights = [1.0 / max(t, 1e-9) for t in times]
+        active = list(range(len(rows[0])))
+        while True:
+            solution = _least_squares([[row[i] for i in active] for row in rows], times, weights)
+            if all(c >= 0 for c in solution) or len(active) == 1:
+                break
+            active.pop(min(range(len(solution)), key=lambda i: solution[i]))  # drop the most negative
+        coefficients = [0.0] * len(rows[0])
+        for i, c in zip(active, solution):
+            coefficients[i] = max(c, 0.0)
+        return cls(tuple(coefficients))
+
+
+def _least_squares(rows: list[list[float]], targets: list[float], weights: list[float]) -> list[float]:
+    """Weighted normal equations, solved by Gaussian elimination with a little ridge for stability."""
+    k = len(rows[0])
+    scale = [max(abs(row[j]) for row in rows) or 1.0 for j in range(k)]
+    a = [[0.0] * k for _ in range(k)]
+    b = [0.0] * k
+    for row, y, w in zip(rows, targets, weights):
+        x = [v / s for v, s in zip(row, scale)]
+        w2 = w * w
+        for i in range(k):
+            b[i] += w2 * x[i] * y
+            for j in range(k):
+                a[i][j] += w2 * x[i] * x[j]
+    for i in range(k):
+        a[i][i] += 1e-9 * (a[i][i] or 1.0)
+    for col in range(k):  # elimination with partial pivoting
+        pivot = max(range(col, k), key=lambda r: abs(a[r][col]))
+        a[col], a[pivot], b[col], b[pivot] = a[pivot], a[col], b[pivot], b[col]
+        if abs(a[col][col]) < 1e-300:
+            continue
+        for r in range(col + 1, k):
+            f = a[r][col] / a[col][col]
+            for c in range(col, k):
+                a[r][c] -= f * a[col][c]
+            b[r] -= f * b[col]
+    x = [0.0] * k
+    for i in reversed(range(k)):
+        if abs(a[i][i]) < 1e-300:
+            continue
+        x[i] = (b[i] - sum(a[i][j] * x[j] for j in range(i + 1, k))) / a[i][i]
+    return [v / s for v, s in zip(x, scale)]

@@ -1,0 +1,269 @@
+"""Replay a trace through the real scheduler and memory manager in virtual time (pure Python).
+
+The replay builds the same :class:`~kvpage.kv.KVCacheManager` (or
+contiguous baseline) and :class:`~kvpage.scheduler.Scheduler` the engine
+builds, from the same configuration classes, and runs the engine's step
+loop with one change: instead of the forward pass, a cost model says how
+long the step took, and the virtual clock moves on by that much.  Requests
+join when the clock passes their arrival time.  Admission, chunked prefill,
+preemption by recompute or swap, prefix caching, copy-on-write and beam
+search all run through the scheduler's own code, so every memory figure
+(pages, waste, preemptions, evictions) is the one a real engine would see
+under the same schedule.
+
+The "sampled" tokens are arbitrary but distinct per sequence and position
+(so no two sequences share generated pages by accident); every request
+generates exactly its ``output_tokens`` (EOS is ignored), as in the trace.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from kvpage.batch import SampledToken, SchedulerOutput
+from kvpage.config import GIB, EngineConfig
+from kvpage.kv import ContiguousKVCacheManager, KVCacheManager
+from kvpage.plan.cost import ModelShape, StepShape
+from kvpage.preemption import SwapCostModel
+from kvpage.pressure import PressureSample, ThrashingMonitor, WasteStats
+from kvpage.request import Request
+from kvpage.sampling_params import SamplingParams
+from kvpage.scheduler import Scheduler
+from kvpage.workloads import Workload, WorkloadRequest
+
+MAX_SERIES_POINTS = 2000
+
+
+class CostModel(Protocol):
+    def step_time(self, shape: StepShape) -> float: ...
+
+    def describe(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class ReplaySettings:
+    """The engine options the replay honours (the same names as ``LLM(...)``), plus the KV size."""
+
+    options: dict[str, Any] = field(default_factory=dict)  # block_size, max_num_seqs, admission_cap, ...
+    kv_tokens: int | None = None  # KV budget in token slots; else options' kv_cache_memory / num_kv_blocks
+    max_model_len: int = 4096
+    vocab_size: int = 32000
+    device_type: str = "cuda"  # which defaults the auto preemption cost model takes
+
+
+def step_shape(out: SchedulerOutput, bytes_per_page: int) -> StepShape:
+    """The features of a planned step that its cost depends on."""
+    tokens = sampled = kv = pairs = prefills = decodes = longest_decode = 0
+    for seq in out.sequences:
+        n = len(seq.input_token_ids)
+        end = seq.start_position + n
+        tokens += n
+        sampled += seq.sample
+        kv += end
+        pairs += n * seq.start_position + n * (n + 1) // 2
+        if n == 1:
+            decodes += 1
+            longest_decode = max(longest_decode, end)
+        else:
+            prefills += 1
+    moved = sum(len(ops.pairs) for ops in out.page_ops if ops.kind != "copy")
+    return StepShape(len(out.sequences), prefills, tokens, sampled, kv, decodes * longest_decode, pairs,
+                     moved * bytes_per_page)
+
+
+@dataclass
+class RequestTiming:
+    arrival: float
+    first_token: float | None = None
+    finished: float | None = None
+    output_tokens: int = 0
+
+
+@dataclass
+class ReplayResult:
+    settings: ReplaySettings
+    cost_model: str
+    num_pages: int
+    block_size: int
+    duration_s: float
+    timings: list[RequestTiming]
+    counters: dict[str, float]
+    waste: dict[str, float]
+    series: dict[str, list[float]]
+    thrashing_onset_s: float | None
+    max_recompute_fraction: float
+
+    def summary(self) -> dict[str, float]:
+        done = [t for t in self.timings if t.finished is not None]
+        duration = max(self.duration_s, 1e-12)
+        ttft = [t.first_token - t.arrival for t in done if t.first_token is not None]
+        e2e = [t.finished - t.arrival for t in done]  # type: ignore[operator]
+        tpot = [(t.finished - t.first_token) / (t.output_tokens - 1) for t in done  # type: ignore[operator]
+                if t.first_token is not None and t.output_tokens > 1]
+        out = {"num_requests": float(len(self.timings)), "duration_s": self.duration_s,
+               "requests_per_s": len(done) / duration,
+               "goodput_tokens_per_s": self.counters["num_generated_tokens"] / duration,
+               "model_tokens_per_s": self.counters["num_tokens_computed"] / duration}
+        for name, values in (("ttft", ttft), ("tpot", tpot), ("e2e", e2e)):
+            out[f"{name}_mean_s"] = sum(values) / len(values) if values else 0.0
+            for q in (50, 90, 99):
+                out[f"{name}_p{q}_s"] = percentile(values, q)
+        out.update(self.counters)
+        out.update(self.waste)
+        out["thrashing_onset_s"] = -1.0 if self.thrashing_onset_s is None else self.thrashing_onset_s
+        out["max_recompute_fraction"] = self.max_recompute_fraction
+        return out
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (numpy's default method); 0.0 for no values."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100
+    low = math.floor(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def build_scheduler(settings: ReplaySettings, model: ModelShape) -> tuple[Scheduler, int, int]:
+    """The engine's KV manager and scheduler for these settings; returns (scheduler, pages, bytes a page)."""
+    options = dict(settings.options)
+    options.setdefault("max_model_len", settings.max_model_len)
+    config = EngineConfig.from_kwargs(**options)
+    cache, sched_config = config.cache, config.scheduler
+    bytes_per_page = model.kv_bytes_per_token * cache.block_size
+    if settings.kv_tokens is not None:
+        num_pages = settings.kv_tokens // cache.block_size
+    elif cache.num_kv_blocks is not None:
+        num_pages = cache.num_kv_blocks
+    elif cache.kv_cache_memory is not None:
+        num_pages = cache.kv_cache_memory // bytes_per_page
+    else:
+        raise ValueError("give the KV size: kv_tokens, kv_cache_memory or num_kv_blocks")
+    if num_pages < 1:
+        raise ValueError(f"the KV budget holds no page of {cache.block_size} tokens ({bytes_per_page} bytes a page)")
+    swapping = sched_config.preemption_mode != "recompute" and cache.kv_layout == "paged"
+    num_host_pages = int(cache.swap_space * GIB) // bytes_per_page if swapping else 0
+    kv = (KVCacheManager(num_pages, cache.block_size, cache.enable_prefix_caching, num_host_pages)
+          if cache.kv_layout == "paged" else ContiguousKVCacheManager(num_pages, cache.block_size))
+    swap_cost = SwapCostModel.for_device(settings.device_type, model.num_parameters, bytes_per_page,
+                                         model.num_layers, model.num_heads, model.head_dim)
+    max_len = sched_config.max_model_len or settings.max_model_len
+    return Scheduler(sched_config, kv, max_len, eos_token_ids=(), kv_layout=cache.kv_layout,
+                     swap_cost=swap_cost), num_pages, bytes_per_page
+
+
+def trace_sampling_params(request: WorkloadRequest, **extra: Any) -> SamplingParams:
+    """A trace request's parameters: exactly ``output_tokens`` tokens, n samples or a beam search."""
+    common = {"max_tokens": request.output_tokens, "ignore_eos": True, **extra}
+    if request.beam_width:
+        return SamplingParams(n=request.n, use_beam_search=True, beam_width=request.beam_width, temperature=0.0,
+                              **common)
+    return SamplingParams(n=request.n, temperature=1.0 if request.n > 1 else 0.0, **common)
+
+
+def _fake_tokens(out: SchedulerOutput, vocab: int) -> list[SampledToken]:
+    sampled = []
+    span = vocab - 3
+    for seq in out.sequences:
+        if not seq.sample:
+            continue
+        position = seq.start_position + len(seq.input_token_ids)
+        token = 3 + (seq.seq_id * 1_000_003 + position * 7919) % span
+        if seq.sampling_params.use_beam_search:
+            width = seq.sampling_params.beam_width or 1
+            candidates = [(3 + (token + 31 * k) % span, -0.1 * k - ((seq.seq_id * 31 + k * 17) % 7) * 0.01)
+                          for k in range(2 * width)]
+            candidates.sort(key=lambda c: -c[1])
+            sampled.append(SampledToken(candidates[0][0], beam_candidates=candidates))
+        else:
+            sampled.append(SampledToken(token))
+    return sampled
+
+
+class Series:
+    """Per-step samples over time, thinned as they come so that at most MAX_SERIES_POINTS are kept."""
+
+    def __init__(self) -> None:
+        self.points: dict[str, list[float]] = {}
+        self.stride = 1
+        self._countdown = 0
+
+    def due(self) -> bool:
+        self._countdown -= 1
+        return self._countdown < 0
+
+    def add(self, **values: float) -> None:
+        self._countdown = self.stride - 1
+        for key, value in values.items():
+            self.points.setdefault(key, []).append(float(value))
+        if len(self.points["time_s"]) >= MAX_SERIES_POINTS:  # keep every other point, sample half as often
+            self.points = {key: column[::2] for key, column in self.points.items()}
+            self.stride *= 2
+
+
+def replay(workload: Workload, settings: ReplaySettings, cost: CostModel, model: ModelShape) -> ReplayResult:
+    """Run ``workload`` through the scheduler in virtual time; see the module docstring."""
+    sched, num_pages, bytes_per_page = build_scheduler(settings, model)
+    kv = sched.kv
+    requests = workload.requests
+    timings = [RequestTiming(r.arrival_time) for r in requests]
+    by_id: dict[str, int] = {}
+    waste_stats = WasteStats()
+    monitor = ThrashingMonitor(warn=False)
+    onset: float | None = None
+    max_fraction = 0.0
+    series = Series()
+    now = 0.0
+    index = 0
+    counters = sched.counters
+    while index < len(requests) or sched.has_unfinished():
+        while index < len(requests) and requests[index].arrival_time <= now:
+            r = requests[index]
+            request_id = str(index)
+            sched.add_request(Request(request_id, None, list(r.prompt_token_ids), trace_sampling_params(r), r.arrival_time,
+                                      priority=r.priority))
+            by_id[request_id] = index
+            index += 1
+        if not sched.has_unfinished():
+            now = requests[index].arrival_time
+            continue
+        out = sched.schedule()
+        if not out.sequences and not out.page_ops:
+            if index < len(requests):
+                now = max(now, requests[index].arrival_time)
+                continue
+            raise RuntimeError("the scheduler made no progress with nothing left to arrive")
+        now += cost.step_time(step_shape(out, bytes_per_page))
+        for seq in sched.update(out, _fake_tokens(out, settings.vocab_size)):
+            timing = timings[by_id[seq.request.request_id]]
+            if timing.first_token is None:
+                timing.first_token = now
+            if seq.request.is_finished:
+                timing.finished = now
+                timing.output_tokens = requests[by_id[seq.request.request_id]].output_tokens
+        waste = sched.kv_waste()
+        waste_stats.add(waste, len(out.sequences), bool(sched.waiting))
+        monitor.add(PressureSample(now, kv.num_evictions, counters.num_preemptions, counters.num_recomputed_tokens,
+                                   counters.num_tokens_computed, counters.num_generated_tokens))
+        if monitor.is_thrashing:
+            max_fraction = max(max_fraction, monitor.rates()["recompute_fraction"])
+            if onset is None:
+                onset = now
+        if series.due():
+            fractions = waste.fractions()
+            series.add(time_s=now, batch_size=len(out.sequences), kv_usage=kv.num_pages_in_use / num_pages,
+                       queue_length=len(sched.waiting), preemptions=counters.num_preemptions,
+                       evictions=kv.num_evictions, reservation_waste=fractions["reservation_waste"],
+                       internal_fragmentation=fractions["internal_fragmentation"],
+                       external_fragmentation=fractions["external_fragmentation"])
+    if kv.num_pages_in_use:
+        raise RuntimeError(f"{kv.num_pages_in_use} pages still in use after the replay")
+    counter_values = {name: float(getattr(counters, name)) for name in counters.__dataclass_fields__}
+    counter_values["num_evictions"] = float(kv.num_evictions)
+    counter_values["num_pages"] = float(num_pages)
+    return ReplayResult(settings, cost.describe(), num_pages, kv.block_size, now, timings, counter_values,
+                        waste_stats.means(), series.points, onset, max_fraction)

@@ -1,0 +1,218 @@
+"""``kvpage plan``: traces, the replay against the real engine, sweeps, thrashing onset, the CLI."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from kvpage.plan.cost import HARDWARE, CalibratedCostModel, ModelShape, PhysicsCostModel, StepShape
+from kvpage.plan.replay import ReplaySettings, replay
+from kvpage.plan.sweep import layout_savings, offered_rate, parse_slo, parse_sweep, run_sweep, thrashing_onset
+from kvpage.plan.trace import TraceError, TraceLimits, dump_trace, parse_trace, synthetic_trace
+from kvpage.workloads import Workload
+
+DEMO = Path(__file__).resolve().parent.parent / "kvpage" / "assets" / "demo-model"
+LIMITS = TraceLimits(max_model_len=1024, vocab_size=4096)
+MODEL = ModelShape.from_config(DEMO / "config.json", dtype_bytes=4)
+CPU = PhysicsCostModel(HARDWARE["cpu"], MODEL)
+
+
+def settings(kv_tokens: int = 4096, **options: object) -> ReplaySettings:
+    return ReplaySettings(options={"block_size": 16, **options}, kv_tokens=kv_tokens, max_model_len=1024,
+                          vocab_size=4096, device_type="cpu")
+
+
+# ----- traces -----------------------------------------------------------------------------------
+def test_trace_lines_parse_and_every_bad_line_is_reported_with_its_number() -> None:
+    good = [
+        '{"arrival_time": 0.5, "prompt_tokens": 40, "output_tokens": 8, "prefix_group": 1, "shared_prefix_tokens": 32}',
+        '{"arrival_time": 0.1, "prompt_token_ids": [5, 6, 7], "output_tokens": 2, "n": 2}',
+        "",
+        '{"arrival_time": 0.3, "prompt_tokens": 50, "output_tokens": 4, "prefix_group": 1, '
+        '"shared_prefix_tokens": 32, "beam_width": 3, "priority": -1}',
+    ]
+    workload = parse_trace(good, LIMITS)
+    assert [r.arrival_time for r in workload.requests] == [0.1, 0.3, 0.5]  # sorted by arrival
+    first, beam, grouped = workload.requests
+    assert first.prompt_token_ids == (5, 6, 7) and first.n == 2
+    assert beam.beam_width == 3 and beam.priority == -1 and len(beam.prompt_token_ids) == 50
+    assert beam.prompt_token_ids[:32] == grouped.prompt_token_ids[:32]  # one group, one shared prefix
+    assert beam.prompt_token_ids[32:] != grouped.prompt_token_ids[32:40]
+    assert parse_trace(good, LIMITS) == workload  # ids are a function of the trace alone
+
+    bad = good + [
+        "not json",
+        '{"arrival_time": -1, "prompt_tokens": 4, "output_tokens": 1}',
+        '{"arrival_time": 0, "output_tokens": 1}',
+        '{"arrival_time": 0, "prompt_tokens": 1000, "output_tokens": 100}',
+        '{"arrival_time": 0, "prompt_tokens": 4, "output_tokens": 0, "colour": "red"}',
+        '{"arrival_time": 0, "prompt_tokens": 4, "output_tokens": 2, "shared_prefix_tokens": 2}',
+        '[1, 2]',
+    ]
+    with pytest.raises(TraceError) as caught:
+        parse_trace(bad, LIMITS, "t.jsonl")
+    message = str(caught.value)
+    for number, text in ((5, "not valid JSON"), (6, "arrival_time must be a finite number of seconds >= 0"),
+                         (7, "give exactly one of prompt_tokens"), (8, "prompt (1000) + output_tokens (100) exceeds max_model_len (1024)"),
+                         (9, "output_tokens must be an integer >= 1"), (9, "unknown field 'colour'"),
+                         (10, "shared_prefix_tokens needs a prefix_group"), (11, "expected a JSON object")):
+        assert f"t.jsonl:{number}: {text}" in message
+    assert message.startswith("8 problem(s) in t.jsonl")
+
+
+def test_synthetic_traces_are_seeded_and_arrive_at_the_asked_rate(tmp_path: Path) -> None:
+    trace = synthetic_trace("sharegpt", 2000, 20.0, LIMITS, seed=1)
+    assert trace == synthetic_trace("sharegpt", 2000, 20.0, LIMITS, seed=1)
+    assert 18.0 < offered_rate(trace) < 22.0
+    bursty = synthetic_trace("sharegpt", 2000, 20.0, LIMITS, seed=1, burstiness=0.2)
+    gaps = [b.arrival_time - a.arrival_time for a, b in zip(bursty.requests, bursty.requests[1:])]
+    mean = sum(gaps) / len(gaps)
+    cv = (sum((g - mean) ** 2 for g in gaps) / len(gaps)) ** 0.5 / mean
+    assert 1.8 < cv < 2.7  # gamma shape 0.2: coefficient of variation 1 / sqrt(0.2) = 2.24 (Poisson: 1)
+    path = tmp_path / "t.jsonl"
+    path.write_text(dump_trace(trace))
+    again = parse_trace(path.read_text().splitlines(), LIMITS)
+    assert [r.prompt_token_ids for r in again.requests] == [r.prompt_token_ids for r in trace.requests]
+
+
+# ----- the replay against the engine ----------------------------------------------------------------
+@pytest.mark.parametrize("options", [{"preemption_mode": "recompute"}, {"preemption_mode": "swap", "swap_space": 0.002},
+                                     {"kv_layout": "contiguous-request"}, {"headroom_policy": "conservative"}])
+def test_replayed_memory_figures_equal_the_engines(options: dict[str, object]) -> None:
+    """Same trace, same schedule (all at once): every memory figure of the engine, exactly."""
+    from kvpage.bench.trace_run import run_trace
+    from kvpage.llm import LLM
+
+    workload = synthetic_trace("uniform", 16, None, LIMITS)
+    real = run_trace(LLM(device="cpu", num_kv_blocks=48, block_size=16, **options), workload).metrics
+    planned = replay(workload, settings(48 * 16, **options), CPU, MODEL).summary()
+    assert planned["num_preemptions"] == real["num_preemptions"]
+    if options.get("preemption_mode") == "recompute":
+        assert real["num_preemptions"] > 0 and planned["num_recomputed_tokens"] > 0  # the case means something
+    for key in ("num_recomputed_tokens", "num_swapped_out", "num_generation_tokens", "batch_size_mean",
+                "batch_size_max", "batch_size_mean_loaded", "kv_waste_mean", "kv_internal_fragmentation_mean",
+                "kv_reservation_waste_mean", "kv_external_fragmentation_mean", "kv_stored_mean"):
+        assert planned[key.replace("num_generation_tokens", "num_generated_tokens")] == real[key], key
+    assert planned["num_evictions"] == real["kv_evictions"]
+
+
+def test_calibrated_plan_predicts_the_cpu_engine_within_15_percent() -> None:
+    """Issue #6's accuracy target: throughput and mean TPOT of three workloads, calibrated on this machine."""
+    from kvpage.bench.calibrate import CalibrationGrid, calibrate
+    from kvpage.bench.trace_run import run_trace
+    from kvpage.llm import LLM
+
+    # The grid covers these workloads' contexts (up to about 500 tokens); the default one goes to 900.
+    cost = calibrate(LLM(device="cpu", num_kv_blocks=256, block_size=16), CalibrationGrid(contexts=(16, 128, 480)))
+    for name, num, rate in (("alpaca", 64, None), ("uniform", 24, 8.0), ("shared-prefix-chat", 40, 20.0)):
+        workload = synthetic_trace(name, num, rate, LIMITS)
+        # Two real runs, averaged: a shared 2-core machine varies by several percent from run to run.
+        runs = [run_trace(LLM(device="cpu", num_kv_blocks=256, block_size=16), workload).summary() for _ in range(2)]
+        planned = replay(workload, settings(4096), cost, MODEL).summary()
+        for key in ("goodput_tokens_per_s", "tpot_mean_s"):
+            real = sum(run[key] for run in runs) / 2
+            assert planned[key] == pytest.approx(real, rel=0.15), (name, key, planned[key], real)
+
+
+def test_calibration_fit_recovers_a_known_linear_model(tmp_path: Path) -> None:
+    truth = (2e-3, 1e-5, 3e-4, 2e-6, 1e-5, 1e-8, 0.0, 5e-9)
+    shapes = [StepShape(s, p, t, s, t * 7, t * 9, t * t) for s in (1, 4, 16, 64) for p in (0, 1, 3)
+              for t in (s, s * 10 + p, 512)]
+    samples = [(shape, sum(c * x for c, x in zip(truth, shape.features()))) for shape in shapes]
+    fitted = CalibratedCostModel.fit(samples, device="cpu")
+    assert fitted.mean_abs_error < 0.01
+    path = tmp_path / "cal.json"
+    fitted.save(path)
+    loaded = CalibratedCostModel.load(path)
+    assert loaded == fitted and loaded.step_time(shapes[5]) == pytest.approx(samples[5][1], rel=0.01)
+    path.write_text("{}")
+    with pytest.raises(ValueError, match="is not a kvpage calibration file"):
+        CalibratedCostModel.load(path)
+
+
+# ----- the operator's questions ---------------------------------------------------------------------
+def test_sweep_recommends_the_best_goodput_that_meets_the_slo() -> None:
+    workload = synthetic_trace("sharegpt", 120, 12.0, LIMITS)
+    sweep = parse_sweep(["kv_tokens=2048,8192", "max_num_seqs=4,64"])
+    points, best = run_sweep(workload, settings(), sweep, parse_slo("ttft_p99=5s"), CPU, MODEL)
+    assert len(points) == 4 and {tuple(p.setting.values()) for p in points} == {
+        (2048, 4), (2048, 64), (8192, 4), (8192, 64)}
+    passing = [p for p in points if p.meets_slo]
+    assert best is not None and best in passing
+    assert best.result.summary()["goodput_tokens_per_s"] == max(p.result.summary()["goodput_tokens_per_s"]
+                                                                for p in passing)
+    assert best.setting == {"kv_tokens": 8192, "max_num_seqs": 64}
+    _, none = run_sweep(workload, settings(), sweep, parse_slo("ttft_p99=1ms"), CPU, MODEL)
+    assert none is None
+    with pytest.raises(ValueError, match="sweep entries are NAME=V1,V2"):
+        parse_sweep(["page_size=16"])
+    with pytest.raises(ValueError, match="slo entries are METRIC=DURATION"):
+        parse_slo("ttft_p95=1s")
+
+
+def test_overcommitment_thrashes_and_a_hard_cap_prevents_it() -> None:
+    """The limits of paging, shown by replay: past the onset, raw throughput climbs and goodput does not."""
+    workload = synthetic_trace("sharegpt", 300, 1.0, LIMITS)
+    uncapped = settings(2048, headroom_policy="none")
+    rows, onset = thrashing_onset(workload, uncapped, CPU, MODEL, factors=(1.0, 4.0, 16.0))
+    calm, loaded, flooded = rows
+    assert not calm["thrashing"] and onset is not None and onset > calm["request_rate"]
+    assert flooded["thrashing"] and flooded["recompute_share"] > 0.2
+    assert flooded["model_tokens_per_s"] > 2 * flooded["goodput_tokens_per_s"]
+    assert flooded["goodput_tokens_per_s"] < 1.1 * loaded["goodput_tokens_per_s"]  # the extra work is recomputation
+    capped = settings(2048, headroom_policy="none", admission_cap=0.5)
+    rows, onset = thrashing_onset(workload, capped, CPU, MODEL, factors=(1.0, 4.0, 16.0))
+    assert onset is None and rows[2]["recompute_share"] < 0.05
+    assert rows[2]["goodput_tokens_per_s"] > 0.8 * flooded["goodput_tokens_per_s"]
+
+
+def test_a_single_long_request_gains_nothing_from_paging() -> None:
+    workload = synthetic_trace("long-single", 1, None, LIMITS)
+    layouts = layout_savings(workload, settings(4096), CPU, MODEL)
+    assert {v["batch_size_max"] for v in layouts.values()} == {1}
+    assert layouts["paged"]["goodput_tokens_per_s"] == layouts["contiguous-max"]["goodput_tokens_per_s"]
+    chat = layout_savings(synthetic_trace("sharegpt", 64, None, LIMITS), settings(4096), CPU, MODEL)
+    assert chat["paged"]["batch_size_mean_loaded"] > 2 * chat["contiguous-max"]["batch_size_mean_loaded"]
+
+
+def test_replays_every_step_in_virtual_time() -> None:
+    workload = synthetic_trace("alpaca", 30, 5.0, LIMITS)
+    result = replay(workload, settings(), CPU, MODEL)
+    summary = result.summary()
+    assert summary["duration_s"] >= workload.requests[-1].arrival_time
+    assert all(t.arrival <= t.first_token <= t.finished for t in result.timings)  # type: ignore[operator]
+    assert summary["num_generated_tokens"] == sum(r.output_tokens for r in workload.requests)
+    series = result.series
+    assert series["time_s"] == sorted(series["time_s"]) and max(series["batch_size"]) <= 30
+    slower = replay(workload, settings(), replace(CPU, hardware=replace(HARDWARE["cpu"], peak_flops=2e10)),
+                    MODEL).summary()
+    assert slower["tpot_mean_s"] > 2 * summary["tpot_mean_s"]
+
+
+def test_plan_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from kvpage.cli import main
+
+    out = tmp_path / "report"
+    assert main(["plan", "--synthetic", "alpaca", "--num", "60", "--rate", "10", "--hardware", "cpu",
+                 "--kv-tokens", "2048", "--sweep", "block_size=16,32", "--slo", "ttft_p99=2s",
+                 "--rate-factors", "1,4", "--json", "--out", str(out)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["num_requests"] == 60 and report["base"]["num_generated_tokens"] > 0
+    assert [p["setting"] for p in report["sweep"]] == [{"block_size": 16}, {"block_size": 32}]
+    assert report["recommended"] in ({"block_size": 16}, {"block_size": 32})
+    assert [round(r["factor"]) for r in report["rates"]] == [1, 4] and set(report["layouts"]) == {
+        "paged", "contiguous-request", "contiguous-max"}
+    assert {p.name for p in out.iterdir()} == {"plan.json", "plan.md", "timeline.png", "rates.png"}
+    trace = tmp_path / "bad.jsonl"
+    trace.write_text('{"arrival_time": 0, "prompt_tokens": 4}\n')
+    assert main(["plan", str(trace)]) == 1
+    assert "bad.jsonl:1: output_tokens must be an integer >= 1" in capsys.readouterr().err
+    assert main(["plan"]) == 1
+    assert main(["plan", "--synthetic", "alpaca", "--sweep", "nope=1"]) == 1
+
+
+def test_workload_type_is_the_trace_type() -> None:
+    assert isinstance(synthetic_trace("uniform", 3, None, LIMITS), Workload)
