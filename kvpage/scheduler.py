@@ -154,23 +154,24 @@ class Scheduler:
     # ----- planning a step -----------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         step = StepPlan(budget=self.config.max_num_batched_tokens)
+        running, allocate, plan, add = self.running, self.kv.allocate, self._plan, step.add  # the hot loop
         i = 0
-        while i < len(self.running) and step.budget > 0:
-            seq = self.running[i]
+        while i < len(running) and step.budget > 0:
+            seq = running[i]
             num_new = min(seq.compute_target - seq.num_computed_tokens, step.budget)
             if num_new <= 0:
                 i += 1
                 continue
-            copies = self.kv.allocate(seq.seq_id, num_new)
+            copies = allocate(seq.seq_id, num_new)
             while copies is None:
                 victim = self._victim()
                 self._preempt(victim, step)
                 if victim is seq:
                     break
-                copies = self.kv.allocate(seq.seq_id, num_new)
+                copies = allocate(seq.seq_id, num_new)
             if copies is None:
                 break
-            step.add(self._plan(seq, num_new), copies)
+            add(plan(seq, num_new), copies)
             i += 1
         # Admitting (or resuming) while evicting running work would only thrash.
         if not step.preempted:
@@ -386,33 +387,36 @@ class Scheduler:
         samples = iter(sampled)
         touched: list[Sequence] = []
         beam_requests: dict[str, Request] = {}
+        counters, live_seqs, commit = self.counters, self.live, self.kv.commit  # the hot loop
         for planned in out.sequences:
-            live = self.live.get(planned.seq_id)
-            if live is None:  # aborted during the step
+            seq = live_seqs.get(planned.seq_id)  # type: ignore[assignment]
+            if seq is None:  # aborted during the step
                 if planned.sample:
                     next(samples)
                 continue
-            seq = live
             start = seq.num_computed_tokens
-            seq.num_computed_tokens += len(planned.input_token_ids)
-            self.counters.num_tokens_computed += len(planned.input_token_ids)
+            num_new = len(planned.input_token_ids)
+            computed = seq.num_computed_tokens = start + num_new
+            counters.num_tokens_computed += num_new
             if start < seq.max_computed_tokens:  # computed before a preemption: recomputation
-                self.counters.num_recomputed_tokens += min(seq.num_computed_tokens, seq.max_computed_tokens) - start
-            seq.max_computed_tokens = max(seq.max_computed_tokens, seq.num_computed_tokens)
+                counters.num_recomputed_tokens += min(computed, seq.max_computed_tokens) - start
+            if computed > seq.max_computed_tokens:
+                seq.max_computed_tokens = computed
             if start < seq.num_prompt_tokens:
-                self.counters.num_prompt_tokens_computed += min(seq.num_computed_tokens, seq.num_prompt_tokens) - start
-            self.kv.commit(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
-            if seq.request.num_pending_forks and seq.num_computed_tokens == seq.compute_target:
+                counters.num_prompt_tokens_computed += min(computed, seq.num_prompt_tokens) - start
+            commit(seq.seq_id, seq.token_ids, computed)
+            request = seq.request
+            if request.num_pending_forks and computed == seq.compute_target:
                 self._fork(seq)
             if not planned.sample:
                 continue
             token = next(samples)
-            if seq.request.beam is not None:
-                seq.request.beam.candidates[seq.seq_id] = token.beam_candidates  # type: ignore[assignment]
-                beam_requests[seq.request.request_id] = seq.request
+            if request.beam is not None:
+                request.beam.candidates[seq.seq_id] = token.beam_candidates  # type: ignore[assignment]
+                beam_requests[request.request_id] = request
                 continue
             seq.append_token(token.token_id, token.logprobs)
-            self.counters.num_generated_tokens += 1
+            counters.num_generated_tokens += 1
             touched.append(seq)
             self._check_token_stop(seq, token.token_id)
         for request in beam_requests.values():
@@ -422,8 +426,8 @@ class Scheduler:
 
     def _check_token_stop(self, seq: Sequence, token_id: int) -> None:
         params = seq.request.sampling_params
-        num_out = seq.num_output_tokens
-        if num_out >= params.min_tokens:
+        num_out = len(seq.token_ids) - seq.num_prompt_tokens
+        if num_out >= params.min_tokens and (params.stop_token_ids or not params.ignore_eos):
             if not params.ignore_eos and token_id in self.eos_token_ids:
                 self._finish(seq, SequenceStatus.FINISHED_STOPPED)
                 return
@@ -431,8 +435,9 @@ class Scheduler:
                 seq.stop_reason = token_id
                 self._finish(seq, SequenceStatus.FINISHED_STOPPED)
                 return
-        if num_out >= self.max_new_tokens(seq.num_prompt_tokens, params.max_tokens) \
-                or seq.num_tokens >= self.max_model_len:
+        max_tokens = params.max_tokens
+        if num_out >= (self.max_model_len - seq.num_prompt_tokens if max_tokens is None else max_tokens) \
+                or len(seq.token_ids) >= self.max_model_len:
             self._finish(seq, SequenceStatus.FINISHED_LENGTH)
 
     def finish_sequence(self, seq: Sequence, status: SequenceStatus, stop_reason: int | str | None = None) -> None:

@@ -33,7 +33,8 @@ class StepPlan:
 
     def add(self, seq: ScheduledSequence, copies: list[tuple[int, int]]) -> None:
         self.planned[seq.seq_id] = seq
-        self.log("copy", copies)
+        if copies:
+            self.log("copy", copies)
         self.budget -= len(seq.input_token_ids)
 
     def log(self, kind: str, pairs: list[tuple[int, int]]) -> None:

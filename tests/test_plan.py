@@ -8,10 +8,29 @@ from pathlib import Path
 
 import pytest
 
-from kvpage.plan.cost import HARDWARE, CalibratedCostModel, ModelShape, PhysicsCostModel, StepShape
+from kvpage.plan.cost import (
+    HARDWARE,
+    CalibratedCostModel,
+    ModelShape,
+    PhysicsCostModel,
+    StepShape,
+)
 from kvpage.plan.replay import ReplaySettings, replay
-from kvpage.plan.sweep import layout_savings, offered_rate, parse_slo, parse_sweep, run_sweep, thrashing_onset
-from kvpage.plan.trace import TraceError, TraceLimits, dump_trace, parse_trace, synthetic_trace
+from kvpage.plan.sweep import (
+    layout_savings,
+    offered_rate,
+    parse_slo,
+    parse_sweep,
+    run_sweep,
+    thrashing_onset,
+)
+from kvpage.plan.trace import (
+    TraceError,
+    TraceLimits,
+    dump_trace,
+    parse_trace,
+    synthetic_trace,
+)
 from kvpage.workloads import Workload
 
 DEMO = Path(__file__).resolve().parent.parent / "kvpage" / "assets" / "demo-model"
@@ -31,8 +50,8 @@ def test_trace_lines_parse_and_every_bad_line_is_reported_with_its_number() -> N
         '{"arrival_time": 0.5, "prompt_tokens": 40, "output_tokens": 8, "prefix_group": 1, "shared_prefix_tokens": 32}',
         '{"arrival_time": 0.1, "prompt_token_ids": [5, 6, 7], "output_tokens": 2, "n": 2}',
         "",
-        '{"arrival_time": 0.3, "prompt_tokens": 50, "output_tokens": 4, "prefix_group": 1, '
-        '"shared_prefix_tokens": 32, "beam_width": 3, "priority": -1}',
+        ('{"arrival_time": 0.3, "prompt_tokens": 50, "output_tokens": 4, "prefix_group": 1, '
+         '"shared_prefix_tokens": 32, "beam_width": 3, "priority": -1}'),
     ]
     workload = parse_trace(good, LIMITS)
     assert [r.arrival_time for r in workload.requests] == [0.1, 0.3, 0.5]  # sorted by arrival
@@ -99,22 +118,47 @@ def test_replayed_memory_figures_equal_the_engines(options: dict[str, object]) -
     assert planned["num_evictions"] == real["kv_evictions"]
 
 
-def test_calibrated_plan_predicts_the_cpu_engine_within_15_percent() -> None:
-    """Issue #6's accuracy target: throughput and mean TPOT of three workloads, calibrated on this machine."""
-    from kvpage.bench.calibrate import CalibrationGrid, calibrate
-    from kvpage.bench.trace_run import run_trace
-    from kvpage.llm import LLM
+ACCURACY_SCRIPT = """
+import json
+from pathlib import Path
+from kvpage.bench.calibrate import CalibrationGrid, calibrate
+from kvpage.bench.trace_run import run_trace
+from kvpage.llm import LLM
+from kvpage.plan.cost import ModelShape
+from kvpage.plan.replay import ReplaySettings, replay
+from kvpage.plan.trace import TraceLimits, synthetic_trace
 
-    # The grid covers these workloads' contexts (up to about 500 tokens); the default one goes to 900.
-    cost = calibrate(LLM(device="cpu", num_kv_blocks=256, block_size=16), CalibrationGrid(contexts=(16, 128, 480)))
-    for name, num, rate in (("alpaca", 64, None), ("uniform", 24, 8.0), ("shared-prefix-chat", 40, 20.0)):
-        workload = synthetic_trace(name, num, rate, LIMITS)
-        # Two real runs, averaged: a shared 2-core machine varies by several percent from run to run.
-        runs = [run_trace(LLM(device="cpu", num_kv_blocks=256, block_size=16), workload).summary() for _ in range(2)]
-        planned = replay(workload, settings(4096), cost, MODEL).summary()
-        for key in ("goodput_tokens_per_s", "tpot_mean_s"):
-            real = sum(run[key] for run in runs) / 2
-            assert planned[key] == pytest.approx(real, rel=0.15), (name, key, planned[key], real)
+new_llm = lambda: LLM(device="cpu", num_kv_blocks=256, block_size=16)
+# The grid covers these workloads' contexts (up to about 500 tokens); the default one goes to 900.
+cost = calibrate(new_llm(), CalibrationGrid(contexts=(16, 128, 480)))
+model = ModelShape.from_config(Path(new_llm().engine.model_dir) / "config.json", 4)
+settings = ReplaySettings(options={"block_size": 16}, kv_tokens=4096, max_model_len=1024, vocab_size=4096,
+                          device_type="cpu")
+rows = []
+for name, num, rate in (("alpaca", 64, None), ("uniform", 24, 8.0), ("shared-prefix-chat", 40, 20.0)):
+    trace = synthetic_trace(name, num, rate, TraceLimits(1024, 4096))
+    # Two real runs, averaged: a shared 2-core machine varies by several percent from run to run.
+    runs = [run_trace(new_llm(), trace).summary() for _ in range(2)]
+    planned = replay(trace, settings, cost, model).summary()
+    for key in ("goodput_tokens_per_s", "tpot_mean_s"):
+        rows.append([name, key, planned[key], sum(run[key] for run in runs) / 2])
+print(json.dumps(rows))
+"""
+
+
+def test_calibrated_plan_predicts_the_cpu_engine_within_15_percent() -> None:
+    """Issue #6's accuracy target: throughput and mean TPOT of three workloads, calibrated on this machine.
+
+    It runs in a fresh interpreter, as ``kvpage bench --calibrate`` and a real server would: the
+    state hundreds of earlier tests leave behind (objects for the collector to walk, cached
+    models) slows the engine unevenly and is no part of what is predicted.
+    """
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", ACCURACY_SCRIPT], capture_output=True, text=True, check=True)
+    for name, key, planned, real in json.loads(done.stdout.strip().splitlines()[-1]):
+        assert planned == pytest.approx(real, rel=0.15), (name, key, planned, real)
 
 
 def test_calibration_fit_recovers_a_known_linear_model(tmp_path: Path) -> None:
@@ -142,8 +186,10 @@ def test_sweep_recommends_the_best_goodput_that_meets_the_slo() -> None:
         (2048, 4), (2048, 64), (8192, 4), (8192, 64)}
     passing = [p for p in points if p.meets_slo]
     assert best is not None and best in passing
-    assert best.result.summary()["goodput_tokens_per_s"] == max(p.result.summary()["goodput_tokens_per_s"]
-                                                                for p in passing)
+    top = max(p.result.summary()["goodput_tokens_per_s"] for p in passing)
+    assert best.result.summary()["goodput_tokens_per_s"] >= 0.99 * top
+    assert best.result.summary()["ttft_p99_s"] == min(p.result.summary()["ttft_p99_s"] for p in passing
+                                                      if p.result.summary()["goodput_tokens_per_s"] >= 0.99 * top)
     assert best.setting == {"kv_tokens": 8192, "max_num_seqs": 64}
     _, none = run_sweep(workload, settings(), sweep, parse_slo("ttft_p99=1ms"), CPU, MODEL)
     assert none is None

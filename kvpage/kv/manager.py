@@ -229,7 +229,12 @@ class KVCacheManager:
         """
         table = self._tables[seq_id]
         bs = self.block_size
-        first = table.num_computed_tokens // bs
+        done = table.num_computed_tokens
+        if num_computed_tokens == done + 1 and num_computed_tokens % bs:  # a decode token, its page not full yet
+            self.pool.set_filled(table.pages[done // bs], num_computed_tokens % bs)
+            table.num_computed_tokens = num_computed_tokens
+            return
+        first = done // bs
         last = self.pages_for_tokens(num_computed_tokens)
         for i in range(first, min(last, len(table.pages))):
             self.pool.set_filled(table.pages[i], min(bs, num_computed_tokens - i * bs))

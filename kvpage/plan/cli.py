@@ -12,8 +12,15 @@ from pathlib import Path
 from kvpage.plan.cost import HARDWARE, CalibratedCostModel, ModelShape, PhysicsCostModel
 from kvpage.plan.replay import CostModel, ReplaySettings, replay
 from kvpage.plan.report import PlanReport, table, to_json, write_report
-from kvpage.plan.sweep import _parse_bytes, layout_savings, offered_rate, parse_slo, parse_sweep, run_sweep, \
-    thrashing_onset
+from kvpage.plan.sweep import (
+    parse_bytes,
+    layout_savings,
+    offered_rate,
+    parse_slo,
+    parse_sweep,
+    run_sweep,
+    thrashing_onset,
+)
 from kvpage.plan.trace import TraceLimits, load_trace, synthetic_trace
 from kvpage.workloads import WORKLOAD_NAMES
 
@@ -99,7 +106,7 @@ def run_plan(args: argparse.Namespace) -> int:
     options = {name: getattr(args, name) for name in ENGINE_FLAGS}
     options["max_model_len"] = max_len
     if args.kv_tokens is None:
-        options["kv_cache_memory"] = _parse_bytes(args.kv_memory or "8GiB")
+        options["kv_cache_memory"] = parse_bytes(args.kv_memory or "8GiB")
     settings = ReplaySettings(options=options, kv_tokens=args.kv_tokens, max_model_len=max_len,
                               vocab_size=limits.vocab_size, device_type=device_type)
     sweep, slo = parse_sweep(args.sweep), parse_slo(args.slo)

@@ -41,24 +41,24 @@ def _row(summary: dict[str, float]) -> list[str]:
 
 def _grid(header: list[str], rows: list[list[str]]) -> list[str]:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))
     return [line(header), "-" * len(line(header)), *(line(r) for r in rows)]
 
 
 def table(report: PlanReport) -> str:
     s = report.base.summary()
     rate = "all at once" if report.offered_rate == float("inf") else f"{report.offered_rate:.2f} req/s"
-    lines = [f"trace {report.trace}: {report.num_requests} requests, {rate}; model {report.model}; "
-             f"cost model: {report.cost_model}",
-             f"KV: {report.base.num_pages} pages of {report.base.block_size} tokens; replayed in "
-             f"{report.replay_seconds:.1f} s", ""]
+    lines = [(f"trace {report.trace}: {report.num_requests} requests, {rate}; model {report.model}; "
+              f"cost model: {report.cost_model}"),
+             (f"KV: {report.base.num_pages} pages of {report.base.block_size} tokens; replayed in "
+              f"{report.replay_seconds:.1f} s"), ""]
     lines += _grid(["setting", *(label for _, label, _ in HEADLINE)], [["base", *_row(s)]] + [
         [" ".join(f"{k}={v}" for k, v in p.setting.items()) + ("" if p.meets_slo else " (SLO miss)"),
          *_row(p.result.summary())] for p in report.sweep])
     thrash = (f"thrashing from {s['thrashing_onset_s']:.1f} s of the replay (peak recomputed share "
               f"{s['max_recompute_fraction']:.0%})" if s["thrashing_onset_s"] >= 0 else "no thrashing")
-    lines += ["", f"base: {thrash}; {s['num_recomputed_tokens']:.0f} tokens recomputed, "
-              f"{s['num_swapped_out']:.0f} swaps"]
+    lines += ["", (f"base: {thrash}; {s['num_recomputed_tokens']:.0f} tokens recomputed, "
+                   f"{s['num_swapped_out']:.0f} swaps")]
     if report.slo:
         slo = ", ".join(f"{k} <= {v:g}s" for k, v in report.slo.items())
         if report.recommended is not None:

@@ -26,7 +26,13 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvpage.workloads import WORKLOAD_NAMES, Workload, WorkloadRequest, WorkloadSpec, make_workload
+from kvpage.workloads import (
+    WORKLOAD_NAMES,
+    Workload,
+    WorkloadRequest,
+    WorkloadSpec,
+    make_workload,
+)
 
 FIELDS = ("arrival_time", "prompt_tokens", "prompt_token_ids", "output_tokens", "prefix_group",
           "shared_prefix_tokens", "n", "beam_width", "priority")
