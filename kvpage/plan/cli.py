@@ -13,9 +13,9 @@ from kvpage.plan.cost import HARDWARE, CalibratedCostModel, ModelShape, PhysicsC
 from kvpage.plan.replay import CostModel, ReplaySettings, replay
 from kvpage.plan.report import PlanReport, table, to_json, write_report
 from kvpage.plan.sweep import (
-    parse_bytes,
     layout_savings,
     offered_rate,
+    parse_bytes,
     parse_slo,
     parse_sweep,
     run_sweep,
