@@ -289,17 +289,13 @@ class Scheduler:
 
     def _plan(self, seq: Sequence, num_new: int) -> ScheduledSequence:
         start = seq.num_computed_tokens
-        return ScheduledSequence(
-            seq_id=seq.seq_id,
-            input_token_ids=seq.token_ids[start : start + num_new],
-            start_position=start,
-            page_ids=self.kv.page_ids(seq.seq_id),
-            sample=start + num_new == seq.num_tokens,
-            sampling_params=seq.request.sampling_params,
-            sample_index=seq.sample_index,
-            all_token_ids=seq.token_ids,
-            num_prompt_tokens=seq.num_prompt_tokens,
-        )
+        tokens = seq.token_ids
+        # Positional: this runs for every sequence of every step. Fields, in order: seq_id,
+        # input_token_ids, start_position, page_ids, sample, sampling_params, sample_index,
+        # all_token_ids, num_prompt_tokens.
+        return ScheduledSequence(seq.seq_id, tokens[start : start + num_new], start, self.kv.page_ids(seq.seq_id),
+                                 start + num_new == len(tokens), seq.request.sampling_params, seq.sample_index,
+                                 tokens, seq.num_prompt_tokens)
 
     def _preempt(self, seq: Sequence, step: StepPlan) -> None:
         # A beam keeps its next-token candidates: they depend on its tokens, not on where its K/V is.

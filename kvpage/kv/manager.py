@@ -183,9 +183,11 @@ class KVCacheManager:
         nothing changed.
         """
         table = self._tables.get(seq_id)
-        if table is not None and (table.num_computed_tokens + num_new_tokens <= len(table.pages) * self.block_size
-                                  and not self._needs_copy(table, num_new_tokens)):
-            return []  # fast path, most decode steps: the tokens fit in pages the sequence owns alone
+        if table is not None:
+            done, bs = table.num_computed_tokens, self.block_size
+            if done + num_new_tokens <= len(table.pages) * bs and (
+                    num_new_tokens <= 0 or done % bs == 0 or table.pages[done // bs].ref_count == 1):
+                return []  # fast path, most decode steps: the tokens fit in pages the sequence owns alone
         if not self.can_allocate(seq_id, num_new_tokens, hit):
             return None
         if table is None:
@@ -325,7 +327,7 @@ class KVCacheManager:
         bs = self.block_size
         pool = self.pool
         stored = pool.counters.filled_slots_in_use
-        unshared = sum(self.pages_for_tokens(t.num_computed_tokens) for t in self._tables.values())
+        unshared = sum([-(-t.num_computed_tokens // bs) for t in self._tables.values()])  # pages_for_tokens
         return KVWaste(total_slots=pool.num_pages * bs, stored_slots=stored,
                        internal_slots=pool.num_used_pages * bs - stored, reserved_slots=reserved_pages * bs,
                        external_slots=0, pages_in_use=pool.num_used_pages, pages_without_sharing=unshared)

@@ -166,6 +166,7 @@ def trace_sampling_params(request: WorkloadRequest, **extra: Any) -> SamplingPar
 
 
 def _fake_tokens(out: SchedulerOutput, vocab: int) -> list[SampledToken]:
+    """Distinct tokens for every sequence and position; beams get synthetic candidates."""
     sampled = []
     span = vocab - 3
     for seq in out.sequences:
@@ -178,7 +179,7 @@ def _fake_tokens(out: SchedulerOutput, vocab: int) -> list[SampledToken]:
             candidates = [(3 + (token + 31 * k) % span, -0.1 * k - ((seq.seq_id * 31 + k * 17) % 7) * 0.01)
                           for k in range(2 * width)]
             candidates.sort(key=lambda c: -c[1])
-            sampled.append(SampledToken(candidates[0][0], beam_candidates=candidates))
+            sampled.append(SampledToken(candidates[0][0], None, candidates))
         else:
             sampled.append(SampledToken(token))
     return sampled
