@@ -76,7 +76,9 @@ class SamplingParams:
         _check(_is_int(self.top_k) and (self.top_k >= 0 or self.top_k == -1), "top_k", self.top_k,
                "-1 or 0 (disabled) or an integer >= 1")
         _check(_is_number(self.min_p) and 0 <= self.min_p <= 1, "min_p", self.min_p, "a number in [0, 1]")
-        _check(self.seed is None or _is_int(self.seed), "seed", self.seed, "None or an integer")
+        # A 64-bit seed: torch's generators take no more (and add the sample index to it).
+        _check(self.seed is None or (_is_int(self.seed) and -(2**63) <= self.seed < 2**63), "seed", self.seed,
+               "None or an integer in [-2**63, 2**63 - 1]")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             _check(_is_number(value) and -2 <= value <= 2, name, value, "a number in [-2, 2]")
