@@ -129,8 +129,9 @@ from kvpage.plan.replay import ReplaySettings, replay
 from kvpage.plan.trace import TraceLimits, synthetic_trace
 
 new_llm = lambda: LLM(device="cpu", num_kv_blocks=256, block_size=16)
-# The grid covers these workloads' contexts (up to about 500 tokens); the default one goes to 900.
-cost = calibrate(new_llm(), CalibrationGrid(contexts=(16, 128, 480)))
+# The default grid, as kvpage bench --calibrate runs it. (A grid of 3 contexts and 1 repeat takes a
+# quarter of the time but let a ratio out of the 15% band in 2 of 9 trials: docs/benchmarks.md.)
+cost = calibrate(new_llm(), CalibrationGrid())
 model = ModelShape.from_config(Path(new_llm().engine.model_dir) / "config.json", 4)
 settings = ReplaySettings(options={"block_size": 16}, kv_tokens=4096, max_model_len=1024, vocab_size=4096,
                           device_type="cpu")
