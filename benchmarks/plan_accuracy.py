@@ -34,11 +34,13 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--kv-pages", type=int, default=256)
     parser.add_argument("--scale", type=int, default=1, help="multiply each workload's request count")
+    parser.add_argument("--decode-steps", type=int, default=CalibrationGrid().decode_steps,
+                        help="tokens each calibration request decodes")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     new_llm = lambda: LLM(device=args.device, num_kv_blocks=args.kv_pages, block_size=16)
     start = time.perf_counter()
-    cost = calibrate(new_llm(), CalibrationGrid())
+    cost = calibrate(new_llm(), CalibrationGrid(decode_steps=args.decode_steps))
     print(f"{platform.python_version()}, torch {torch.__version__}, device {args.device}; calibration "
           f"{time.perf_counter() - start:.0f} s: {cost.describe()}")
     engine = new_llm().engine
