@@ -64,10 +64,10 @@ def measure_steps(llm: LLM, grid: CalibrationGrid, seed: int = 0) -> list[tuple[
                     for prompt in prompts[len(prompts) - late:]:
                         engine.add_request(None, {"prompt_token_ids": prompt}, params)
                 start = time.perf_counter()
-                finished = len(engine.step())  # final outputs only: the requests that ended
+                engine.step()
                 elapsed = time.perf_counter() - start
                 if repeat and engine.last_plan is not None and engine.last_plan.sequences:
-                    samples.append((step_shape(engine.last_plan, bytes_per_page, finished), elapsed))
+                    samples.append((step_shape(engine.last_plan, bytes_per_page), elapsed))
             engine.kv.reset_prefix_cache()  # the next round computes its prompts again
     return samples
 

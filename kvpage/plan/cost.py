@@ -2,7 +2,7 @@
 
 A step is summarised by its :class:`StepShape`: sequences, tokens computed,
 sequences sampled, K/V tokens read by attention, query-key pairs attended,
-requests finished, and bytes swapped.  Two models turn a shape into seconds:
+and bytes swapped.  Two models turn a shape into seconds:
 
 :class:`PhysicsCostModel`
     From the hardware's peak FLOP/s and memory bandwidth (presets for H100,
@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 FEATURES = ("num_seqs", "num_prefill_seqs", "num_tokens", "num_sampled", "kv_tokens_read", "padded_kv_tokens",
-            "attention_pairs", "num_finished")
+            "attention_pairs")
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,6 @@ class StepShape:
     padded_kv_tokens: int
     attention_pairs: int  # (query, key) pairs the causal attention computes
     swap_bytes: int = 0
-    num_finished: int = 0  # requests that ended in the step: their outputs are built then
 
     def features(self) -> tuple[float, ...]:
         return (1.0, *(float(getattr(self, name)) for name in FEATURES))

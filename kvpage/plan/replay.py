@@ -53,7 +53,7 @@ class ReplaySettings:
     device_type: str = "cuda"  # which defaults the auto preemption cost model takes
 
 
-def step_shape(out: SchedulerOutput, bytes_per_page: int, num_finished: int = 0) -> StepShape:
+def step_shape(out: SchedulerOutput, bytes_per_page: int) -> StepShape:
     """The features of a planned step that its cost depends on."""
     tokens = sampled = kv = pairs = prefills = decodes = longest_decode = 0
     for seq in out.sequences:
@@ -70,7 +70,7 @@ def step_shape(out: SchedulerOutput, bytes_per_page: int, num_finished: int = 0)
             prefills += 1
     moved = sum(len(ops.pairs) for ops in out.page_ops if ops.kind != "copy")
     return StepShape(len(out.sequences), prefills, tokens, sampled, kv, decodes * longest_decode, pairs,
-                     moved * bytes_per_page, num_finished)
+                     moved * bytes_per_page)
 
 
 @dataclass
@@ -238,14 +238,12 @@ def replay(workload: Workload, settings: ReplaySettings, cost: CostModel, model:
                 now = max(now, requests[index].arrival_time)
                 continue
             raise RuntimeError("the scheduler made no progress with nothing left to arrive")
-        touched = sched.update(out, _fake_tokens(out, settings.vocab_size))  # needs no clock: update first
-        finished = {seq.request.request_id for seq in touched if seq.request.is_finished}
-        now += cost.step_time(step_shape(out, bytes_per_page, len(finished)))
-        for seq in touched:
+        now += cost.step_time(step_shape(out, bytes_per_page))
+        for seq in sched.update(out, _fake_tokens(out, settings.vocab_size)):
             timing = timings[by_id[seq.request.request_id]]
             if timing.first_token is None:
                 timing.first_token = now
-            if seq.request.request_id in finished:
+            if seq.request.is_finished:
                 timing.finished = now
                 timing.output_tokens = requests[by_id[seq.request.request_id]].output_tokens
         waste = sched.kv_waste()
