@@ -34,8 +34,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--kv-pages", type=int, default=256)
     parser.add_argument("--scale", type=int, default=1, help="multiply each workload's request count")
-    parser.add_argument("--decode-steps", type=int, default=CalibrationGrid().decode_steps,
-                        help="tokens each calibration request decodes")
+    parser.add_argument("--decode-steps", type=int, default=None,
+                        help="tokens each calibration request decodes (default: 32 on a GPU, 8 on a CPU)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     new_llm = lambda: LLM(device=args.device, num_kv_blocks=args.kv_pages, block_size=16)
