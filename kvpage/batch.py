@@ -31,9 +31,6 @@ class ScheduledSequence:
     num_prompt_tokens: int
 
 
-PAGE_OP_KINDS = ("swap_out", "swap_in", "copy")
-
-
 @dataclass(slots=True)
 class PageOps:
     """A run of page copies of one kind.

@@ -85,7 +85,7 @@ class ThrashingMonitor:
 
     def __init__(self, window_s: float = 10.0, recompute_threshold: float = 0.2, min_tokens: int = 256,
                  warn: bool = True) -> None:
-        self.warn = warn  # log the warning (the engine); the planner only reads the state
+        self.warn = warn  # log the warning (the engine does; the planner does not)
         self.window_s = window_s
         self.recompute_threshold = recompute_threshold
         self.min_tokens = min_tokens  # too few tokens in the window to judge: no verdict
@@ -103,14 +103,14 @@ class ThrashingMonitor:
                      and rates["recompute_fraction"] > self.recompute_threshold)
         if thrashing and not self.is_thrashing:
             self.num_warnings += 1
-        if thrashing and not self.is_thrashing and self.warn:
-            logger.warning(
-                "KV cache thrashing: %.0f%% of the tokens computed in the last %.0f s were recomputation after "
-                "preemption (%.1f preemptions/s, %.1f cached-page evictions/s). Goodput is %.0f tokens/s against "
-                "%.0f computed. Lower admission_cap, raise the KV memory (kv_cache_memory / num_kv_blocks / "
-                "gpu_memory_utilization), or lower max_num_seqs.",
-                100 * rates["recompute_fraction"], self.window_s, rates["preemptions_per_s"],
-                rates["evictions_per_s"], rates["goodput_tokens_per_s"], rates["throughput_tokens_per_s"])
+            if self.warn:  # the planner only reads the state
+                logger.warning(
+                    "KV cache thrashing: %.0f%% of the tokens computed in the last %.0f s were recomputation after "
+                    "preemption (%.1f preemptions/s, %.1f cached-page evictions/s). Goodput is %.0f tokens/s against "
+                    "%.0f computed. Lower admission_cap, raise the KV memory (kv_cache_memory / num_kv_blocks / "
+                    "gpu_memory_utilization), or lower max_num_seqs.",
+                    100 * rates["recompute_fraction"], self.window_s, rates["preemptions_per_s"],
+                    rates["evictions_per_s"], rates["goodput_tokens_per_s"], rates["throughput_tokens_per_s"])
         self.is_thrashing = thrashing
 
     def rates(self) -> dict[str, float]:

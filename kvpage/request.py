@@ -17,10 +17,9 @@ Life of a sequence::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-from kvpage.beam import BeamGroup
 from enum import Enum
 
+from kvpage.beam import BeamGroup
 from kvpage.sampling_params import SamplingParams
 
 

@@ -396,8 +396,7 @@ class Scheduler:
             counters.num_tokens_computed += num_new
             if start < seq.max_computed_tokens:  # computed before a preemption: recomputation
                 counters.num_recomputed_tokens += min(computed, seq.max_computed_tokens) - start
-            if computed > seq.max_computed_tokens:
-                seq.max_computed_tokens = computed
+            seq.max_computed_tokens = max(seq.max_computed_tokens, computed)
             if start < seq.num_prompt_tokens:
                 counters.num_prompt_tokens_computed += min(computed, seq.num_prompt_tokens) - start
             commit(seq.seq_id, seq.token_ids, computed)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from kvpage.bench.run import BenchResults, CaseResult
+from kvpage.plan.report import load_pyplot
 
 PAPER = {"paged_waste_max": 0.04, "batch_vs_request": 2.0, "batch_vs_max": 4.0, "throughput_vs_max": 2.0,
          # parallel-sampling savings at n = 2 and n = 6, the ends of the paper's ranges
@@ -124,12 +125,8 @@ def write_report(results: BenchResults, out_dir: Path, command: str) -> list[Pat
 
 
 def _plots(results: BenchResults, out_dir: Path) -> list[Path]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = load_pyplot()
+    if plt is None:
         return []
     workloads = list(dict.fromkeys(c.workload for c in results.cases))
     layouts = list(results.config.layouts)

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 
 from kvpage.llm import LLM
-from kvpage.plan.replay import RequestTiming, percentile, trace_sampling_params
+from kvpage.plan.replay import RequestTiming, latency_summary, trace_sampling_params
 from kvpage.pressure import WasteStats
 from kvpage.sampling_params import RequestOutputKind
 from kvpage.workloads import Workload
@@ -27,14 +27,10 @@ class TraceRunResult:
     metrics: dict[str, float]  # the engine's get_metrics() at the end
 
     def summary(self) -> dict[str, float]:
-        tpot = [(t.finished - t.first_token) / (t.output_tokens - 1) for t in self.timings  # type: ignore[operator]
-                if t.first_token is not None and t.finished is not None and t.output_tokens > 1]
-        ttft = [t.first_token - t.arrival for t in self.timings if t.first_token is not None]
+        """The figures the planner predicts (kvpage.plan.replay.ReplayResult.summary's names)."""
         return {"duration_s": self.duration_s,
-                "requests_per_s": len(self.timings) / self.duration_s,
                 "goodput_tokens_per_s": self.metrics["num_generation_tokens"] / self.duration_s,
-                "tpot_mean_s": sum(tpot) / len(tpot) if tpot else 0.0,
-                "ttft_mean_s": sum(ttft) / len(ttft) if ttft else 0.0, "ttft_p99_s": percentile(ttft, 99)}
+                **latency_summary(self.timings, self.duration_s)}
 
 
 def run_trace(llm: LLM, workload: Workload) -> TraceRunResult:

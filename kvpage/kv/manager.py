@@ -187,7 +187,9 @@ class KVCacheManager:
             done, bs = table.num_computed_tokens, self.block_size
             if done + num_new_tokens <= len(table.pages) * bs and (
                     num_new_tokens <= 0 or done % bs == 0 or table.pages[done // bs].ref_count == 1):
-                return []  # fast path, most decode steps: the tokens fit in pages the sequence owns alone
+                # Fast path, most decode steps: the tokens fit in pages the sequence owns alone
+                # (_needs_copy, inlined: this runs for every sequence of every step).
+                return []
         if not self.can_allocate(seq_id, num_new_tokens, hit):
             return None
         if table is None:

@@ -80,17 +80,11 @@ def run_plan(args: argparse.Namespace) -> int:
     if not config_path.is_file():
         raise ValueError(f"--model {str(model_dir)!r} has no config.json")
     config = json.loads(config_path.read_text())
-    cost: CostModel
-    if args.cost_model is not None:
-        cost = CalibratedCostModel.load(args.cost_model)
-        device_type = "cpu" if cost.device.startswith("cpu") else "cuda"
-    else:
-        cost = None  # type: ignore[assignment]
-        device_type = "cpu" if args.hardware == "cpu" else "cuda"
-    dtype_bytes = args.dtype_bytes or (4 if device_type == "cpu" else 2)
-    model = ModelShape.from_config(config_path, dtype_bytes)
-    if cost is None:
-        cost = PhysicsCostModel(HARDWARE[args.hardware], model)
+    calibrated = CalibratedCostModel.load(args.cost_model) if args.cost_model is not None else None
+    device = calibrated.device if calibrated is not None else args.hardware
+    device_type = "cpu" if device.startswith("cpu") else "cuda"
+    model = ModelShape.from_config(config_path, args.dtype_bytes or (4 if device_type == "cpu" else 2))
+    cost: CostModel = calibrated or PhysicsCostModel(HARDWARE[args.hardware], model)
     max_len = args.max_model_len or config.get("max_position_embeddings", 4096)
     limits = TraceLimits(max_model_len=max_len, vocab_size=config.get("vocab_size", 32000))
     if (args.trace is None) == (args.synthetic is None):

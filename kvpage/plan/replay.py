@@ -96,25 +96,31 @@ class ReplayResult:
     max_recompute_fraction: float
 
     def summary(self) -> dict[str, float]:
-        done = [t for t in self.timings if t.finished is not None]
         duration = max(self.duration_s, 1e-12)
-        ttft = [t.first_token - t.arrival for t in done if t.first_token is not None]
-        e2e = [t.finished - t.arrival for t in done]  # type: ignore[operator]
-        tpot = [(t.finished - t.first_token) / (t.output_tokens - 1) for t in done  # type: ignore[operator]
-                if t.first_token is not None and t.output_tokens > 1]
         out = {"num_requests": float(len(self.timings)), "duration_s": self.duration_s,
-               "requests_per_s": len(done) / duration,
                "goodput_tokens_per_s": self.counters["num_generated_tokens"] / duration,
-               "model_tokens_per_s": self.counters["num_tokens_computed"] / duration}
-        for name, values in (("ttft", ttft), ("tpot", tpot), ("e2e", e2e)):
-            out[f"{name}_mean_s"] = sum(values) / len(values) if values else 0.0
-            for q in (50, 90, 99):
-                out[f"{name}_p{q}_s"] = percentile(values, q)
+               "model_tokens_per_s": self.counters["num_tokens_computed"] / duration,
+               **latency_summary(self.timings, duration)}
         out.update(self.counters)
         out.update(self.waste)
         out["thrashing_onset_s"] = -1.0 if self.thrashing_onset_s is None else self.thrashing_onset_s
         out["max_recompute_fraction"] = self.max_recompute_fraction
         return out
+
+
+def latency_summary(timings: list[RequestTiming], duration_s: float) -> dict[str, float]:
+    """Requests/s, and TTFT, TPOT and E2E (mean, p50, p90, p99) over the finished requests."""
+    done = [t for t in timings if t.finished is not None]
+    ttft = [t.first_token - t.arrival for t in done if t.first_token is not None]
+    e2e = [t.finished - t.arrival for t in done]  # type: ignore[operator]
+    tpot = [(t.finished - t.first_token) / (t.output_tokens - 1) for t in done  # type: ignore[operator]
+            if t.first_token is not None and t.output_tokens > 1]
+    out = {"requests_per_s": len(done) / duration_s}
+    for name, values in (("ttft", ttft), ("tpot", tpot), ("e2e", e2e)):
+        out[f"{name}_mean_s"] = sum(values) / len(values) if values else 0.0
+        for q in (50, 90, 99):
+            out[f"{name}_p{q}_s"] = percentile(values, q)
+    return out
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -112,13 +112,21 @@ def write_report(report: PlanReport, out_dir: Path, command: str) -> list[Path]:
     return written
 
 
-def _plots(report: PlanReport, out_dir: Path) -> list[Path]:
+def load_pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend, or None when matplotlib is not installed."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def _plots(report: PlanReport, out_dir: Path) -> list[Path]:
+    plt = load_pyplot()
+    if plt is None:
         return []
     paths = []
     series = report.base.series

@@ -167,7 +167,7 @@ def synthetic_trace(name: str, num_requests: int, rate: float | None, limits: Tr
 
 
 def dump_trace(workload: Workload) -> str:
-    """The workload as JSONL (prompt token counts, not ids, unless nothing else reproduces them)."""
+    """The workload as JSONL, with its prompt token ids, so that it parses back to the same requests."""
     lines = []
     for r in workload.requests:
         obj: dict[str, object] = {"arrival_time": round(r.arrival_time, 6), "prompt_token_ids": list(r.prompt_token_ids),
