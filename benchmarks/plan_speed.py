@@ -5,7 +5,9 @@ only the shape), on the H100 physics preset with 40 GiB of KV cache, at a
 Poisson rate of ``--rate`` requests/s.  Prints the wall time of trace
 generation and of the replay, and the replay's cost per generated token.
 
-    python benchmarks/plan_speed.py [--num 100000] [--rate 20]
+    python benchmarks/plan_speed.py [--num 100000] [--rate 20] [--stepped]
+
+``--stepped`` turns the decode fast-forward off (the same result, step by step).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ def main() -> None:
     parser.add_argument("--num", type=int, default=100_000)
     parser.add_argument("--rate", type=float, default=20.0)
     parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--stepped", action="store_true", help="no decode fast-forward")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "config.json"
@@ -43,7 +46,7 @@ def main() -> None:
     settings = ReplaySettings(options={"block_size": 16, "kv_cache_memory": 40 << 30},
                               max_model_len=args.max_model_len, vocab_size=limits.vocab_size)
     start = time.perf_counter()
-    result = replay(trace, settings, PhysicsCostModel(HARDWARE["h100"], model), model)
+    result = replay(trace, settings, PhysicsCostModel(HARDWARE["h100"], model), model, fast=not args.stepped)
     replayed = time.perf_counter() - start
     s = result.summary()
     tokens = s["num_generated_tokens"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from kvpage.kv import KVWaste
 
@@ -70,8 +71,7 @@ class WasteStats:
         return out
 
 
-@dataclass(frozen=True)
-class PressureSample:
+class PressureSample(NamedTuple):  # a tuple: made every step, and cheaper to make than a frozen dataclass
     time: float
     evictions: int
     preemptions: int
@@ -98,10 +98,13 @@ class ThrashingMonitor:
         samples.append(sample)
         while len(samples) > 2 and samples[1].time < sample.time - self.window_s:
             samples.popleft()
-        rates = self.rates()
-        thrashing = (rates["window_computed_tokens"] >= self.min_tokens
-                     and rates["recompute_fraction"] > self.recompute_threshold)
+        # rates()'s window_computed_tokens and recompute_fraction, without building its dict every step
+        first = samples[0] if len(samples) >= 2 else sample
+        computed = sample.computed_tokens - first.computed_tokens
+        fraction = (sample.recomputed_tokens - first.recomputed_tokens) / computed if computed else 0.0
+        thrashing = computed >= self.min_tokens and fraction > self.recompute_threshold
         if thrashing and not self.is_thrashing:
+            rates = self.rates()
             self.num_warnings += 1
             if self.warn:  # the planner only reads the state
                 logger.warning(

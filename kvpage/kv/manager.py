@@ -219,6 +219,18 @@ class KVCacheManager:
             table.page_ids.append(page.page_id)
         return copies
 
+    def append_page(self, seq_id: int) -> None:
+        """Give a sequence one more fresh page; the caller has checked that one is available.
+
+        This is :meth:`allocate` for a sequence whose computed tokens fill its
+        pages exactly, when one more token is coming (the planner's decode
+        fast-forward calls it).
+        """
+        table = self._tables[seq_id]
+        page = self.pool.allocate()
+        table.pages.append(page)
+        table.page_ids.append(page.page_id)
+
     def _needs_copy(self, table: BlockTable, num_new_tokens: int) -> bool:
         """Would the next write land in a page that another sequence shares?"""
         if num_new_tokens <= 0 or table.num_computed_tokens % self.block_size == 0:
@@ -234,15 +246,18 @@ class KVCacheManager:
         table = self._tables[seq_id]
         bs = self.block_size
         done = table.num_computed_tokens
-        if num_computed_tokens == done + 1 and num_computed_tokens % bs:  # a decode token, its page not full yet
-            self.pool.set_filled(table.pages[done // bs], num_computed_tokens % bs)
-            table.num_computed_tokens = num_computed_tokens
-            return
         first = done // bs
-        last = self.pages_for_tokens(num_computed_tokens)
-        for i in range(first, min(last, len(table.pages))):
-            self.pool.set_filled(table.pages[i], min(bs, num_computed_tokens - i * bs))
-        table.num_computed_tokens = num_computed_tokens
+        if done < num_computed_tokens <= first * bs + bs:
+            # Fast path: the tokens land in the page being filled (a decode token, mostly).
+            self.pool.set_filled(table.pages[first], num_computed_tokens - first * bs)
+            table.num_computed_tokens = num_computed_tokens
+            if num_computed_tokens % bs:
+                return  # no page became full
+        else:
+            last = self.pages_for_tokens(num_computed_tokens)
+            for i in range(first, min(last, len(table.pages))):
+                self.pool.set_filled(table.pages[i], min(bs, num_computed_tokens - i * bs))
+            table.num_computed_tokens = num_computed_tokens
         num_full = num_computed_tokens // bs
         if not self.enable_prefix_caching or len(table.hashes) >= num_full:
             return

@@ -1,0 +1,201 @@
+"""Decode fast-forward: the replay's exact shortcut through runs of decode-only steps (pure Python).
+
+Between two arrivals the scheduler mostly plans decode-only steps: every
+running sequence computes its last token and samples the next, nothing is
+admitted, nothing is preempted.  Stepping through them one by one costs a
+few microseconds a sequence and a step (planning, allocating, committing,
+the stop check), which is most of what a replay costs.  Yet the whole run
+is predictable from its first step: sequence ``s``, with ``p`` tokens
+computed, fills a page at every step ``j`` where ``p + j`` is a multiple
+of ``block_size``, needs a fresh page at the step after, and stops by
+length at a step known in advance; its "sampled" tokens are a function of
+its id and position.
+
+:func:`fast_forward` therefore advances every running sequence through
+such a run paying only for its *events*, and for O(1) bookkeeping a step:
+
+* each step's time comes from the same cost model, called with the step's
+  :class:`~kvpage.plan.cost.StepShape` (kept as running sums), so the
+  virtual clock adds exactly the same floats in the same order;
+* page allocations (with any eviction), full-page commits (with their
+  prefix-cache registration) and finishes (with their page releases) run
+  through the real :class:`~kvpage.kv.KVCacheManager` and
+  :class:`~kvpage.scheduler.Scheduler` methods, step by step and, within a
+  step, in the running order the stepped scheduler would use;
+* the tokens a sequence computes between its events are committed once, at
+  its next event or when the run stops; meanwhile the KV waste snapshot of
+  every step is computed from counters (stored slots grow by one a
+  sequence, unshared pages by one a fresh page), so the recorder sees every
+  step's exact figures.
+
+A run starts only from a state in which stepping is provably this simple,
+and stops before the first step that could differ: an arrival is due (the
+scheduler would admit), or the pages due in the next step are not all
+available (the scheduler would preempt).  Everything else the stepped
+replay records (per-step waste, thrashing rates, series, request timings)
+is fed the same values.  tests/test_plan_fast_forward.py compares whole
+replays, stepped and fast-forwarded, value for value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+from typing import Protocol
+
+from kvpage.kv import KVCacheManager, KVWaste
+from kvpage.plan.cost import StepShape
+from kvpage.request import Sequence, SequenceStatus
+from kvpage.scheduler import Scheduler
+
+FIRST_FAKE_TOKEN = 3  # ids below are special tokens
+SEQ_STRIDE, POSITION_STRIDE = 1_000_003, 7919
+
+
+def fake_token(seq_id: int, position: int, vocab_size: int) -> int:
+    """The replay's "sampled" token of a sequence at a position: distinct for every sequence and position."""
+    return FIRST_FAKE_TOKEN + (seq_id * SEQ_STRIDE + position * POSITION_STRIDE) % (vocab_size - FIRST_FAKE_TOKEN)
+
+
+def fake_token_ids(seq_id: int, start: int, stop: int, vocab_size: int) -> list[int]:
+    """``fake_token`` at positions ``start .. stop - 1``, without a call per token."""
+    span = vocab_size - FIRST_FAKE_TOKEN
+    first = seq_id * SEQ_STRIDE + start * POSITION_STRIDE
+    return [FIRST_FAKE_TOKEN + x % span for x in range(first, seq_id * SEQ_STRIDE + stop * POSITION_STRIDE,
+                                                        POSITION_STRIDE)]
+
+
+class StepCost(Protocol):
+    def step_time(self, shape: StepShape) -> float: ...
+
+
+class StepRecord(Protocol):
+    """What the replay records after each step (:class:`kvpage.plan.replay.StepRecorder`)."""
+
+    def tokens(self, seqs: Seq[Sequence], now: float) -> None: ...
+
+    def step(self, now: float, batch_size: int, waste: KVWaste) -> None: ...
+
+
+def steps_left(sched: Scheduler, seq: Sequence) -> int | None:
+    """Steps after which ``seq`` finishes by length if it decodes every step; None if it is not such a sequence.
+
+    Such a sequence has computed all its tokens but the last sampled one,
+    has no recomputation or prompt left, no pending forks, no beam search,
+    and can stop only by length (as ``Scheduler._check_token_stop`` decides
+    for a request that ignores EOS and has no stop tokens).
+    """
+    request = seq.request
+    params = request.sampling_params
+    num_tokens = len(seq.token_ids)
+    computed = seq.num_computed_tokens
+    if (request.beam is not None or request.num_pending_forks or computed != num_tokens - 1
+            or num_tokens <= seq.num_prompt_tokens or computed < seq.max_computed_tokens
+            or params.stop_token_ids or not (params.ignore_eos or not sched.eos_token_ids)):
+        return None
+    max_len = sched.max_model_len
+    max_out = max_len - seq.num_prompt_tokens if params.max_tokens is None else params.max_tokens
+    return min(max_out - (num_tokens - seq.num_prompt_tokens), max_len - num_tokens)
+
+
+def fast_forward(sched: Scheduler, now: float, next_arrival: float, cost: StepCost, recorder: StepRecord,
+                 vocab_size: int) -> tuple[float, int]:
+    """Run decode-only steps while they are provably all that stepping would do; returns (now, steps run).
+
+    ``next_arrival`` is the arrival time of the next request not yet added:
+    the stepped replay adds it before the first step that starts at or
+    after it, so the run stops there.  Returns ``(now, 0)`` with nothing
+    changed when the state does not allow a run.
+    """
+    kv = sched.kv
+    running = sched.running
+    if (now >= next_arrival or not running or sched.waiting or sched.swapped or not isinstance(kv, KVCacheManager)
+            or len(running) > sched.config.max_num_batched_tokens):
+        return now, 0
+    bs = kv.block_size
+    pool = kv.pool
+    pages = pool.pages
+    # Sequences by the residue of the step at which they fill a page: (p + j) % bs == 0.
+    fills: list[list[Sequence]] = [[] for _ in range(bs)]
+    finishing: dict[int, list[Sequence]] = {}
+    base_kv = longest = 0  # K/V tokens read in step j: base_kv + batch * j; the longest context: longest + j
+    for seq in running:
+        left = steps_left(sched, seq)
+        if left is None:
+            return now, 0
+        p = seq.num_computed_tokens
+        page_ids = kv.page_ids(seq.seq_id)
+        # It holds exactly the pages its tokens fill, and writes its next token in place or in a fresh page:
+        # no copy-on-write, so the first step allocates exactly when p is a page boundary.
+        if len(page_ids) != -(-p // bs) or (p % bs and pages[page_ids[-1]].ref_count != 1):
+            return now, 0
+        fills[-p % bs].append(seq)
+        if left in finishing:
+            finishing[left].append(seq)
+        else:
+            finishing[left] = [seq]
+        base_kv += p
+        longest = max(longest, p)
+    alive = list(running)  # sched.running shrinks as sequences finish
+    batch = len(alive)
+    first = kv.waste(sched.admission.reserved_pages())
+    stored, unshared = first.stored_slots, first.pages_without_sharing
+    total_slots = first.total_slots
+    counters = sched.counters
+    step = 0
+    while now < next_arrival and batch:
+        allocating = fills[step % bs]  # filled a page in the step before: the next token needs a fresh one
+        if len(allocating) > pool.num_available_pages:
+            break  # the stepped scheduler would preempt
+        step += 1
+        for seq in allocating:  # what allocate() does here: its table is committed up to the boundary
+            kv.append_page(seq.seq_id)
+        kv_read = base_kv + batch * step
+        now += cost.step_time(StepShape(batch, 0, batch, batch, kv_read, batch * (longest + step), kv_read))
+        counters.num_tokens_computed += batch
+        counters.num_generated_tokens += batch
+        stored += batch
+        unshared += len(allocating)
+        done = finishing.pop(step, None)
+        events = fills[step % bs]
+        if done:  # finishes interleave with commits in running order, as in Scheduler.update
+            events = sorted({*events, *done}, key=alive.index)
+            ending = set(done)
+        for seq in events:
+            p = seq.num_computed_tokens
+            computed = p + step
+            if done and seq in ending:
+                tokens = seq.token_ids
+                tokens += fake_token_ids(seq.seq_id, len(tokens), computed + 1, vocab_size)
+                kv.commit(seq.seq_id, tokens, computed)
+                seq.num_computed_tokens = seq.max_computed_tokens = computed
+                held = pool.counters.filled_slots_in_use
+                sched.finish_sequence(seq, SequenceStatus.FINISHED_LENGTH)
+                stored -= held - pool.counters.filled_slots_in_use
+                unshared -= -(-computed // bs)
+                fills[-p % bs].remove(seq)
+                alive.remove(seq)
+                base_kv -= p
+                if p == longest:
+                    longest = -1  # found again below
+            else:  # a page fills: commit it now, so that it is registered in the prefix cache at this step
+                tokens = seq.token_ids
+                tokens += fake_token_ids(seq.seq_id, len(tokens), computed, vocab_size)
+                kv.commit(seq.seq_id, tokens, computed)
+        step_batch = batch
+        if done:
+            recorder.tokens(done, now)
+            batch = len(alive)
+            if longest < 0 and alive:
+                longest = max(seq.num_computed_tokens for seq in alive)
+        used = pool.counters.pages_in_use
+        reserved = sched.admission.reserved_pages()
+        recorder.step(now, step_batch, KVWaste(total_slots, stored, used * bs - stored, reserved * bs, 0, used,
+                                               unshared))
+    for seq in alive if step else ():  # commit what each sequence computed since its last event
+        computed = seq.num_computed_tokens + step
+        tokens = seq.token_ids
+        tokens += fake_token_ids(seq.seq_id, len(tokens), computed + 1, vocab_size)
+        if computed % bs:  # (a page boundary was committed by its fill event)
+            kv.commit(seq.seq_id, tokens, computed)
+        seq.num_computed_tokens = seq.max_computed_tokens = computed
+    return now, step
