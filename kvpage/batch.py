@@ -12,12 +12,18 @@ from dataclasses import dataclass, field
 from kvpage.sampling_params import SamplingParams
 
 
+# Stands for a token sampled by the step still running on the device (asynchronous
+# scheduling): the runner substitutes the real id on the device, from that step's output.
+INFLIGHT_TOKEN = -1
+
+
 @dataclass(slots=True)
 class ScheduledSequence:
     """One sequence's share of a step."""
 
     seq_id: int
     # Tokens whose K/V this step computes, at positions start_position, start_position + 1, ...
+    # The last one may be INFLIGHT_TOKEN.
     input_token_ids: list[int]
     start_position: int
     page_ids: list[int]

@@ -42,13 +42,19 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--watermark", type=float, default=0.01, help="free-page fraction kept for growth")
     group.add_argument("--preemption-mode", default="recompute", help="recompute | swap | auto")
     group.add_argument("--swap-space", type=float, default=4.0, help="GiB of host memory for swapped pages")
+    group.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    group.add_argument("--async-scheduling", dest="async_scheduling", action="store_true", default=None,
+                       help="plan each step while the previous one runs (default: on with CUDA)")
+    group.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false")
+    group.add_argument("--attention-backend", default="auto",
+                       help="auto | triton | torch (auto: the Triton kernels on CUDA, the torch reference on CPU)")
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, object]:
     names = ("model", "tokenizer", "dtype", "device", "seed", "block_size", "num_kv_blocks", "kv_cache_memory",
              "gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
              "enable_prefix_caching", "kv_layout", "admission_cap", "headroom_policy", "watermark",
-             "preemption_mode", "swap_space")
+             "preemption_mode", "swap_space", "enforce_eager", "async_scheduling", "attention_backend")
     return {name: getattr(args, name) for name in names}
 
 

@@ -17,6 +17,7 @@ KV_LAYOUTS = ("paged", "contiguous-request", "contiguous-max")
 HEADROOM_POLICIES = ("none", "watermark", "conservative")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
+ATTENTION_BACKENDS = ("auto", "torch", "triton")
 
 
 def _require(ok: bool, name: str, value: object, allowed: str) -> None:
@@ -37,9 +38,17 @@ class LoadConfig:
     dtype: str = "auto"
     device: str = "auto"
     seed: int = 0
+    # "auto": the Triton kernels on a GPU, the pure-torch reference on a CPU; "triton" off a GPU
+    # needs TRITON_INTERPRET=1 (slow: for tests).
+    attention_backend: str = "auto"
+    # Run decode steps eagerly instead of replaying captured CUDA graphs.
+    enforce_eager: bool = False
 
     def validate(self) -> None:
         _require(self.dtype in DTYPES, "dtype", self.dtype, f"one of {DTYPES}")
+        _require(self.attention_backend in ATTENTION_BACKENDS, "attention_backend", self.attention_backend,
+                 f"one of {ATTENTION_BACKENDS}")
+        _require(isinstance(self.enforce_eager, bool), "enforce_eager", self.enforce_eager, "True or False")
         _require(self.device in DEVICES or str(self.device).startswith("cuda:"), "device", self.device,
                  f"one of {DEVICES} or 'cuda:N'")
         _require(_is_int(self.seed), "seed", self.seed, "an integer")
@@ -103,6 +112,9 @@ class SchedulerConfig:
     admission_cap: float = 1.0
     headroom_policy: str = "watermark"
     watermark: float = 0.01
+    # Plan and launch each step while the previous one still runs on the device, so host work hides
+    # behind device work. None: on where the device runs asynchronously (CUDA), off on a CPU.
+    async_scheduling: bool | None = None
 
     def validate(self) -> None:
         _require(isinstance(self.admission_cap, (int, float)) and not isinstance(self.admission_cap, bool)
@@ -119,6 +131,8 @@ class SchedulerConfig:
                  "max_model_len", self.max_model_len, "None or an integer >= 2")
         _require(self.preemption_mode in PREEMPTION_MODES, "preemption_mode", self.preemption_mode,
                  f"one of {PREEMPTION_MODES}")
+        _require(self.async_scheduling is None or isinstance(self.async_scheduling, bool), "async_scheduling",
+                 self.async_scheduling, "None, True or False")
 
 
 @dataclass

@@ -11,6 +11,17 @@
 
 The offline :class:`~kvpage.llm.LLM` API loops over ``step`` until every
 request is done.
+
+With *asynchronous scheduling* (on by default on a GPU) the host does not
+wait for a step before planning the next: ``step`` plans and launches step
+N while step N-1 still runs on the device, and only then waits for N-1's
+tokens and applies them. Host work (planning, input preparation, stop
+checks, outputs) so hides behind device work. Sequences of step N whose
+input is the token N-1 is sampling get it on the device; a sequence that
+N-1 stops (EOS, a stop string) wastes its one token of step N, which is
+discarded. Steps whose sampling reads the host's view of the output
+(penalties, ``min_tokens``, beam search) are waited for before the next
+one is planned.
 """
 
 from __future__ import annotations
@@ -18,6 +29,7 @@ from __future__ import annotations
 import itertools
 import json
 import time
+from dataclasses import dataclass
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -27,17 +39,18 @@ import torch
 from kvpage.admission import DELAY_RULES
 from kvpage.batch import SchedulerOutput
 from kvpage.config import GIB, EngineConfig
-from kvpage.detokenizer import IncrementalDetokenizer, find_stop_string
 from kvpage.kv import ContiguousKVCacheManager, KVCacheManager
 from kvpage.metrics import RequestCounters, StepTimings
 from kvpage.model import ModelConfig, demo_model_dir, load_model, resolve_dtype
-from kvpage.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from kvpage.output_builder import OutputBuilder
+from kvpage.outputs import RequestOutput
 from kvpage.preemption import SwapCostModel
 from kvpage.pressure import PressureSample, ThrashingMonitor, WasteStats
-from kvpage.request import Request, RequestTimes, Sequence, SequenceStatus
-from kvpage.sampling_params import RequestOutputKind, SamplingParams
+from kvpage.request import Request, RequestTimes
+from kvpage.sampling_params import SamplingParams
 from kvpage.scheduler import Scheduler
-from kvpage.worker import KVCacheShape, ModelRunner, page_bytes
+from kvpage.worker import (KVCacheShape, LaunchedStep, ModelRunner, RunnerOptions, page_bytes,
+                           profile_activations, size_kv_cache_pages)
 
 PromptInput = str | dict[str, Any] | list[int]
 
@@ -73,47 +86,28 @@ def read_eos_token_ids(model_dir: Path, config: ModelConfig) -> tuple[int, ...]:
     return config.eos_token_ids
 
 
-def size_kv_cache(config: EngineConfig, bytes_per_page: int, max_model_len: int, device: torch.device) -> int:
-    """Number of KV pages: ``num_kv_blocks``, else ``kv_cache_memory`` bytes, else the device default.
+@dataclass
+class InFlightStep:
+    """A launched step whose tokens are not applied yet."""
 
-    The device default is ``gpu_memory_utilization`` of the GPU less what is
-    already in use, or ``cpu_kv_cache_space`` on a CPU, and in both cases no
-    more than the batch could ever fill (``max_num_seqs`` sequences of
-    ``max_model_len`` tokens): a tiny model would otherwise get millions of
-    pages it can never use.
+    plan: SchedulerOutput
+    launched: LaunchedStep
+    # Whether the next step may be planned before this one's tokens are applied.
+    overlappable: bool
+
+
+def _overlappable(plan: SchedulerOutput) -> bool:
+    """Whether the next step can be planned and sampled without this step's token ids on the host.
+
+    Penalties and ``min_tokens`` read a sequence's output tokens when sampling, and beam search forks
+    on the candidates; those steps are waited for.
     """
-    cache = config.cache
-    if cache.num_kv_blocks is not None:
-        return cache.num_kv_blocks
-    if cache.kv_cache_memory is not None:
-        budget = cache.kv_cache_memory
-    else:
-        if device.type == "cuda":
-            budget = _gpu_kv_budget(cache.gpu_memory_utilization, bytes_per_page, device)
-        else:
-            budget = cache.cpu_kv_cache_space
-        pages_per_seq = -(-max_model_len // cache.block_size)
-        budget = min(budget, config.scheduler.max_num_seqs * pages_per_seq * bytes_per_page)
-    num_pages = budget // bytes_per_page
-    if num_pages < 1:
-        raise ValueError(f"the KV cache budget ({budget} bytes) is smaller than one page ({bytes_per_page} bytes); "
-                         "raise kv_cache_memory or gpu_memory_utilization")
-    return num_pages
-
-
-def _gpu_kv_budget(utilization: float, bytes_per_page: int, device: torch.device) -> int:
-    free, total = torch.cuda.mem_get_info(device)
-    # Blocks torch's caching allocator holds but no tensor uses are ours to reuse.
-    reclaimable = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    in_use = total - free - reclaimable
-    budget = int(total * utilization) - in_use
-    if budget < bytes_per_page:
-        raise ValueError(
-            f"gpu_memory_utilization={utilization} allows {total * utilization / GIB:.1f} GiB of the GPU's "
-            f"{total / GIB:.1f} GiB, but {in_use / GIB:.1f} GiB are already in use (weights, other engines or "
-            "processes), leaving no room for the KV cache; raise gpu_memory_utilization or pass "
-            "kv_cache_memory / num_kv_blocks")
-    return budget
+    for seq in plan.sequences:
+        if seq.sample:
+            params = seq.sampling_params
+            if params.use_beam_search or params.has_penalties or params.min_tokens:
+                return False
+    return True
 
 
 class LLMEngine:
@@ -144,7 +138,7 @@ class LLMEngine:
                              f"max_position_embeddings ({max_positions})")
         mc = self.model_config
         per_page = page_bytes(mc.num_layers, config.cache.block_size, mc.num_kv_heads, mc.head_dim, self.dtype)
-        num_pages = size_kv_cache(config, per_page, self.max_model_len, self.device)
+        num_pages = self._size_kv_cache(per_page)
         self.cache_shape = KVCacheShape(mc.num_layers, num_pages, config.cache.block_size, mc.num_kv_heads,
                                         mc.head_dim, self.dtype)
         layout = config.cache.kv_layout
@@ -163,11 +157,35 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.cache_shape, self.device, load.seed, self.eos_token_ids,
                                   max_num_seqs=config.scheduler.max_num_seqs,
                                   max_pages_per_seq=self.kv.pages_for_tokens(self.max_model_len),
-                                  num_host_pages=num_host_pages)
+                                  num_host_pages=num_host_pages, options=self.runner_options)
         self.timings = StepTimings()
         self.request_counters = RequestCounters()
-        self._detokenizers: dict[int, IncrementalDetokenizer] = {}
+        self.outputs = OutputBuilder(self.tokenizer, self.scheduler, self.request_counters)
         self._request_ids = itertools.count()
+        requested = config.scheduler.async_scheduling
+        self.async_scheduling = self.device.type == "cuda" if requested is None else requested
+        self._in_flight: InFlightStep | None = None
+
+    @property
+    def runner_options(self) -> RunnerOptions:
+        return RunnerOptions(self.config.load.attention_backend, self.config.load.enforce_eager)
+
+    def _size_kv_cache(self, bytes_per_page: int) -> int:
+        """Pages for the KV cache; on a GPU with no explicit size, after profiling the activations."""
+        cache, sched = self.config.cache, self.config.scheduler
+        explicit = cache.num_kv_blocks is not None or cache.kv_cache_memory is not None
+        activations = None
+        if self.device.type == "cuda" and not explicit:
+            activations = profile_activations(self.model, sched.max_num_batched_tokens, sched.max_num_seqs,
+                                              self.max_model_len, cache.block_size,
+                                              self.runner_options.attention_backend, self.device)
+        pages_per_seq = -(-self.max_model_len // cache.block_size)
+        return size_kv_cache_pages(
+            num_kv_blocks=cache.num_kv_blocks, kv_cache_memory=cache.kv_cache_memory,
+            gpu_memory_utilization=cache.gpu_memory_utilization, cpu_kv_cache_space=cache.cpu_kv_cache_space,
+            bytes_per_page=bytes_per_page, max_useful_bytes=sched.max_num_seqs * pages_per_seq * bytes_per_page,
+            device=self.device, activations=activations,
+            uses_graphs=self.runner_options.captures_graphs(self.device))
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> LLMEngine:
@@ -243,40 +261,77 @@ class LLMEngine:
                 continue
             aborted = True
             self.request_counters.num_requests_aborted += 1
-            for seq in request.sequences:
-                self._detokenizers.pop(seq.seq_id, None)
+            self.outputs.forget(request)
         return aborted
 
     abort = abort_request
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._in_flight is not None
 
     # ----- stepping -----------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one batched step; returns the requests that produced tokens or finished."""
+        """Run one batched step; returns the requests that produced tokens or finished.
+
+        With asynchronous scheduling these are the outputs of the step launched
+        by the previous call, and the step launched now is still running.
+        """
+        in_flight = self._in_flight
+        if in_flight is not None and not in_flight.overlappable:
+            self._in_flight = None
+            return self._complete(in_flight)
         t0 = time.perf_counter()
         plan = self.scheduler.schedule()
-        self.last_plan = plan  # what the step ran: the planner's calibration reads its shape
+        self.scheduler.commit_step(plan)
         t1 = time.perf_counter()
-        inputs = self.runner.prepare(plan)
-        t2 = time.perf_counter()
-        self.runner.apply_page_ops(plan.page_ops)
-        sampled = self.runner.run(inputs) if inputs is not None else []
+        try:
+            inputs = self.runner.prepare(plan)
+            t2 = time.perf_counter()
+            launched = self.runner.launch(plan, inputs, in_flight.launched if in_flight is not None else None)
+        except BaseException:
+            self._in_flight = None  # the caller fails or aborts these requests
+            raise
         t3 = time.perf_counter()
-        touched = self.scheduler.update(plan, sampled)
-        self._check_stop_strings(touched)
-        self._sample_pressure(len(plan.sequences))
-        t4 = time.perf_counter()
-        outputs = self._collect_outputs(touched)
-        t5 = time.perf_counter()
         timings = self.timings
-        timings.num_steps += 1
         timings.schedule_s += t1 - t0
         timings.prepare_s += t2 - t1
         timings.model_s += t3 - t2
-        timings.update_s += t4 - t3
-        timings.output_s += t5 - t4
+        step = InFlightStep(plan, launched, self.async_scheduling and _overlappable(plan))
+        if not self.async_scheduling:
+            return self._complete(step)
+        earlier = self._complete(in_flight) if in_flight is not None else []
+        if not plan.sequences:  # nothing runs on the device: nothing to overlap with
+            return earlier + self._complete(step)
+        self._in_flight = step
+        return earlier
+
+    def drain(self) -> list[RequestOutput]:
+        """Wait for the step in flight, if any, and apply it; returns its outputs."""
+        in_flight, self._in_flight = self._in_flight, None
+        return self._complete(in_flight) if in_flight is not None else []
+
+    def _complete(self, step: InFlightStep) -> list[RequestOutput]:
+        """Wait for a launched step's tokens and apply them: stops, pages, outputs."""
+        t0 = time.perf_counter()
+        try:
+            sampled = step.launched.result()
+        except BaseException:
+            self._in_flight = None
+            raise
+        t1 = time.perf_counter()
+        plan = step.plan
+        self.last_plan = plan  # what the step ran: the planner's calibration reads its shape
+        touched = self.scheduler.resolve_step(plan, sampled)
+        self.outputs.check_stop_strings(touched)
+        self._sample_pressure(len(plan.sequences))
+        t2 = time.perf_counter()
+        outputs = self.outputs.collect(touched)
+        t3 = time.perf_counter()
+        timings = self.timings
+        timings.num_steps += 1
+        timings.model_s += t1 - t0
+        timings.update_s += t2 - t1
+        timings.output_s += t3 - t2
         return outputs
 
     def _sample_pressure(self, batch_size: int) -> None:
@@ -284,96 +339,6 @@ class LLMEngine:
         c = self.scheduler.counters
         self.thrashing.add(PressureSample(time.monotonic(), self.kv.num_evictions, c.num_preemptions,
                                           c.num_recomputed_tokens, c.num_tokens_computed, c.num_generated_tokens))
-
-    def _detokenizer(self, seq: Sequence) -> IncrementalDetokenizer:
-        detok = self._detokenizers.get(seq.seq_id)
-        if detok is None:
-            detok = IncrementalDetokenizer(self.tokenizer, seq.token_ids, seq.num_prompt_tokens,
-                                           seq.request.sampling_params.skip_special_tokens)
-            self._detokenizers[seq.seq_id] = detok
-        return detok
-
-    def _check_stop_strings(self, touched: list[Sequence]) -> None:
-        for seq in touched:
-            stops = seq.request.sampling_params.stop_strings
-            if not stops or seq.status is SequenceStatus.FINISHED_ABORTED:
-                continue
-            detok = self._detokenizer(seq)
-            new_text = detok.update()
-            if seq.is_finished:
-                new_text += detok.flush()
-            match = find_stop_string(detok.text, len(new_text), stops) if new_text else None
-            if match is None:
-                continue
-            index, stop = match
-            keep = index + len(stop) if seq.request.sampling_params.include_stop_str_in_output else index
-            detok.freeze(detok.text[:keep])
-            if seq.is_finished:  # ended by EOS or length in this very step: the stop string still wins
-                seq.status = SequenceStatus.FINISHED_STOPPED
-                seq.stop_reason = stop
-            else:
-                self.scheduler.finish_sequence(seq, SequenceStatus.FINISHED_STOPPED, stop)
-
-    def _text_of(self, seq: Sequence) -> str:
-        if self.tokenizer is None:
-            return ""
-        detok = self._detokenizer(seq)
-        detok.update()
-        if seq.is_finished:
-            detok.flush()
-        return detok.text
-
-    def _collect_outputs(self, touched: list[Sequence]) -> list[RequestOutput]:
-        requests: dict[str, Request] = {}
-        for seq in touched:
-            requests.setdefault(seq.request.request_id, seq.request)
-        outputs = []
-        now = time.monotonic()
-        for request in requests.values():
-            finished = request.is_finished
-            times = request.times
-            if times is not None:
-                if times.first_token is None:
-                    times.first_token = now
-                if finished:
-                    times.finished = now
-            if finished:
-                self.request_counters.num_requests_finished += 1
-            elif request.sampling_params.output_kind is RequestOutputKind.FINAL_ONLY:
-                continue
-            outputs.append(self._request_output(request))
-        return outputs
-
-    def _request_output(self, request: Request) -> RequestOutput:
-        completions = []
-        finished = request.is_finished
-        if request.beam is not None:  # the best finished hypotheses, not the sequences that carried them
-            skip = request.sampling_params.skip_special_tokens
-            completions = [CompletionOutput(
-                index=i, token_ids=list(h.token_ids), finish_reason=h.finish_reason, stop_reason=None, logprobs=None,
-                text=self.tokenizer.decode(list(h.token_ids), skip_special_tokens=skip) if self.tokenizer else "")
-                for i, h in enumerate(request.beam.results())]
-        for seq in request.sequences if request.beam is None else ():
-            decode = (lambda s=seq: self._text_of(s))
-            text: str | Any = self._text_of(seq) if finished else decode
-            completions.append(CompletionOutput(
-                index=seq.sample_index, token_ids=seq.output_token_ids, finish_reason=seq.finish_reason,
-                stop_reason=seq.stop_reason,
-                logprobs=list(seq.output_logprobs) if seq.output_logprobs is not None else None, text=text))
-        if finished:
-            for seq in request.sequences:
-                self._detokenizers.pop(seq.seq_id, None)
-        times = request.times
-        metrics = None
-        if times is not None:
-            metrics = RequestMetrics(
-                arrival_time=times.arrival,
-                queue_time=None if times.scheduled is None else times.scheduled - times.arrival,
-                time_to_first_token=None if times.first_token is None else times.first_token - times.arrival,
-                e2e_latency=None if times.finished is None else times.finished - times.arrival)
-        return RequestOutput(request_id=request.request_id, prompt=request.prompt,
-                             prompt_token_ids=request.prompt_token_ids, outputs=completions, finished=finished,
-                             num_cached_tokens=request.sequences[0].num_cached_prompt_tokens, metrics=metrics)
 
     # ----- introspection ---------------------------------------------------------------
     def get_metrics(self) -> dict[str, float | int]:

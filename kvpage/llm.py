@@ -86,6 +86,7 @@ class LLM:
                         pending.discard(output.request_id)
                         finished[output.request_id] = output
                         bar.update(1)
+            engine.drain()  # a step launched ahead for requests that have just finished
         except BaseException:
             for request_id in pending:
                 engine.abort_request(request_id)

@@ -75,6 +75,11 @@ class Sequence:
     stop_reason: int | str | None = None
     # Per output token: {token id: logprob} of the sampled token and the top-k.
     output_logprobs: list[dict[int, float]] | None = None
+    # Tokens sampled by steps still running on the device (asynchronous scheduling): they count
+    # toward the sequence's length, so the next step can be planned, but their ids are not known yet.
+    num_inflight_tokens: int = 0
+    # The token in flight is the last one by length: nothing more is scheduled for this sequence.
+    last_token_inflight: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -105,7 +110,9 @@ class Sequence:
         """
         if self.request.num_pending_forks and self.sample_index == 0:
             return self.num_prompt_tokens - 1
-        return len(self.token_ids)
+        if self.last_token_inflight:
+            return len(self.token_ids)
+        return len(self.token_ids) + self.num_inflight_tokens
 
     def append_token(self, token_id: int, logprobs: dict[int, float] | None) -> None:
         self.token_ids.append(token_id)

@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass
 
 from kvpage.admission import AdmissionController, group_size
-from kvpage.batch import SampledToken, ScheduledSequence, SchedulerOutput
+from kvpage.batch import INFLIGHT_TOKEN, SampledToken, ScheduledSequence, SchedulerOutput
 from kvpage.beam import BeamGroup
 from kvpage.beam_scheduling import advance_beams
 from kvpage.config import SchedulerConfig
@@ -290,12 +290,16 @@ class Scheduler:
     def _plan(self, seq: Sequence, num_new: int) -> ScheduledSequence:
         start = seq.num_computed_tokens
         tokens = seq.token_ids
+        end = start + num_new
+        inputs = tokens[start:end]
+        if end > len(tokens):  # the last input is the token the running step is sampling
+            inputs.append(INFLIGHT_TOKEN)
         # Positional: this runs for every sequence of every step. Fields, in order: seq_id,
         # input_token_ids, start_position, page_ids, sample, sampling_params, sample_index,
         # all_token_ids, num_prompt_tokens.
-        return ScheduledSequence(seq.seq_id, tokens[start : start + num_new], start, self.kv.page_ids(seq.seq_id),
-                                 start + num_new == len(tokens), seq.request.sampling_params, seq.sample_index,
-                                 tokens, seq.num_prompt_tokens)
+        return ScheduledSequence(seq.seq_id, inputs, start, self.kv.page_ids(seq.seq_id),
+                                 end == len(tokens) + seq.num_inflight_tokens, seq.request.sampling_params,
+                                 seq.sample_index, tokens, seq.num_prompt_tokens)
 
     def _preempt(self, seq: Sequence, step: StepPlan) -> None:
         # A beam keeps its next-token candidates: they depend on its tokens, not on where its K/V is.
@@ -378,17 +382,21 @@ class Scheduler:
         request.num_pending_forks = 0
 
     # ----- after a step -------------------------------------------------------------------
+    # A step's results are applied in two halves. ``commit_step`` runs as soon as the step is
+    # planned: its K/V counts as computed and each sampling sequence has a token in flight, so the
+    # next step can be planned while this one runs on the device. ``resolve_step`` runs when the
+    # sampled ids arrive: it appends them and applies stop conditions. ``update`` does both at once.
     def update(self, out: SchedulerOutput, sampled: list[SampledToken]) -> list[Sequence]:
         """Apply a step's results. Returns the sequences that got a new token."""
-        samples = iter(sampled)
-        touched: list[Sequence] = []
-        beam_requests: dict[str, Request] = {}
+        self.commit_step(out)
+        return self.resolve_step(out, sampled)
+
+    def commit_step(self, out: SchedulerOutput) -> None:
+        """Record the planned tokens as computed; every sampling sequence gets one token in flight."""
         counters, live_seqs, commit = self.counters, self.live, self.kv.commit  # the hot loop
         for planned in out.sequences:
             seq = live_seqs.get(planned.seq_id)  # type: ignore[assignment]
             if seq is None:  # aborted during the step
-                if planned.sample:
-                    next(samples)
                 continue
             start = seq.num_computed_tokens
             num_new = len(planned.input_token_ids)
@@ -403,14 +411,37 @@ class Scheduler:
             request = seq.request
             if request.num_pending_forks and computed == seq.compute_target:
                 self._fork(seq)
+            if planned.sample and request.beam is None:
+                seq.num_inflight_tokens += 1
+                params = request.sampling_params
+                length = len(seq.token_ids) + seq.num_inflight_tokens
+                max_out = self.max_new_tokens(seq.num_prompt_tokens, params.max_tokens)
+                if length - seq.num_prompt_tokens >= max_out or length >= self.max_model_len:
+                    seq.last_token_inflight = True
+
+    def resolve_step(self, out: SchedulerOutput, sampled: list[SampledToken]) -> list[Sequence]:
+        """Append the sampled tokens of a committed step and apply stops. Returns the sequences that got one."""
+        samples = iter(sampled)
+        touched: list[Sequence] = []
+        beam_requests: dict[str, Request] = {}
+        counters, live_seqs, bs = self.counters, self.live, self.kv.block_size  # the hot loop
+        for planned in out.sequences:
             if not planned.sample:
                 continue
             token = next(samples)
+            seq = live_seqs.get(planned.seq_id)  # type: ignore[assignment]
+            if seq is None:  # aborted, or stopped by a token of the step before
+                continue
+            request = seq.request
             if request.beam is not None:
                 request.beam.candidates[seq.seq_id] = token.beam_candidates  # type: ignore[assignment]
                 beam_requests[request.request_id] = request
                 continue
+            seq.num_inflight_tokens -= 1
             seq.append_token(token.token_id, token.logprobs)
+            if len(seq.token_ids) % bs == 0 and seq.num_computed_tokens >= len(seq.token_ids):
+                # The step after computed this token's K/V before its id was known: its page is full now.
+                self.kv.index_full_pages(seq.seq_id, seq.token_ids)
             counters.num_generated_tokens += 1
             touched.append(seq)
             self._check_token_stop(seq, token.token_id)

@@ -5,6 +5,12 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
+
+# Without a GPU the Triton kernels run in Triton's interpreter; the switch is
+# read when a kernel is defined, so it must be set before any test imports one.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -15,6 +21,4 @@ def _default_model_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
 @pytest.fixture(scope="session", autouse=True)
 def _one_torch_thread() -> None:
     # The tests run tiny tensors: on a 2-core machine torch's thread pool costs more than it gives.
-    import torch
-
     torch.set_num_threads(1)

@@ -212,6 +212,13 @@ def test_resolve_dtype(llama_checkpoint: Path) -> None:
                                          "dtype": "bfloat16"})
     assert resolve_dtype("auto", bf16_config, "cpu") == torch.float32
     assert resolve_dtype("auto", bf16_config, torch.device("cuda")) == torch.bfloat16
+    fp16_config = ModelConfig.from_dict({**json.loads((llama_checkpoint / "config.json").read_text()),
+                                         "dtype": "float16"})
+    assert resolve_dtype("auto", fp16_config, torch.device("cuda")) == torch.float16
+    # A float32 checkpoint serves in bfloat16 on a GPU, float32 on a CPU.
+    assert config.torch_dtype == torch.float32
+    assert resolve_dtype("auto", config, torch.device("cuda")) == torch.bfloat16
+    assert resolve_dtype("auto", config, "cpu") == torch.float32
     assert resolve_dtype("float16", config, "cpu") == torch.float16
     assert resolve_dtype(torch.bfloat16, config, "cpu") == torch.bfloat16
     with pytest.raises(ValueError, match="'int8'.*'auto'"):

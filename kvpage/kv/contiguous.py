@@ -151,6 +151,9 @@ class ContiguousKVCacheManager:
     def commit(self, seq_id: int, token_ids: Sequence[int], num_computed_tokens: int) -> None:
         self._tables[seq_id].num_computed_tokens = num_computed_tokens
 
+    def index_full_pages(self, seq_id: int, token_ids: Sequence[int]) -> None:
+        """No prefix cache in a contiguous layout: nothing to index."""
+
     def can_fork(self, parent_id: int) -> bool:
         """Whether a child of ``parent_id`` can get a reservation: a spare one, or a hole as large."""
         parent = self._tables.get(parent_id)

@@ -238,10 +238,13 @@ class KVCacheManager:
         return table.pages[table.num_computed_tokens // self.block_size].ref_count > 1
 
     def commit(self, seq_id: int, token_ids: Sequence[int], num_computed_tokens: int) -> None:
-        """Record that the K/V of ``token_ids[:num_computed_tokens]`` is now in the cache.
+        """Record that the K/V of the first ``num_computed_tokens`` tokens is now in the cache.
 
         Updates fill counts and, with prefix caching on, indexes pages that
-        became full.
+        became full. ``token_ids`` may be shorter than ``num_computed_tokens``
+        when the last computed token's id is not known yet (asynchronous
+        scheduling): a page is indexed only once all its ids are known, by
+        :meth:`index_full_pages`.
         """
         table = self._tables[seq_id]
         bs = self.block_size
@@ -258,9 +261,19 @@ class KVCacheManager:
             for i in range(first, min(last, len(table.pages))):
                 self.pool.set_filled(table.pages[i], min(bs, num_computed_tokens - i * bs))
             table.num_computed_tokens = num_computed_tokens
-        num_full = num_computed_tokens // bs
+        self._index(table, token_ids, min(num_computed_tokens, len(token_ids)) // bs)
+
+    def index_full_pages(self, seq_id: int, token_ids: Sequence[int]) -> None:
+        """Index the computed full pages whose token ids all became known since :meth:`commit`."""
+        table = self._tables.get(seq_id)
+        if table is not None:
+            self._index(table, token_ids, min(table.num_computed_tokens, len(token_ids)) // self.block_size)
+
+    def _index(self, table: BlockTable, token_ids: Sequence[int], num_full: int) -> None:
+        """Put the table's first ``num_full`` pages in the prefix-cache index (those not there yet)."""
         if not self.enable_prefix_caching or len(table.hashes) >= num_full:
             return
+        bs = self.block_size
         parent = table.hashes[-1] if table.hashes else ROOT_HASH
         for i in range(len(table.hashes), num_full):
             page_tokens = tuple(token_ids[i * bs : (i + 1) * bs])

@@ -3,8 +3,10 @@
 A decoder layer is ``x + attn(norm(x))`` followed by ``x + mlp(norm(x))``.
 The attention block projects q, k and v with one fused matrix, optionally
 RMS-normalizes q and k per head (Qwen3), rotates them with RoPE, stores the
-new k/v into the paged cache and attends through the block tables.  The MLP
-is SiLU-gated with a fused gate/up matrix.
+new k/v into the paged cache (those three in one fused step) and attends
+through the block tables.  The MLP is SiLU-gated with a fused gate/up
+matrix. The small per-token steps are :mod:`kvpage.ops.fused` (torch
+reference, or one Triton kernel each on a GPU).
 
 Parameters are allocated uninitialized; :mod:`kvpage.model.loader` fills
 every one of them from a checkpoint (and checks that none is left out).
@@ -17,8 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvpage.model.config import ModelConfig
-from kvpage.model.rope import apply_rotary
-from kvpage.ops import AttentionMetadata, paged_attention, write_kv_cache
+from kvpage.model.rope import RotaryEmbedding
+from kvpage.ops import AttentionMetadata, paged_attention
+from kvpage.ops.fused import add_rms_norm, qkv_norm_rope_cache, silu_and_mul
 
 __all__ = ["Attention", "DecoderLayer", "GatedMLP", "Linear", "RMSNorm", "empty_parameter"]
 
@@ -45,19 +48,21 @@ class Linear(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square normalization over the last dimension, computed in float32."""
+    """Root-mean-square normalization over the last dimension, computed in float32.
+
+    Called with a ``residual`` it first adds it (the decoder layers' skip
+    connection) and returns the sum too, so the add and the norm are one pass.
+    """
 
     def __init__(self, size: int, eps: float, *, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
         self.eps = eps
         self.weight = empty_parameter(size, dtype=dtype, device=device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        input_dtype = x.dtype
-        x32 = x.to(torch.float32)
-        variance = x32.pow(2).mean(-1, keepdim=True)
-        # The weight multiplies after rounding back, matching transformers' numerics.
-        return self.weight * (x32 * torch.rsqrt(variance + self.eps)).to(input_dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+        """``(norm(x + residual), x + residual)``; without a residual, ``(norm(x), x)``."""
+        return add_rms_norm(x, residual, self.weight, self.eps, backend)
 
 
 class Attention(nn.Module):
@@ -71,6 +76,7 @@ class Attention(nn.Module):
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
         self.scale = config.head_dim**-0.5
+        self.eps = config.rms_norm_eps
         self.sliding_window = sliding_window
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
@@ -93,24 +99,19 @@ class Attention(nn.Module):
     def forward(
         self,
         hidden: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        positions: torch.Tensor,
+        rotary: RotaryEmbedding,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         num_tokens = hidden.shape[0]
-        query, key, value = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        query = query.reshape(num_tokens, self.num_heads, self.head_dim)
-        key = key.reshape(num_tokens, self.num_kv_heads, self.head_dim)
-        value = value.reshape(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
-            query = self.q_norm(query)
-            key = self.k_norm(key)
-        query = apply_rotary(query, cos, sin)
-        key = apply_rotary(key, cos, sin)
-
         key_cache, value_cache = kv_cache
-        write_kv_cache(key, value, key_cache, value_cache, meta.slot_mapping)
+        # q/k norms, RoPE and the K/V cache store in one step; q comes out ready for attention.
+        query = qkv_norm_rope_cache(
+            self.qkv_proj(hidden), positions, rotary.cos_table, rotary.sin_table,
+            self.q_norm.weight if self.q_norm is not None else None,
+            self.k_norm.weight if self.k_norm is not None else None,
+            self.eps, key_cache, value_cache, meta.slot_mapping, self.num_heads, meta.backend)
         attended = paged_attention(
             query, key_cache, value_cache, meta, self.scale, sliding_window=self.sliding_window
         )
@@ -130,13 +131,18 @@ class GatedMLP(nn.Module):
             config.intermediate_size, config.hidden_size, bias=config.mlp_bias, dtype=dtype, device=device
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x), backend))
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm residual block: attention then MLP."""
+    """Pre-norm residual block: attention then MLP.
+
+    The skip connection is carried as a separate ``residual`` so that each
+    residual add fuses with the norm that follows it: the layer takes the
+    previous layer's output and the running residual (None before the first
+    layer) and returns its own pair.
+    """
 
     def __init__(self, config: ModelConfig, layer_index: int, *, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
@@ -152,10 +158,14 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         hidden: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        residual: torch.Tensor | None,
+        positions: torch.Tensor,
+        rotary: RotaryEmbedding,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, kv_cache, meta)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        backend = meta.backend
+        normed, residual = self.input_layernorm(hidden, residual, backend)
+        attended = self.self_attn(normed, positions, rotary, kv_cache, meta)
+        normed, residual = self.post_attention_layernorm(attended, residual, backend)
+        return self.mlp(normed, backend), residual

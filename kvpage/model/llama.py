@@ -86,16 +86,17 @@ class CausalLM(nn.Module):
                 f"input_ids and positions must both be [T]; got {tuple(input_ids.shape)} and "
                 f"{tuple(positions.shape)}"
             )
-        cos, sin = self.rotary(positions)
         hidden = F.embedding(input_ids, self.embed_tokens)
+        residual: torch.Tensor | None = None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            hidden = layer(hidden, cos, sin, kv_cache, meta)
-        return self.norm(hidden)
+            hidden, residual = layer(hidden, residual, positions, self.rotary, kv_cache, meta)
+        return self.norm(hidden, residual, meta.backend)[0]
 
     @torch.no_grad()
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Project hidden states ``[N, hidden]`` to float32 logits ``[N, vocab]``."""
-        return F.linear(hidden, self.lm_head).float()
+    def compute_logits(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:
+        """Project hidden states ``[N, hidden]`` to logits ``[N, vocab]``: float32, or in the model dtype."""
+        logits = F.linear(hidden, self.lm_head)
+        return logits.float() if float32 else logits
 
     def checkpoint_slices(self) -> dict[str, CheckpointSlice]:
         """Map every Hugging Face weight name this model needs to its destination.

@@ -44,7 +44,9 @@ def resolve_dtype(
     """Turn a user dtype choice into a torch dtype.
 
     ``"auto"`` means float32 on CPU (where half precision is slow and only
-    approximately matches references) and the checkpoint's own dtype elsewhere.
+    approximately matches references); on a GPU, the checkpoint's own half
+    precision dtype, and bfloat16 for float32 checkpoints (as vLLM does:
+    float32 would halve the KV cache and the speed for no visible gain).
     """
     if isinstance(name_or_dtype, torch.dtype):
         if name_or_dtype not in SUPPORTED_DTYPES.values():
@@ -54,7 +56,9 @@ def resolve_dtype(
         return name_or_dtype
     name = _DTYPE_ALIASES.get(name_or_dtype, name_or_dtype)
     if name == "auto":
-        return torch.float32 if torch.device(device).type == "cpu" else config.torch_dtype
+        if torch.device(device).type == "cpu":
+            return torch.float32
+        return torch.bfloat16 if config.torch_dtype == torch.float32 else config.torch_dtype
     if name not in SUPPORTED_DTYPES:
         raise ValueError(
             f"dtype {name_or_dtype!r} is not supported; allowed: 'auto', "

@@ -3,8 +3,10 @@
 RoPE rotates each pair of query/key channels ``(i, i + head_dim/2)`` by the
 angle ``position * inv_freq[i]``.  Scaling schemes only change ``inv_freq``
 (and, for yarn, multiply cos/sin by an attention factor), so everything is
-precomputed once into float32 cos/sin tables indexed by position, which makes
-a forward pass a single gather regardless of how tokens are batched.
+precomputed once into cos/sin tables indexed by position (computed in
+float32, stored in the model dtype), which the fused RoPE step
+(:func:`kvpage.ops.fused.qkv_norm_rope_cache`) reads by each token's
+position, however tokens are batched.
 
 The frequency formulas deliberately follow the order of floating point
 operations used by transformers so that float32 results are bitwise equal.
@@ -19,7 +21,7 @@ from torch import nn
 
 from kvpage.model.config import ModelConfig, RopeConfig
 
-__all__ = ["RotaryEmbedding", "apply_rotary", "rope_inverse_frequencies"]
+__all__ = ["RotaryEmbedding", "rope_inverse_frequencies"]
 
 
 def _default_inverse_frequencies(theta: float, head_dim: int) -> torch.Tensor:
@@ -113,19 +115,3 @@ class RotaryEmbedding(nn.Module):
         sin = (angles.sin() * attention_scaling).to(dtype)
         self.register_buffer("cos_table", cos.to(device), persistent=False)
         self.register_buffer("sin_table", sin.to(device), persistent=False)
-
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin ``[T, head_dim]`` for the given positions."""
-        return self.cos_table[positions], self.sin_table[positions]
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat((-second, first), dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x [T, heads, head_dim]`` by per-token ``cos``/``sin`` ``[T, head_dim]``."""
-    cos = cos[:, None, :]
-    sin = sin[:, None, :]
-    return x * cos + _rotate_half(x) * sin

@@ -1,21 +1,22 @@
 """Attention operators over the paged KV cache.
 
 ``attention`` holds the pure-torch reference implementation; it defines the
-numerics that any accelerated kernel must reproduce.
+numerics that the Triton kernels (``triton_attention``, ``triton_cache``)
+must reproduce, and dispatches to them where they run (a CUDA device, or
+``backend="triton"``). ``metadata`` describes one step's batch to both.
+The Triton modules are imported only when used, so a CPU install needs no
+Triton.
 """
 
-from kvpage.ops.attention import (
-    AttentionMetadata,
-    PrefillSegment,
-    copy_pages,
-    paged_attention,
-    write_kv_cache,
-)
+from kvpage.ops.attention import copy_pages, paged_attention, write_kv_cache
+from kvpage.ops.metadata import ATTENTION_BACKENDS, AttentionMetadata, PrefillSegment, wants_kernels
 
 __all__ = [
+    "ATTENTION_BACKENDS",
     "AttentionMetadata",
     "PrefillSegment",
     "copy_pages",
     "paged_attention",
+    "wants_kernels",
     "write_kv_cache",
 ]

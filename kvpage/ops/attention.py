@@ -26,211 +26,11 @@ influence the output.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-from typing import NamedTuple, Sequence
-
 import torch
 
-__all__ = [
-    "AttentionMetadata",
-    "PrefillSegment",
-    "StepMasks",
-    "copy_pages",
-    "paged_attention",
-    "write_kv_cache",
-]
+from kvpage.ops.metadata import AttentionMetadata, StepMasks, wants_kernels
 
-
-class PrefillSegment(NamedTuple):
-    """A sequence with more than one new token in this step."""
-
-    sequence_index: int
-    token_start: int
-    query_len: int
-    seq_len: int
-
-
-class StepMasks(NamedTuple):
-    """Which keys each new token must not see (True = hidden), per batch part."""
-
-    decode_hidden: torch.Tensor  # [num_decode, L]
-    prefill_hidden: tuple[torch.Tensor, ...]  # [query_len, seq_len] per prefill segment
-    # [seq_len] keys no query of the segment sees (None when there are none)
-    prefill_unused_keys: tuple[torch.Tensor | None, ...]
-
-
-@dataclass
-class AttentionMetadata:
-    """One step's batch: S sequences whose new tokens are flattened in sequence order.
-
-    ``T = sum(query_lens)``.  New token ``j`` of sequence ``i`` is at position
-    ``seq_lens[i] - query_lens[i] + j`` and attends to positions ``0..`` that
-    position.  Use :meth:`build` to derive ``block_tables`` and
-    ``slot_mapping`` from per-sequence page lists.
-    """
-
-    query_lens: list[int]
-    seq_lens: list[int]
-    block_tables: torch.Tensor  # [S, max_pages] int32; entries past a sequence's pages are padding
-    slot_mapping: torch.Tensor  # [T] int64; -1 means "do not write"
-    block_size: int
-
-    # Derived once per step so that every layer reuses them.
-    num_tokens: int = field(init=False, repr=False, compare=False)
-    all_decode: bool = field(init=False, repr=False, compare=False)
-    decode_token_rows: torch.Tensor = field(init=False, repr=False, compare=False)
-    decode_block_tables: torch.Tensor = field(init=False, repr=False, compare=False)
-    decode_seq_lens: torch.Tensor = field(init=False, repr=False, compare=False)
-    prefill_segments: tuple[PrefillSegment, ...] = field(init=False, repr=False, compare=False)
-    prefill_pages: tuple[torch.Tensor, ...] = field(init=False, repr=False, compare=False)
-    _masks_by_window: dict[int | None, StepMasks] = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        self._validate()
-        device = self.block_tables.device
-        self.num_tokens = sum(self.query_lens)
-
-        decode_rows: list[int] = []
-        decode_seqs: list[int] = []
-        segments: list[PrefillSegment] = []
-        token_start = 0
-        for index, (query_len, seq_len) in enumerate(zip(self.query_lens, self.seq_lens)):
-            if query_len == 1:
-                decode_rows.append(token_start)
-                decode_seqs.append(index)
-            else:
-                segments.append(PrefillSegment(index, token_start, query_len, seq_len))
-            token_start += query_len
-        self.prefill_segments = tuple(segments)
-        self.all_decode = not segments
-        self.prefill_pages = tuple(
-            self.block_tables[seg.sequence_index, : math.ceil(seg.seq_len / self.block_size)].long()
-            for seg in segments
-        )
-        self._masks_by_window = {}
-
-        # Decode tokens are batched into one gather, so only read as many pages
-        # as the longest decoding sequence needs.
-        max_decode_len = max((self.seq_lens[i] for i in decode_seqs), default=0)
-        decode_pages = math.ceil(max_decode_len / self.block_size)
-        self.decode_token_rows = torch.tensor(decode_rows, dtype=torch.long, device=device)
-        # index_select, not fancy indexing: with a Python index list, torch's CPU
-        # advanced-indexing path was measured at ~12 ms for 256 rows on 2 busy cores.
-        if self.all_decode:
-            decode_tables = self.block_tables
-        else:
-            decode_tables = self.block_tables.index_select(0, torch.tensor(decode_seqs, dtype=torch.long, device=device))
-        self.decode_block_tables = decode_tables[:, :decode_pages].long()
-        self.decode_seq_lens = torch.tensor([self.seq_lens[i] for i in decode_seqs], device=device)
-
-    def _validate(self) -> None:
-        if self.block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
-        num_seqs = len(self.query_lens)
-        if len(self.seq_lens) != num_seqs:
-            raise ValueError(
-                f"seq_lens has {len(self.seq_lens)} entries but query_lens has {num_seqs}; "
-                "they must describe the same sequences"
-            )
-        if self.block_tables.dim() != 2 or self.block_tables.shape[0] != num_seqs:
-            raise ValueError(
-                f"block_tables must have shape [num_seqs={num_seqs}, max_pages], "
-                f"got {tuple(self.block_tables.shape)}"
-            )
-        max_tokens = self.block_tables.shape[1] * self.block_size
-        for index, (query_len, seq_len) in enumerate(zip(self.query_lens, self.seq_lens)):
-            if not 1 <= query_len <= seq_len:
-                raise ValueError(
-                    f"query_lens[{index}]={query_len} must satisfy 1 <= query_len <= "
-                    f"seq_lens[{index}]={seq_len}"
-                )
-            if seq_len > max_tokens:
-                raise ValueError(
-                    f"seq_lens[{index}]={seq_len} exceeds the block table capacity "
-                    f"{self.block_tables.shape[1]} pages * block_size {self.block_size}"
-                )
-        expected_tokens = sum(self.query_lens)
-        if self.slot_mapping.shape != (expected_tokens,):
-            raise ValueError(
-                f"slot_mapping must have shape [sum(query_lens)={expected_tokens}], "
-                f"got {tuple(self.slot_mapping.shape)}"
-            )
-
-    @classmethod
-    def build(
-        cls,
-        query_lens: Sequence[int],
-        seq_lens: Sequence[int],
-        page_lists: Sequence[Sequence[int]],
-        block_size: int,
-        device: torch.device | str = "cpu",
-    ) -> AttentionMetadata:
-        """Build metadata from each sequence's list of physical pages.
-
-        ``page_lists[i]`` must cover at least ``seq_lens[i]`` tokens.  Every
-        new token gets a write slot (no ``-1`` padding).
-        """
-        if block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {block_size}")
-        if not len(query_lens) == len(seq_lens) == len(page_lists):
-            raise ValueError(
-                f"query_lens ({len(query_lens)}), seq_lens ({len(seq_lens)}) and "
-                f"page_lists ({len(page_lists)}) must have the same length"
-            )
-        max_pages = max((len(pages) for pages in page_lists), default=0)
-        padded_tables = [list(pages) + [0] * (max_pages - len(pages)) for pages in page_lists]
-        slots: list[int] = []
-        for index, (query_len, seq_len, pages) in enumerate(zip(query_lens, seq_lens, page_lists)):
-            if seq_len > len(pages) * block_size:
-                raise ValueError(
-                    f"page_lists[{index}] has {len(pages)} pages of {block_size} tokens, "
-                    f"too few for seq_lens[{index}]={seq_len}"
-                )
-            for position in range(seq_len - query_len, seq_len):
-                slots.append(pages[position // block_size] * block_size + position % block_size)
-        return cls(
-            query_lens=list(query_lens),
-            seq_lens=list(seq_lens),
-            block_tables=torch.tensor(padded_tables, dtype=torch.int32, device=device).view(-1, max_pages),
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
-            block_size=block_size,
-        )
-
-    def masks(self, sliding_window: int | None) -> StepMasks:
-        """Attention masks of this step, built on first use and shared by all layers."""
-        cached = self._masks_by_window.get(sliding_window)
-        if cached is None:
-            cached = self._build_masks(sliding_window)
-            self._masks_by_window[sliding_window] = cached
-        return cached
-
-    def _build_masks(self, sliding_window: int | None) -> StepMasks:
-        device = self.block_tables.device
-        decode_keys = torch.arange(self.decode_block_tables.shape[1] * self.block_size, device=device)
-        seq_lens = self.decode_seq_lens[:, None]
-        decode_hidden = decode_keys[None, :] >= seq_lens
-        if sliding_window is not None:
-            decode_hidden |= decode_keys[None, :] < seq_lens - sliding_window
-        prefill_hidden = []
-        for segment in self.prefill_segments:
-            first_position = segment.seq_len - segment.query_len
-            query_positions = torch.arange(first_position, segment.seq_len, device=device)[:, None]
-            key_positions = torch.arange(segment.seq_len, device=device)[None, :]
-            hidden = key_positions > query_positions
-            if sliding_window is not None:
-                hidden |= key_positions <= query_positions - sliding_window
-            prefill_hidden.append(hidden)
-        # Without a window the last new token sees every key, so no key is unused.
-        prefill_unused = tuple(h.all(dim=0) if sliding_window is not None else None for h in prefill_hidden)
-        return StepMasks(decode_hidden, tuple(prefill_hidden), prefill_unused)
-
-    def positions(self) -> torch.Tensor:
-        """Position of every new token, ``[T]`` int64, on the block tables' device."""
-        positions: list[int] = []
-        for query_len, seq_len in zip(self.query_lens, self.seq_lens):
-            positions.extend(range(seq_len - query_len, seq_len))
-        return torch.tensor(positions, dtype=torch.long, device=self.block_tables.device)
+__all__ = ["copy_pages", "paged_attention", "write_kv_cache"]
 
 
 def _check_cache_pair(key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
@@ -252,10 +52,11 @@ def write_kv_cache(
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    backend: str = "auto",
 ) -> None:
     """Store new tokens' K/V (``[T, num_kv_heads, head_dim]``) into their slots, in place.
 
-    Slots equal to -1 are skipped.
+    Slots equal to -1 are skipped. ``backend`` is as in :class:`AttentionMetadata`.
     """
     _check_cache_pair(key_cache, value_cache)
     _, _, num_kv_heads, head_dim = key_cache.shape
@@ -265,6 +66,11 @@ def write_kv_cache(
             f"key and value must have shape {expected} to match slot_mapping and the cache, "
             f"got {tuple(key.shape)} and {tuple(value.shape)}"
         )
+    if wants_kernels(backend, key_cache):
+        from kvpage.ops import triton_cache
+
+        triton_cache.write_kv_cache(key, value, key_cache, value_cache, slot_mapping)
+        return
     flat_keys = key_cache.view(-1, num_kv_heads, head_dim)
     flat_values = value_cache.view(-1, num_kv_heads, head_dim)
     writes = slot_mapping >= 0
@@ -346,17 +152,21 @@ def paged_attention(
         raise ValueError(f"cache block_size {block_size} != meta.block_size {meta.block_size}")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be None or >= 1, got {sliding_window}")
-    masks = meta.masks(sliding_window)
+    if meta.uses_kernels(query):
+        from kvpage.ops import triton_attention  # Triton is needed only where the kernels run
 
+        return triton_attention.paged_attention(query, key_cache, value_cache, meta, scale, sliding_window)
+    masks = meta.masks(sliding_window)
+    plan = meta.reference
     if meta.all_decode:
         return _decode_attention(query, key_cache, value_cache, meta, masks, scale).to(query.dtype)
     output = torch.empty_like(query)
-    if meta.decode_token_rows.numel() > 0:
-        decode_query = query.index_select(0, meta.decode_token_rows)
+    if plan.decode_token_rows.numel() > 0:
+        decode_query = query.index_select(0, plan.decode_token_rows)
         decode_out = _decode_attention(decode_query, key_cache, value_cache, meta, masks, scale)
-        output.index_copy_(0, meta.decode_token_rows, decode_out.to(query.dtype))
+        output.index_copy_(0, plan.decode_token_rows, decode_out.to(query.dtype))
     for segment, pages, hidden, unused_keys in zip(
-        meta.prefill_segments, meta.prefill_pages, masks.prefill_hidden, masks.prefill_unused_keys
+        meta.prefill_segments, plan.prefill_pages, masks.prefill_hidden, masks.prefill_unused_keys
     ):
         keys = _gather_pages(key_cache, pages)[: segment.seq_len]
         values = _gather_pages(value_cache, pages)[: segment.seq_len]
@@ -373,8 +183,8 @@ def _decode_attention(
     meta: AttentionMetadata, masks: StepMasks, scale: float,
 ) -> torch.Tensor:
     """All single-token sequences at once: one gather, padded to the longest of them."""
-    keys = _gather_pages(key_cache, meta.decode_block_tables)  # [D, L, Hkv, Dh]
-    values = _gather_pages(value_cache, meta.decode_block_tables)
+    keys = _gather_pages(key_cache, meta.reference.decode_block_tables)  # [D, L, Hkv, Dh]
+    values = _gather_pages(value_cache, meta.reference.decode_block_tables)
     # Padding pages and unwritten slots may hold NaN; 0 probability * NaN is NaN.
     values.masked_fill_(masks.decode_hidden[:, :, None, None], 0.0)
     output = _masked_attention(query[:, None], keys, values, masks.decode_hidden[:, None, :], scale)

@@ -18,6 +18,8 @@ from collections.abc import Iterable
 
 import torch
 
+from kvpage.ops.transfer import to_device
+
 
 class BlockTableBuffer:
     """Rows of page ids, one per live sequence, on the model's device."""
@@ -68,9 +70,10 @@ class BlockTableBuffer:
             write_vals.extend(pages[known:])
             self._known[seq_id] = len(pages)
             rows.append(row)
-        if write_at:
-            offsets = torch.tensor(write_at, dtype=torch.long).to(self.device)
-            values = torch.tensor(write_vals, dtype=torch.int32).to(self.device)
-            self.table.view(-1).index_copy_(0, offsets, values)
-        row_index = torch.tensor(rows, dtype=torch.long).to(self.device)
-        return self.table.index_select(0, row_index)[:, :width]
+        # One asynchronous copy: the rows to read, then the entries to write and their values.
+        packed = to_device(rows + write_at + write_vals, torch.long, self.device)
+        num_rows, num_writes = len(rows), len(write_at)
+        if num_writes:
+            offsets = packed[num_rows: num_rows + num_writes]
+            self.table.view(-1).index_copy_(0, offsets, packed[num_rows + num_writes:].to(torch.int32))
+        return self.table.index_select(0, packed[:num_rows])[:, :width]

@@ -1,68 +1,86 @@
 """The model runner: one scheduled step in, one sampled token per finished row out.
 
-It owns the model, the per-layer KV tensors and the sampler. For each step it
+It owns the model, the KV cache tensors and the sampler. For each step it
 
-1. performs the copy-on-write page copies the scheduler asked for;
+1. performs the step's page operations (swaps, copy-on-write copies), in order;
 2. flattens the scheduled sequences into one token batch: input ids,
    positions, the *slot mapping* (the flat cache slot each new token's K/V is
-   written to: ``page_id * block_size + offset``) and the padded block tables
-   through which attention reads the context;
-3. runs the model, takes the hidden state at the last position of every
-   sequence that samples this step, and samples.
+   written to: ``page_id * block_size + offset``) and the block tables
+   through which attention reads the context. On a GPU these go to the
+   device in one pinned, asynchronous copy;
+3. runs the model (a decode-only step replays a CUDA graph when one was
+   captured), takes the hidden state at the last position of every sequence
+   that samples this step, and samples.
+
+:meth:`ModelRunner.launch` only *enqueues* that work and returns a
+:class:`LaunchedStep`; its sampled tokens are read with
+:meth:`LaunchedStep.result`. In between the host is free: the engine plans
+and launches the next step meanwhile (asynchronous scheduling). A sequence
+of that next step may then have as its input the token the running step is
+still sampling (``INFLIGHT_TOKEN``); the runner copies it from the running
+step's output tensor on the device, so the host never waits for it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from kvpage.batch import PageOps, SampledToken, ScheduledSequence, SchedulerOutput
+from kvpage.batch import INFLIGHT_TOKEN, PageOps, SampledToken, ScheduledSequence, SchedulerOutput
 from kvpage.model import CausalLM
-from kvpage.ops import AttentionMetadata, copy_pages
+from kvpage.ops import AttentionMetadata
+from kvpage.ops.transfer import to_device, to_device_segments
 from kvpage.worker.block_table_buffer import BlockTableBuffer
-from kvpage.worker.sampler import Sampler
+from kvpage.worker.cuda_graphs import DecodeGraphs
+from kvpage.worker.kv_cache import KVCache, KVCacheShape
+from kvpage.worker.sampler import PendingSamples, Sampler
 
 
 @dataclass(frozen=True)
-class KVCacheShape:
-    """Geometry of the paged KV cache of one model."""
+class RunnerOptions:
+    """How the runner executes: which attention code, and whether decode replays CUDA graphs."""
 
-    num_layers: int
-    num_pages: int
-    block_size: int
-    num_kv_heads: int
-    head_dim: int
-    dtype: torch.dtype
+    attention_backend: str = "auto"
+    enforce_eager: bool = False
 
-    @property
-    def bytes_per_page(self) -> int:
-        return page_bytes(self.num_layers, self.block_size, self.num_kv_heads, self.head_dim, self.dtype)
-
-
-def page_bytes(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-    """Bytes one page takes across all layers, K and V together."""
-    element = torch.empty((), dtype=dtype).element_size()
-    return 2 * num_layers * block_size * num_kv_heads * head_dim * element
-
-
-def allocate_kv_cache(shape: KVCacheShape, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer, K and V tensors of ``[num_pages, block_size, num_kv_heads, head_dim]``."""
-    dims = (shape.num_pages, shape.block_size, shape.num_kv_heads, shape.head_dim)
-    return [(torch.zeros(dims, dtype=shape.dtype, device=device), torch.zeros(dims, dtype=shape.dtype, device=device))
-            for _ in range(shape.num_layers)]
+    def captures_graphs(self, device: torch.device) -> bool:
+        """Decode replays CUDA graphs on a GPU with the Triton kernels, unless told to stay eager."""
+        return device.type == "cuda" and self.attention_backend != "torch" and not self.enforce_eager
 
 
 @dataclass
 class StepInputs:
-    """The flattened tensors of one step."""
+    """One step's flattened batch, as host lists; the device tensors are made by the path that runs it."""
 
-    input_ids: torch.Tensor
-    positions: torch.Tensor
-    metadata: AttentionMetadata
+    input_ids: list[int]
+    positions: list[int]
+    slots: list[int]
+    query_lens: list[int]
+    seq_lens: list[int]
+    block_tables: torch.Tensor
     # Row of each sampling sequence's last token in the flattened batch.
-    sample_rows: torch.Tensor
+    sample_rows: list[int]
     sample_seqs: list[ScheduledSequence]
+    # Rows whose input is the token the previous step is still sampling, and their sequences.
+    inflight_rows: list[int] = field(default_factory=list)
+    inflight_seq_ids: list[int] = field(default_factory=list)
+
+    @property
+    def is_decode(self) -> bool:
+        return len(self.input_ids) == len(self.query_lens)
+
+
+@dataclass
+class LaunchedStep:
+    """A step whose device work is enqueued; ``result()`` waits for its sampled tokens."""
+
+    samples: PendingSamples | None = None
+    # Row of each sampling sequence in ``samples.tokens``: where the next step finds its in-flight input.
+    row_of_seq: dict[int, int] = field(default_factory=dict)
+
+    def result(self) -> list[SampledToken]:
+        return self.samples.result() if self.samples is not None else []
 
 
 class ModelRunner:
@@ -70,20 +88,25 @@ class ModelRunner:
 
     def __init__(self, model: CausalLM, cache_shape: KVCacheShape, device: torch.device, seed: int,
                  eos_token_ids: tuple[int, ...], max_num_seqs: int, max_pages_per_seq: int,
-                 num_host_pages: int = 0) -> None:
+                 num_host_pages: int = 0, options: RunnerOptions | None = None) -> None:
+        self.options = options or RunnerOptions()
         self.model = model
         self.device = device
         self.cache_shape = cache_shape
         self.block_size = cache_shape.block_size
-        self.kv_caches = allocate_kv_cache(cache_shape, device)
-        # Swap space in host memory, pinned so that copies to and from a GPU run at full speed.
-        host = (num_host_pages, cache_shape.block_size, cache_shape.num_kv_heads, cache_shape.head_dim)
-        pin = device.type == "cuda"
-        self.host_caches = [(torch.empty(host, dtype=cache_shape.dtype, pin_memory=pin),
-                             torch.empty(host, dtype=cache_shape.dtype, pin_memory=pin))
-                            for _ in range(cache_shape.num_layers)] if num_host_pages else []
-        self.sampler = Sampler(device, seed, eos_token_ids)
+        self.kv = KVCache(cache_shape, device, num_host_pages, self.options.attention_backend)
+        self.sampler = Sampler(device, seed, eos_token_ids, use_kernels=self.kv.use_kernels)
         self.block_tables = BlockTableBuffer(max_num_seqs, max_pages_per_seq, device)
+        self.graphs: DecodeGraphs | None = None
+        if self.options.captures_graphs(device):
+            self.graphs = DecodeGraphs(model, self.kv.layers, max_num_seqs, max_pages_per_seq, self.block_size,
+                                       device)
+            self.graphs.capture()
+
+    @property
+    def kv_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, the (key cache, value cache) views ``[num_pages, block_size, num_kv_heads, head_dim]``."""
+        return self.kv.layers
 
     def prepare_inputs(self, seqs: list[ScheduledSequence]) -> StepInputs:
         bs = self.block_size
@@ -94,10 +117,15 @@ class ModelRunner:
         seq_lens: list[int] = []
         sample_rows: list[int] = []
         sample_seqs: list[ScheduledSequence] = []
+        inflight_rows: list[int] = []
+        inflight_seq_ids: list[int] = []
         for seq in seqs:
             start = seq.start_position
             num = len(seq.input_token_ids)
             input_ids.extend(seq.input_token_ids)
+            if input_ids[-1] == INFLIGHT_TOKEN:
+                inflight_rows.append(len(input_ids) - 1)
+                inflight_seq_ids.append(seq.seq_id)
             pages = seq.page_ids
             if num == 1:  # decode: skip the range machinery
                 positions.append(start)
@@ -111,24 +139,12 @@ class ModelRunner:
             if seq.sample:
                 sample_rows.append(len(input_ids) - 1)
                 sample_seqs.append(seq)
-        dev = self.device
-        metadata = AttentionMetadata(
-            query_lens=query_lens,
-            seq_lens=seq_lens,
-            block_tables=self.block_tables.gather([s.seq_id for s in seqs], [s.page_ids for s in seqs]),
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            block_size=bs,
-        )
-        return StepInputs(
-            input_ids=torch.tensor(input_ids, dtype=torch.long, device=dev),
-            positions=torch.tensor(positions, dtype=torch.long, device=dev),
-            metadata=metadata,
-            sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=dev),
-            sample_seqs=sample_seqs,
-        )
+        block_tables = self.block_tables.gather([s.seq_id for s in seqs], [s.page_ids for s in seqs])
+        return StepInputs(input_ids, positions, slots, query_lens, seq_lens, block_tables, sample_rows, sample_seqs,
+                          inflight_rows, inflight_seq_ids)
 
     def prepare(self, out: SchedulerOutput) -> StepInputs | None:
-        """Drop state of ended sequences and build the step's tensors (None if nothing runs)."""
+        """Drop state of ended sequences and build the step's inputs (None if nothing runs)."""
         # Preempted sequences keep their generators: their random stream resumes after recompute.
         self.sampler.forget(out.finished_seq_ids)
         self.block_tables.release(out.finished_seq_ids)
@@ -140,31 +156,63 @@ class ModelRunner:
         """Perform a step's swaps and page copies, in order (later ones may reuse pages earlier ones freed)."""
         for ops in page_ops:
             if ops.kind == "copy":
-                copy_pages(self.kv_caches, ops.pairs)
+                self.kv.copy(ops.pairs)
             elif ops.kind == "swap_out":
-                self._swap_out(ops.pairs)
+                self.kv.swap_out(ops.pairs)
             else:
-                self._swap_in(ops.pairs)
+                self.kv.swap_in(ops.pairs)
 
-    def _swap_out(self, pairs: list[tuple[int, int]]) -> None:
-        device_ids = torch.tensor([d for d, _ in pairs], dtype=torch.long, device=self.device)
-        host_ids = torch.tensor([h for _, h in pairs], dtype=torch.long)
-        for (key, value), (host_key, host_value) in zip(self.kv_caches, self.host_caches):
-            # Blocking: the freed device pages may be overwritten by this very step.
-            host_key[host_ids] = key.index_select(0, device_ids).cpu()
-            host_value[host_ids] = value.index_select(0, device_ids).cpu()
+    def _inflight_sources(self, inputs: StepInputs, previous: LaunchedStep | None) -> list[int]:
+        """For each in-flight input, its row in the previous step's sampled tokens."""
+        if not inputs.inflight_rows:
+            return []
+        try:
+            assert previous is not None and previous.samples is not None
+            return [previous.row_of_seq[seq_id] for seq_id in inputs.inflight_seq_ids]
+        except (AssertionError, KeyError) as error:
+            raise RuntimeError("a step's input is a token no running step samples; the engine must launch "
+                               "steps with in-flight inputs right after the step that samples them") from error
 
-    def _swap_in(self, pairs: list[tuple[int, int]]) -> None:
-        host_ids = torch.tensor([h for h, _ in pairs], dtype=torch.long)
-        device_ids = torch.tensor([d for _, d in pairs], dtype=torch.long, device=self.device)
-        for (key, value), (host_key, host_value) in zip(self.kv_caches, self.host_caches):
-            key.index_copy_(0, device_ids, host_key.index_select(0, host_ids).to(self.device))
-            value.index_copy_(0, device_ids, host_value.index_select(0, host_ids).to(self.device))
+    def _forward(self, inputs: StepInputs, previous: LaunchedStep | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Hidden states of the batch, and the rows to sample (None: the first ``len(sample_rows)`` rows)."""
+        sources = self._inflight_sources(inputs, previous)
+        previous_tokens = previous.samples.tokens if sources else None  # type: ignore[union-attr]
+        graphs = self.graphs
+        if graphs is not None and inputs.is_decode and graphs.padded_size(len(inputs.input_ids)) is not None:
+            hidden = graphs.run(inputs.input_ids, inputs.positions, inputs.slots, inputs.seq_lens,
+                                inputs.block_tables, inputs.inflight_rows, sources, previous_tokens)
+            # Usually every row samples; a one-token prefill chunk that ends mid-prompt does not.
+            rows = None if len(inputs.sample_rows) == len(inputs.input_ids) else to_device(
+                inputs.sample_rows, torch.long, self.device)
+            return hidden, rows
+        input_ids, positions, slots, sample_rows, fill_rows, fill_sources = to_device_segments(
+            [inputs.input_ids, inputs.positions, inputs.slots, inputs.sample_rows, inputs.inflight_rows, sources],
+            torch.long, self.device)
+        if sources:
+            input_ids.index_copy_(0, fill_rows, previous_tokens.index_select(0, fill_sources))  # type: ignore[union-attr]
+        metadata = AttentionMetadata(query_lens=inputs.query_lens, seq_lens=inputs.seq_lens,
+                                     block_tables=inputs.block_tables, slot_mapping=slots,
+                                     block_size=self.block_size, backend=self.options.attention_backend)
+        return self.model(input_ids, positions, self.kv.layers, metadata), sample_rows
 
     @torch.inference_mode()
-    def run(self, inputs: StepInputs) -> list[SampledToken]:
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.metadata)
+    def launch(self, out: SchedulerOutput, inputs: StepInputs | None,
+               previous: LaunchedStep | None = None) -> LaunchedStep:
+        """Enqueue the step's page operations, forward pass and sampling; returns without waiting.
+
+        ``previous`` is the step launched just before, when its tokens are still in flight.
+        """
+        self.apply_page_ops(out.page_ops)
+        if inputs is None:
+            return LaunchedStep()
+        hidden, rows = self._forward(inputs, previous)
         if not inputs.sample_seqs:
-            return []
-        logits = self.model.compute_logits(hidden[inputs.sample_rows])
-        return self.sampler(logits, inputs.sample_seqs)
+            return LaunchedStep()
+        logits = self.model.compute_logits(hidden if rows is None else hidden[rows],
+                                           float32=self.sampler.needs_float32(inputs.sample_seqs))
+        samples = self.sampler.sample(logits, inputs.sample_seqs)
+        return LaunchedStep(samples, {seq.seq_id: row for row, seq in enumerate(inputs.sample_seqs)})
+
+    def run(self, out: SchedulerOutput, inputs: StepInputs | None) -> list[SampledToken]:
+        """Launch the step and wait for its tokens (no step in flight before it)."""
+        return self.launch(out, inputs).result()

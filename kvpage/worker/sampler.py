@@ -15,6 +15,15 @@ Order of operations, per row (vLLM's semantics):
 
 A request with a ``seed`` draws from its own generator, seeded from
 ``seed + sample_index``, so its tokens do not depend on what else is batched.
+
+Where the Triton kernels run, plain temperature rows (no top-k, top-p,
+min-p) instead draw in one pass over the logits by the Gumbel-max trick
+(:mod:`kvpage.ops.triton_sampling`), keyed per row the same batch-independent
+way: a different random stream from the torch path, the same distribution.
+
+``sample`` only enqueues the device work and starts copying the results to
+the host; :meth:`PendingSamples.result` waits for them. The engine plans the
+next step in between.
 """
 
 from __future__ import annotations
@@ -24,17 +33,24 @@ from collections.abc import Iterable
 import torch
 
 from kvpage.batch import SampledToken, ScheduledSequence
+from kvpage.ops.transfer import to_device
+from kvpage.sampling_params import SamplingParams
 
 
 class Sampler:
     """Samples one token per row; keeps the per-sequence random generators."""
 
-    def __init__(self, device: torch.device, seed: int, eos_token_ids: tuple[int, ...]) -> None:
+    def __init__(self, device: torch.device, seed: int, eos_token_ids: tuple[int, ...],
+                 use_kernels: bool = False) -> None:
         self.device = device
         self.eos_token_ids = list(eos_token_ids)
+        self.seed = seed
         self.shared_generator = torch.Generator(device=device)
         self.shared_generator.manual_seed(seed)
         self._generators: dict[int, torch.Generator] = {}
+        # Plain temperature rows draw with the one-pass Triton kernel (kvpage.ops.triton_sampling).
+        self.use_kernels = use_kernels
+        self._num_kernel_draws = 0
 
     def forget(self, seq_ids: Iterable[int]) -> None:
         for seq_id in seq_ids:
@@ -54,6 +70,32 @@ class Sampler:
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, seqs: list[ScheduledSequence]) -> list[SampledToken]:
         """``logits``: float32 ``[len(seqs), vocab]``, one row per sampled sequence."""
+        return self.sample(logits, seqs).result()
+
+    def needs_float32(self, seqs: list[ScheduledSequence]) -> bool:
+        """Whether these rows need float32 logits; the kernel path reads them in the model dtype.
+
+        Greedy rows compare the same values either way (float32 logits are the
+        model-dtype ones, widened), so only logprobs, penalties, ``min_tokens``,
+        beam search and the torch sampling path need the float32 copy.
+        """
+        if not self.use_kernels:
+            return True
+        for seq in seqs:
+            p = seq.sampling_params
+            if (p.logprobs is not None or p.has_penalties or p.min_tokens or p.use_beam_search
+                    or not (p.is_greedy or _plain_temperature(p))):
+                return True
+        return False
+
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, seqs: list[ScheduledSequence]) -> PendingSamples:
+        """Enqueue the sampling of one token per row; the host reads them with ``result()``.
+
+        ``logits`` are float32, or in the model dtype where :meth:`needs_float32` said so.
+        """
+        if logits.dtype != torch.float32 and self.needs_float32(seqs):
+            logits = logits.float()
         params = [s.sampling_params for s in seqs]
         want_logprobs = [p.logprobs is not None for p in params]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
@@ -67,37 +109,61 @@ class Sampler:
                 if banned:
                     logits[row, banned] = float("-inf")
 
-        tokens = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
         greedy = [i for i, p in enumerate(params) if p.is_greedy]
-        sampled = [i for i, p in enumerate(params) if not p.is_greedy]
-        if greedy:
-            tokens[greedy] = logits[greedy].argmax(dim=-1)
-        if sampled:
-            probs = self._filtered_probs(logits[sampled], [params[i] for i in sampled])
-            tokens[sampled] = self._draw(probs, [seqs[i] for i in sampled])
-
-        token_list = tokens.tolist()
-        results = [SampledToken(token_id=t) for t in token_list]
+        if len(greedy) == len(params):  # one kind of row: no gathering and scattering of rows
+            tokens = logits.argmax(dim=-1)
+        elif self.use_kernels and all(p.is_greedy or _plain_temperature(p) for p in params):
+            tokens = self._gumbel_max(logits, seqs, greedy)
+        elif not greedy:
+            tokens = self._draw(self._filtered_probs(logits, params), seqs)
+        else:
+            tokens = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
+            sampled = [i for i, p in enumerate(params) if not p.is_greedy]
+            greedy_rows, sampled_rows = (to_device(rows, torch.long, logits.device) for rows in (greedy, sampled))
+            tokens.index_copy_(0, greedy_rows, logits.index_select(0, greedy_rows).argmax(dim=-1))
+            probs = self._filtered_probs(logits.index_select(0, sampled_rows), [params[i] for i in sampled])
+            tokens.index_copy_(0, sampled_rows, self._draw(probs, [seqs[i] for i in sampled]))
+        pending = PendingSamples(tokens, seqs)
         if raw_logprobs is not None:
-            self._attach_logprobs(raw_logprobs, token_list, seqs, results)
+            pending.add_logprobs(raw_logprobs, tokens)
         beams = [i for i, p in enumerate(params) if p.use_beam_search]
         if beams:
-            self._attach_beam_candidates(logits, beams, params, results)
-        return results
+            logprobs = torch.log_softmax(logits[beams], dim=-1)
+            k = min(logprobs.shape[-1], max(2, 1 + len(self.eos_token_ids)) * max(params[i].beam_width for i in beams))
+            pending.add_beam_candidates(beams, *torch.topk(logprobs, k, dim=-1))
+        pending.start_copy()
+        return pending
 
-    def _attach_beam_candidates(self, logits: torch.Tensor, rows: list[int], params: list,
-                                results: list[SampledToken]) -> None:
-        """Each beam's best next tokens by raw log-probability, as many as the beam step can use."""
-        logprobs = torch.log_softmax(logits[rows], dim=-1)
-        k = min(logprobs.shape[-1], max(2, 1 + len(self.eos_token_ids)) * max(params[i].beam_width for i in rows))
-        values, indices = torch.topk(logprobs, k, dim=-1)
-        for row, vals, ids in zip(rows, values.tolist(), indices.tolist()):
-            results[row].beam_candidates = list(zip(ids, vals))
+    def _gumbel_max(self, logits: torch.Tensor, seqs: list[ScheduledSequence], greedy: list[int]) -> torch.Tensor:
+        """Plain temperature sampling in one kernel pass; greedy rows take the argmax.
+
+        A seeded row's Philox key mixes its seed, sample index and the position
+        it samples, so its draw is the same in any batch; other rows mix the
+        engine seed, a per-call counter and the row.
+        """
+        from kvpage.ops.triton_sampling import gumbel_max_sample, mix_seed
+
+        draw = self._num_kernel_draws
+        self._num_kernel_draws += 1
+        temperatures, seeds = [], []
+        for row, seq in enumerate(seqs):
+            p = seq.sampling_params
+            temperatures.append(p.temperature if not p.is_greedy else 1.0)
+            position = seq.start_position + len(seq.input_token_ids)
+            seeds.append(mix_seed(p.seed, seq.sample_index, position) if p.seed is not None
+                         else mix_seed(self.seed, draw, row, 1 << 40))
+        device = logits.device
+        tokens = gumbel_max_sample(logits, to_device(temperatures, torch.float32, device),
+                                   to_device(seeds, torch.long, device))
+        if greedy:
+            is_greedy = to_device([p.sampling_params.is_greedy for p in seqs], torch.bool, device)
+            tokens = torch.where(is_greedy, logits.argmax(dim=-1), tokens)
+        return tokens
 
     @staticmethod
     def _apply_penalties(row: torch.Tensor, seq: ScheduledSequence) -> None:
         p = seq.sampling_params
-        ids = torch.tensor(seq.all_token_ids, dtype=torch.long, device=row.device)
+        ids = to_device(seq.all_token_ids, torch.long, row.device)
         if p.repetition_penalty != 1:
             seen = torch.unique(ids)
             values = row[seen]
@@ -109,12 +175,12 @@ class Sampler:
 
     @staticmethod
     def _filtered_probs(logits: torch.Tensor, params: list) -> torch.Tensor:
-        temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=logits.device)
+        temps = to_device([p.temperature for p in params], logits.dtype, logits.device)
         logits = logits / temps.unsqueeze(1)
         top_ks = [p.effective_top_k for p in params]
         if any(top_ks):
             vocab = logits.shape[-1]
-            k = torch.tensor([k if k else vocab for k in top_ks], device=logits.device).clamp(max=vocab)
+            k = to_device([min(k, vocab) if k else vocab for k in top_ks], torch.long, logits.device)
             sorted_desc = logits.sort(dim=-1, descending=True).values
             kth = sorted_desc.gather(1, (k - 1).unsqueeze(1))
             logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -123,42 +189,95 @@ class Sampler:
         if any(tp < 1 for tp in top_ps):
             sorted_probs, order = probs.sort(dim=-1, descending=True)
             mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-            limit = torch.tensor(top_ps, dtype=probs.dtype, device=probs.device).unsqueeze(1)
+            limit = to_device(top_ps, probs.dtype, probs.device).unsqueeze(1)
             # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
             drop_sorted = mass_before >= limit
             drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
             probs = probs.masked_fill(drop, 0.0)
         min_ps = [p.min_p for p in params]
         if any(min_ps):
-            floor = torch.tensor(min_ps, dtype=probs.dtype, device=probs.device).unsqueeze(1)
+            floor = to_device(min_ps, probs.dtype, probs.device).unsqueeze(1)
             probs = probs.masked_fill(probs < floor * probs.max(dim=-1, keepdim=True).values, 0.0)
         return probs / probs.sum(dim=-1, keepdim=True)
 
     def _draw(self, probs: torch.Tensor, seqs: list[ScheduledSequence]) -> torch.Tensor:
         noise = torch.empty_like(probs)
         shared_rows = [i for i, s in enumerate(seqs) if s.sampling_params.seed is None]
+        if len(shared_rows) == len(seqs):
+            return probs.div_(noise.exponential_(generator=self.shared_generator)).argmax(dim=-1)
         if shared_rows:
-            noise[shared_rows] = torch.empty(len(shared_rows), probs.shape[1], dtype=probs.dtype,
-                                             device=probs.device).exponential_(generator=self.shared_generator)
+            noise.index_copy_(0, to_device(shared_rows, torch.long, probs.device),
+                              torch.empty(len(shared_rows), probs.shape[1], dtype=probs.dtype,
+                                          device=probs.device).exponential_(generator=self.shared_generator))
         for i, seq in enumerate(seqs):
             if seq.sampling_params.seed is not None:
                 noise[i].exponential_(generator=self._generator_for(seq))
         return (probs / noise).argmax(dim=-1)
 
-    @staticmethod
-    def _attach_logprobs(raw: torch.Tensor, tokens: list[int], seqs: list[ScheduledSequence],
-                         results: list[SampledToken]) -> None:
-        rows = [i for i, s in enumerate(seqs) if s.sampling_params.logprobs is not None]
-        max_k = max(seqs[i].sampling_params.logprobs or 0 for i in rows)
-        sub = raw[rows]
-        chosen = sub.gather(1, torch.tensor([[tokens[i]] for i in rows], device=raw.device)).squeeze(1).tolist()
-        top_values, top_ids = (sub.topk(max_k, dim=-1) if max_k else (None, None))
-        top_values_list = top_values.tolist() if top_values is not None else None
-        top_ids_list = top_ids.tolist() if top_ids is not None else None
-        for j, i in enumerate(rows):
-            k = seqs[i].sampling_params.logprobs or 0
-            entry = {tokens[i]: chosen[j]}
-            if k and top_ids_list is not None and top_values_list is not None:
-                for tid, lp in zip(top_ids_list[j][:k], top_values_list[j][:k]):
-                    entry.setdefault(tid, lp)
-            results[i].logprobs = entry
+
+def _plain_temperature(params: SamplingParams) -> bool:
+    """Sampling from ``softmax(logits / temperature)`` with no top-k, top-p or min-p cut."""
+    return not params.effective_top_k and params.top_p >= 1 and not params.min_p
+
+
+class PendingSamples:
+    """One step's sampled tokens (and logprobs, beam candidates) on their way to the host.
+
+    The device tensors are final once enqueued; ``start_copy`` moves them to
+    host memory asynchronously (pinned, on a GPU) and records an event, and
+    ``result`` waits for that event only, never for later work on the device.
+    """
+
+    def __init__(self, tokens: torch.Tensor, seqs: list[ScheduledSequence]) -> None:
+        self.tokens = tokens  # [rows] int64, on the device: the next step reads in-flight inputs from it
+        self.seqs = seqs
+        self._device: dict[str, torch.Tensor] = {"tokens": tokens}
+        self.logprob_rows: list[int] = []
+        self.beam_rows: list[int] = []
+        self._host: dict[str, torch.Tensor] = {}
+        self._event: torch.cuda.Event | None = None
+        self._results: list[SampledToken] | None = None
+
+    def add_logprobs(self, raw: torch.Tensor, tokens: torch.Tensor) -> None:
+        rows = [i for i, s in enumerate(self.seqs) if s.sampling_params.logprobs is not None]
+        max_k = max(self.seqs[i].sampling_params.logprobs or 0 for i in rows)
+        index = to_device(rows, torch.long, raw.device)
+        sub = raw.index_select(0, index)
+        self._device["chosen"] = sub.gather(1, tokens.index_select(0, index).unsqueeze(1)).squeeze(1)
+        if max_k:
+            self._device["top_values"], self._device["top_ids"] = sub.topk(max_k, dim=-1)
+        self.logprob_rows = rows
+
+    def add_beam_candidates(self, rows: list[int], values: torch.Tensor, ids: torch.Tensor) -> None:
+        self.beam_rows = rows
+        self._device["beam_values"], self._device["beam_ids"] = values, ids
+
+    def start_copy(self) -> None:
+        on_gpu = self.tokens.is_cuda
+        self._host = {name: t.to("cpu", non_blocking=on_gpu) for name, t in self._device.items()}
+        if on_gpu:
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def result(self) -> list[SampledToken]:
+        """Wait for the copies and build one :class:`SampledToken` per row (once; later calls reuse it)."""
+        if self._results is not None:
+            return self._results
+        if self._event is not None:
+            self._event.synchronize()
+        host = {name: t.tolist() for name, t in self._host.items()}
+        token_list = host["tokens"]
+        results = [SampledToken(token_id=t) for t in token_list]
+        if self.logprob_rows:
+            top_ids, top_values = host.get("top_ids"), host.get("top_values")
+            for j, i in enumerate(self.logprob_rows):
+                k = self.seqs[i].sampling_params.logprobs or 0
+                entry = {token_list[i]: host["chosen"][j]}
+                if k and top_ids is not None and top_values is not None:
+                    for tid, lp in zip(top_ids[j][:k], top_values[j][:k]):
+                        entry.setdefault(tid, lp)
+                results[i].logprobs = entry
+        for j, i in enumerate(self.beam_rows):
+            results[i].beam_candidates = list(zip(host["beam_ids"][j], host["beam_values"][j]))
+        self._results = results
+        return results

@@ -97,16 +97,16 @@ def test_a_failing_request_fails_alone(server: LiveServer, monkeypatch: pytest.M
 def test_a_failing_step_fails_its_requests_and_the_loop_survives(server: LiveServer,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     runner = server.engine.engine.runner
-    original = runner.run
+    original = runner.launch
     calls = {"n": 0}
 
-    def fail_once(inputs):  # noqa: ANN001
+    def fail_once(*args, **kwargs):  # noqa: ANN002, ANN003
         calls["n"] += 1
         if calls["n"] == 3:
             raise RuntimeError("device lost (injected)")
-        return original(inputs)
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(runner, "run", fail_once)
+    monkeypatch.setattr(runner, "launch", fail_once)
     failed = httpx.post(server.root + "/v1/completions", json={"prompt": "And God said", "max_tokens": 20},
                         timeout=60)
     assert failed.status_code == 500 and "device lost" in failed.json()["error"]["message"]

@@ -1,0 +1,85 @@
+"""The per-token operations around attention and the MLP, as fused steps.
+
+Each function here is one step of a decoder layer and has two
+implementations: the torch code below, which is the specification (it is
+what transformers computes, rounding for rounding), and a Triton kernel in
+:mod:`kvpage.ops.triton_fused` that does the same in one pass over memory.
+``backend`` picks between them as for attention (``"auto"``: the kernels on
+a CUDA tensor).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kvpage.ops.attention import write_kv_cache
+from kvpage.ops.metadata import wants_kernels
+
+__all__ = ["add_rms_norm", "qkv_norm_rope_cache", "rms_norm_reference", "silu_and_mul"]
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension in float32; the weight multiplies after rounding back (transformers')."""
+    x32 = x.to(torch.float32)
+    variance = x32.pow(2).mean(-1, keepdim=True)
+    return weight * (x32 * torch.rsqrt(variance + eps)).to(x.dtype)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                 backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rms_norm(x + residual), x + residual)``, the sum in the model dtype; no residual: ``(rms_norm(x), x)``."""
+    if wants_kernels(backend, x):
+        from kvpage.ops import triton_fused
+
+        return triton_fused.add_rms_norm(x, residual, weight, eps)
+    total = x if residual is None else x + residual
+    return rms_norm_reference(total, weight, eps), total
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x * cos + rotate_half(x) * sin`` for ``x [T, heads, D]`` and per-token ``cos``/``sin`` ``[T, D]``."""
+    first, second = x.chunk(2, dim=-1)
+    return x * cos[:, None, :] + torch.cat((-second, first), dim=-1) * sin[:, None, :]
+
+
+def qkv_norm_rope_cache(qkv: torch.Tensor, positions: torch.Tensor, cos_table: torch.Tensor,
+                        sin_table: torch.Tensor, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None,
+                        eps: float, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                        slot_mapping: torch.Tensor, num_q_heads: int, backend: str = "auto") -> torch.Tensor:
+    """From the fused projection ``qkv [T, (Hq + 2 Hkv) D]``: the rotated queries ``[T, Hq, D]``.
+
+    On the way, q and k are RMS-normalized per head when ``q_norm``/``k_norm``
+    are given (Qwen3), rotated by RoPE at ``positions`` (``cos_table`` and
+    ``sin_table`` are ``[max_positions, D]``), and k and v are stored into
+    the cache at ``slot_mapping`` (-1: not stored).
+    """
+    if wants_kernels(backend, qkv):
+        from kvpage.ops import triton_fused
+
+        return triton_fused.qkv_norm_rope_cache(qkv, positions, cos_table, sin_table, q_norm, k_norm, eps,
+                                                key_cache, value_cache, slot_mapping, num_q_heads)
+    num_tokens = qkv.shape[0]
+    _, _, num_kv_heads, head_dim = key_cache.shape
+    query, key, value = qkv.split([num_q_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim],
+                                  dim=-1)
+    query = query.reshape(num_tokens, num_q_heads, head_dim)
+    key = key.reshape(num_tokens, num_kv_heads, head_dim)
+    value = value.reshape(num_tokens, num_kv_heads, head_dim)
+    if q_norm is not None and k_norm is not None:
+        query = rms_norm_reference(query, q_norm, eps)
+        key = rms_norm_reference(key, k_norm, eps)
+    cos, sin = cos_table[positions], sin_table[positions]
+    query, key = _rotate(query, cos, sin), _rotate(key, cos, sin)
+    write_kv_cache(key, value, key_cache, value_cache, slot_mapping, backend="torch")
+    return query
+
+
+def silu_and_mul(gate_up: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """``silu(gate) * up`` for ``gate_up = [gate | up]`` ``[T, 2 I]``."""
+    if wants_kernels(backend, gate_up):
+        from kvpage.ops import triton_fused
+
+        return triton_fused.silu_and_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up

@@ -1,0 +1,290 @@
+"""Triton attention kernels over the paged KV cache.
+
+They compute what :mod:`kvpage.ops.attention` specifies (that module is the
+reference they are tested against), reading K/V straight out of the pages
+through the block tables instead of gathering them first.
+
+**Decode** (one new token per sequence) is bound by memory bandwidth: every
+step reads each sequence's whole K/V once. Two choices keep the GPU busy:
+
+* *GQA packing.* One program serves all the query heads that share a KV
+  head, as the rows of one ``[heads, head_dim]`` tile (padded to 16 rows),
+  so each K/V tile is read once per KV head rather than once per query head,
+  and ``q @ K^T`` and ``P @ V`` are matrix products (``tl.dot``, tensor cores).
+* *Split-KV (flash-decoding).* With few sequences there are too few
+  (sequence, KV head) programs to fill the GPU, so each sequence's keys are
+  cut into ``num_splits`` ranges handled by separate programs. Each writes a
+  partial output normalized by its own softmax sum, plus that sum's
+  log-sum-exp; a second kernel merges the partials, weighting each by
+  ``exp(lse_i - max lse)``. The split count depends only on the batch size,
+  never on sequence lengths, so a CUDA graph captured for a batch size
+  stays valid; each sequence cuts its own length into that many ranges.
+
+**Prefill** (several new tokens: a prompt, a chunk of one, or the tail of a
+prompt whose prefix came from the prefix cache) is bound by arithmetic.
+Each program takes a tile of :data:`PREFILL_TILE` queries of one sequence
+and one query head and runs the flash-attention loop over the sequence's
+pages, masking causally only in the key tiles that cross the diagonal.
+
+Both use the online softmax in base 2 (``exp2`` of scores pre-multiplied by
+``log2(e)``), accumulate in float32, and use IEEE float32 products for
+float32 inputs (never tf32), so float32 runs match the reference closely.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from kvpage.ops.metadata import PREFILL_TILE, AttentionMetadata
+
+__all__ = ["decode_num_splits", "paged_attention"]
+
+LOG2E = 1.4426950408889634
+MAX_SPLITS = 16
+
+
+@functools.cache
+def _num_multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def decode_num_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
+    """How many key ranges each decoding sequence is cut into: enough programs for about two waves.
+
+    A power of two, at most :data:`MAX_SPLITS`. (Off a GPU, under the
+    Triton interpreter, 8 multiprocessors are assumed so tests see both paths.)
+    """
+    if device.type == "cuda":
+        multiprocessors = _num_multiprocessors(device.index if device.index is not None
+                                               else torch.cuda.current_device())
+    else:
+        multiprocessors = 8
+    wanted = triton.cdiv(2 * multiprocessors, num_seqs * num_kv_heads)
+    return min(MAX_SPLITS, triton.next_power_of_2(wanted))
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    """``a @ b`` accumulated in float32: IEEE float32 products for float32 inputs (never tf32), else on
+    tensor cores in ``b``'s dtype (the softmax probabilities are rounded to it, as flash attention does)."""
+    if IEEE:
+        out = tl.dot(a, b, input_precision="ieee")
+    else:
+        out = tl.dot(a.to(b.dtype), b)
+    return out
+
+
+@triton.jit
+def _decode_kernel(
+    query_ptr, key_cache_ptr, value_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr, decode_seqs_ptr,
+    out_ptr, partial_out_ptr, partial_lse_ptr,
+    scale_log2, sliding_window,
+    stride_query_token, stride_query_head, stride_out_token, stride_out_head,
+    stride_cache_page, stride_cache_slot, stride_cache_head, stride_block_table,
+    GROUP: tl.constexpr, BLOCK_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr,
+):
+    index = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq = tl.load(decode_seqs_ptr + index)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    token = tl.load(query_start_ptr + seq).to(tl.int64)
+    first_key = 0
+    if sliding_window > 0:
+        first_key = tl.maximum(seq_len - sliding_window, 0)
+    # Ranges are whole BLOCK_N tiles, so only the last tile of a range needs a bound check.
+    per_split = tl.cdiv(tl.cdiv(seq_len - first_key, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = first_key + split * per_split
+    hi = tl.minimum(lo + per_split, seq_len)
+
+    groups = tl.arange(0, BLOCK_GROUP)
+    dims = tl.arange(0, BLOCK_DIM)
+    group_mask = groups < GROUP
+    dim_mask = dims < HEAD_DIM
+    heads = kv_head * GROUP + groups
+    query = tl.load(query_ptr + token * stride_query_token + heads[:, None] * stride_query_head + dims[None, :],
+                    mask=group_mask[:, None] & dim_mask[None, :], other=0.0)
+    running_max = tl.full([BLOCK_GROUP], float("-inf"), tl.float32)
+    running_sum = tl.zeros([BLOCK_GROUP], tl.float32)
+    acc = tl.zeros([BLOCK_GROUP, BLOCK_DIM], tl.float32)
+    table = block_tables_ptr + seq.to(tl.int64) * stride_block_table
+    for start in range(lo, hi, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        valid = keys < hi
+        page = tl.load(table + keys // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        slot = page * stride_cache_page + (keys % BLOCK_SIZE) * stride_cache_slot + kv_head * stride_cache_head
+        kv_mask = valid[:, None] & dim_mask[None, :]
+        key = tl.load(key_cache_ptr + slot[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        scores = _dot(query, tl.trans(key), IEEE)
+        scores = tl.where(valid[None, :], scores * scale_log2, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(scores, 1))
+        probs = tl.exp2(scores - new_max[:, None])
+        correction = tl.exp2(running_max - new_max)
+        running_sum = running_sum * correction + tl.sum(probs, 1)
+        value = tl.load(value_cache_ptr + slot[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        acc = acc * correction[:, None] + _dot(probs, value, IEEE)
+        running_max = new_max
+
+    # A range with no keys (short sequence, padding row) contributes nothing.
+    nonempty = running_sum > 0
+    result = acc / tl.where(nonempty, running_sum, 1.0)[:, None]
+    out_mask = group_mask[:, None] & dim_mask[None, :]
+    if NUM_SPLITS == 1:
+        out = out_ptr + token * stride_out_token + heads[:, None] * stride_out_head + dims[None, :]
+        tl.store(out, result.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        partial = (index * tl.num_programs(1) * GROUP + heads) * NUM_SPLITS + split  # [index, head, split]
+        tl.store(partial_out_ptr + partial[:, None] * HEAD_DIM + dims[None, :], result, mask=out_mask)
+        lse = tl.where(nonempty, running_max + tl.log2(tl.where(nonempty, running_sum, 1.0)), float("-inf"))
+        tl.store(partial_lse_ptr + partial, lse, mask=group_mask)
+
+
+@triton.jit
+def _merge_kernel(
+    partial_out_ptr, partial_lse_ptr, query_start_ptr, decode_seqs_ptr, out_ptr,
+    stride_out_token, stride_out_head,
+    HEAD_DIM: tl.constexpr, BLOCK_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
+):
+    index = tl.program_id(0)
+    head = tl.program_id(1)
+    splits = tl.arange(0, NUM_SPLITS)
+    dims = tl.arange(0, BLOCK_DIM)
+    dim_mask = dims < HEAD_DIM
+    base = (index * tl.num_programs(1) + head) * NUM_SPLITS
+    lse = tl.load(partial_lse_ptr + base + splits)
+    top = tl.max(lse, 0)
+    weights = tl.where(lse > float("-inf"), tl.exp2(lse - tl.where(top > float("-inf"), top, 0.0)), 0.0)
+    partials = tl.load(partial_out_ptr + (base + splits)[:, None] * HEAD_DIM + dims[None, :],
+                       mask=dim_mask[None, :], other=0.0)
+    total = tl.sum(weights, 0)
+    result = tl.sum(partials * weights[:, None], 0) / tl.where(total > 0, total, 1.0)
+    token = tl.load(query_start_ptr + tl.load(decode_seqs_ptr + index)).to(tl.int64)
+    tl.store(out_ptr + token * stride_out_token + head * stride_out_head + dims, result.to(out_ptr.dtype.element_ty),
+             mask=dim_mask)
+
+
+@triton.jit
+def _prefill_kernel(
+    query_ptr, key_cache_ptr, value_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr, tiles_ptr, out_ptr,
+    scale_log2, sliding_window,
+    stride_query_token, stride_query_head, stride_out_token, stride_out_head,
+    stride_cache_page, stride_cache_slot, stride_cache_head, stride_block_table,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    head = tl.program_id(1)
+    kv_head = head // GROUP
+    seq = tl.load(tiles_ptr + 2 * tile)
+    tile_start = tl.load(tiles_ptr + 2 * tile + 1)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    query_begin = tl.load(query_start_ptr + seq)
+    query_len = tl.load(query_start_ptr + seq + 1) - query_begin
+    context_len = seq_len - query_len
+
+    rows = tile_start + tl.arange(0, BLOCK_M)  # query index within the sequence's new tokens
+    row_mask = rows < query_len
+    positions = context_len + rows
+    dims = tl.arange(0, BLOCK_DIM)
+    dim_mask = dims < HEAD_DIM
+    tokens = (query_begin + rows).to(tl.int64)
+    query = tl.load(query_ptr + tokens[:, None] * stride_query_token + head * stride_query_head + dims[None, :],
+                    mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
+
+    last_position = context_len + tl.minimum(tile_start + BLOCK_M, query_len) - 1
+    first_key = 0
+    if sliding_window > 0:
+        first_key = tl.maximum(context_len + tile_start - sliding_window + 1, 0)
+        first_key = (first_key // BLOCK_N) * BLOCK_N
+    # Key tiles wholly at or before the tile's first query need no causal mask.
+    unmasked_end = context_len + tile_start
+    running_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    running_sum = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DIM], tl.float32)
+    table = block_tables_ptr + seq.to(tl.int64) * stride_block_table
+    for start in range(first_key, last_position + 1, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        key_valid = keys <= last_position
+        page = tl.load(table + keys // BLOCK_SIZE, mask=key_valid, other=0).to(tl.int64)
+        slot = page * stride_cache_page + (keys % BLOCK_SIZE) * stride_cache_slot + kv_head * stride_cache_head
+        kv_mask = key_valid[:, None] & dim_mask[None, :]
+        key = tl.load(key_cache_ptr + slot[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        scores = _dot(query, tl.trans(key), IEEE)
+        scores = scores * scale_log2
+        if start + BLOCK_N > unmasked_end or sliding_window > 0:
+            visible = (keys[None, :] <= positions[:, None]) & key_valid[None, :]
+            if sliding_window > 0:
+                visible = visible & (keys[None, :] > positions[:, None] - sliding_window)
+            scores = tl.where(visible, scores, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(scores, 1))
+        # Rows that have seen no visible key yet keep a -inf max; shift them by 0 instead.
+        shift = tl.where(new_max > float("-inf"), new_max, 0.0)
+        probs = tl.exp2(scores - shift[:, None])
+        correction = tl.exp2(running_max - shift)
+        running_sum = running_sum * correction + tl.sum(probs, 1)
+        value = tl.load(value_cache_ptr + slot[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        acc = acc * correction[:, None] + _dot(probs, value, IEEE)
+        running_max = new_max
+    result = acc / tl.where(running_sum > 0, running_sum, 1.0)[:, None]
+    tl.store(out_ptr + tokens[:, None] * stride_out_token + head * stride_out_head + dims[None, :],
+             result.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & dim_mask[None, :])
+
+
+def _decode_tile(block_size: int, dtype: torch.dtype) -> int:
+    # 64 keys a tile balances loads in flight against registers; fp32 tiles are twice as wide.
+    return 32 if dtype == torch.float32 else 64
+
+
+def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                    meta: AttentionMetadata, scale: float, sliding_window: int | None = None,
+                    num_splits: int | None = None) -> torch.Tensor:
+    """The kernels' version of :func:`kvpage.ops.attention.paged_attention` (which checks the arguments).
+
+    ``num_splits`` (a power of two) overrides :func:`decode_num_splits`.
+    """
+    num_tokens, num_q_heads, head_dim = query.shape
+    _, block_size, num_kv_heads, _ = key_cache.shape
+    group = num_q_heads // num_kv_heads
+    plan = meta.kernel
+    output = torch.empty_like(query)
+    ieee = query.dtype == torch.float32
+    block_dim = max(16, triton.next_power_of_2(head_dim))
+    window = sliding_window or 0
+    common = (scale * LOG2E, window, query.stride(0), query.stride(1), output.stride(0), output.stride(1),
+              key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), meta.block_tables.stride(0))
+    if plan.num_decode:
+        if num_splits is None:
+            num_splits = decode_num_splits(plan.num_decode, num_kv_heads, query.device)
+        if num_splits > 1:
+            partial_out = torch.empty((plan.num_decode, num_q_heads, num_splits, head_dim), dtype=torch.float32,
+                                      device=query.device)
+            partial_lse = torch.empty((plan.num_decode, num_q_heads, num_splits), dtype=torch.float32,
+                                      device=query.device)
+        else:
+            partial_out = partial_lse = output  # unused
+        _decode_kernel[(plan.num_decode, num_kv_heads, num_splits)](
+            query, key_cache, value_cache, meta.block_tables, plan.seq_lens, plan.query_start, plan.decode_seqs,
+            output, partial_out, partial_lse, *common,
+            GROUP=group, BLOCK_GROUP=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+            BLOCK_DIM=block_dim, BLOCK_SIZE=block_size, BLOCK_N=_decode_tile(block_size, query.dtype),
+            NUM_SPLITS=num_splits, IEEE=ieee, num_warps=4,
+        )
+        if num_splits > 1:
+            _merge_kernel[(plan.num_decode, num_q_heads)](
+                partial_out, partial_lse, plan.query_start, plan.decode_seqs, output,
+                output.stride(0), output.stride(1),
+                HEAD_DIM=head_dim, BLOCK_DIM=block_dim, NUM_SPLITS=num_splits,
+            )
+    if plan.num_prefill_tiles:
+        _prefill_kernel[(plan.num_prefill_tiles, num_q_heads)](
+            query, key_cache, value_cache, meta.block_tables, plan.seq_lens, plan.query_start, plan.prefill_tiles,
+            output, *common,
+            GROUP=group, HEAD_DIM=head_dim, BLOCK_DIM=block_dim, BLOCK_SIZE=block_size,
+            BLOCK_M=PREFILL_TILE, BLOCK_N=32 if ieee else 64, IEEE=ieee, num_warps=4,
+        )
+    return output

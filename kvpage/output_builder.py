@@ -1,0 +1,129 @@
+"""From a step's sampled tokens to what callers see: stop strings, text, ``RequestOutput``s.
+
+The scheduler stops sequences on tokens (EOS, stop token ids, lengths); stop
+*strings* need text, so they are checked here on each sequence's
+incrementally detokenized output, and a match ends the sequence through the
+scheduler. Then every request that got a token is reported, unless it asked
+for its final output only; text is decoded lazily, on first access, until
+the request finishes.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from kvpage.detokenizer import IncrementalDetokenizer, find_stop_string
+from kvpage.metrics import RequestCounters
+from kvpage.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from kvpage.request import Request, Sequence, SequenceStatus
+from kvpage.sampling_params import RequestOutputKind
+from kvpage.scheduler import Scheduler
+
+__all__ = ["OutputBuilder"]
+
+
+class OutputBuilder:
+    """Detokenizers of the live sequences, stop strings, and the outputs of each step."""
+
+    def __init__(self, tokenizer: Any | None, scheduler: Scheduler, request_counters: RequestCounters) -> None:
+        self.tokenizer = tokenizer
+        self.scheduler = scheduler
+        self.request_counters = request_counters
+        self._detokenizers: dict[int, IncrementalDetokenizer] = {}
+
+    def forget(self, request: Request) -> None:
+        """Drop the detokenizers of a request that ended (finished or aborted)."""
+        for seq in request.sequences:
+            self._detokenizers.pop(seq.seq_id, None)
+
+    def _detokenizer(self, seq: Sequence) -> IncrementalDetokenizer:
+        detok = self._detokenizers.get(seq.seq_id)
+        if detok is None:
+            detok = IncrementalDetokenizer(self.tokenizer, seq.token_ids, seq.num_prompt_tokens,
+                                           seq.request.sampling_params.skip_special_tokens)
+            self._detokenizers[seq.seq_id] = detok
+        return detok
+
+    def check_stop_strings(self, touched: list[Sequence]) -> None:
+        """End the sequences whose new text completes one of their stop strings."""
+        for seq in touched:
+            stops = seq.request.sampling_params.stop_strings
+            if not stops or seq.status is SequenceStatus.FINISHED_ABORTED:
+                continue
+            detok = self._detokenizer(seq)
+            new_text = detok.update()
+            if seq.is_finished:
+                new_text += detok.flush()
+            match = find_stop_string(detok.text, len(new_text), stops) if new_text else None
+            if match is None:
+                continue
+            index, stop = match
+            keep = index + len(stop) if seq.request.sampling_params.include_stop_str_in_output else index
+            detok.freeze(detok.text[:keep])
+            if seq.is_finished:  # ended by EOS or length in this very step: the stop string still wins
+                seq.status = SequenceStatus.FINISHED_STOPPED
+                seq.stop_reason = stop
+            else:
+                self.scheduler.finish_sequence(seq, SequenceStatus.FINISHED_STOPPED, stop)
+
+    def _text_of(self, seq: Sequence) -> str:
+        if self.tokenizer is None:
+            return ""
+        detok = self._detokenizer(seq)
+        detok.update()
+        if seq.is_finished:
+            detok.flush()
+        return detok.text
+
+    def collect(self, touched: list[Sequence]) -> list[RequestOutput]:
+        """Outputs of the requests whose sequences got a token (final ones only, where asked)."""
+        requests: dict[str, Request] = {}
+        for seq in touched:
+            requests.setdefault(seq.request.request_id, seq.request)
+        outputs = []
+        now = time.monotonic()
+        for request in requests.values():
+            finished = request.is_finished
+            times = request.times
+            if times is not None:
+                if times.first_token is None:
+                    times.first_token = now
+                if finished:
+                    times.finished = now
+            if finished:
+                self.request_counters.num_requests_finished += 1
+            elif request.sampling_params.output_kind is RequestOutputKind.FINAL_ONLY:
+                continue
+            outputs.append(self._request_output(request))
+        return outputs
+
+    def _request_output(self, request: Request) -> RequestOutput:
+        completions = []
+        finished = request.is_finished
+        if request.beam is not None:  # the best finished hypotheses, not the sequences that carried them
+            skip = request.sampling_params.skip_special_tokens
+            completions = [CompletionOutput(
+                index=i, token_ids=list(h.token_ids), finish_reason=h.finish_reason, stop_reason=None, logprobs=None,
+                text=self.tokenizer.decode(list(h.token_ids), skip_special_tokens=skip) if self.tokenizer else "")
+                for i, h in enumerate(request.beam.results())]
+        for seq in request.sequences if request.beam is None else ():
+            decode = (lambda s=seq: self._text_of(s))
+            text: str | Any = self._text_of(seq) if finished else decode
+            completions.append(CompletionOutput(
+                index=seq.sample_index, token_ids=seq.output_token_ids, finish_reason=seq.finish_reason,
+                stop_reason=seq.stop_reason,
+                logprobs=list(seq.output_logprobs) if seq.output_logprobs is not None else None, text=text))
+        if finished:
+            self.forget(request)
+        times = request.times
+        metrics = None
+        if times is not None:
+            metrics = RequestMetrics(
+                arrival_time=times.arrival,
+                queue_time=None if times.scheduled is None else times.scheduled - times.arrival,
+                time_to_first_token=None if times.first_token is None else times.first_token - times.arrival,
+                e2e_latency=None if times.finished is None else times.finished - times.arrival)
+        return RequestOutput(request_id=request.request_id, prompt=request.prompt,
+                             prompt_token_ids=request.prompt_token_ids, outputs=completions, finished=finished,
+                             num_cached_tokens=request.sequences[0].num_cached_prompt_tokens, metrics=metrics)
