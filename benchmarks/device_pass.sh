@@ -1,7 +1,14 @@
 #!/usr/bin/env bash
 # One check-and-benchmark pass on the GPU machine (device tool): tests, server load, kvpage bench.
-# Usage (from the repository root, on the device):  bash benchmarks/device_pass.sh tests|bench|swap
-# (stages, each under the device's 10-minute limit per command; swap = tests + the preemption-mode bench)
+# Usage (from the repository root, on the device):  bash benchmarks/device_pass.sh STAGE
+# Stages, each under the device's 10-minute limit per command:
+#   tests | bench | swap (= tests + the preemption-mode bench): the engine, server and kvpage bench;
+#   gpu: the Triton kernels and CUDA runner (issue #3): kernel and CUDA-engine tests, kvpage's offline
+#        throughput with and without CUDA graphs, host overhead, decode-attention bandwidth (no FlexAttention);
+#   baselines: transformers' generate_batch (whole workload) and generate (32 requests, extrapolated), and
+#        decode attention against FlexAttention (its partial-block mask);
+#   final: the fused-kernel and CUDA-engine tests, kvpage's throughput and host overhead, and
+#        hf-generate with batches capped at 256 new tokens.
 # Wheels for what the device lacks (pytest, hypothesis, fastapi stack, openai) come from .whl/.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -43,4 +50,39 @@ timeout 270 python -m kvpage.cli bench --device cuda --model /tmp/random-4k --ma
   --out /tmp/bench-2k > "$OUT/bench-2k.txt" 2>&1
 cp /tmp/bench-2k/report.json "$OUT/bench-2k.json"
 fi
-echo "$STAGE done" > "$OUT/done.txt"
+if [ "$STAGE" = gpu ]; then
+  export KVPAGE_REPORT_DIR="$OUT" PYTHONUNBUFFERED=1
+  timeout 170 python -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_fused_kernels.py \
+    tests/test_async_scheduling.py tests/gpu > "$OUT/pytest.txt" 2>&1; echo "pytest rc=$?" >> "$OUT/pytest.txt"
+  timeout 100 python benchmarks/offline_throughput.py --systems kvpage,kvpage-eager --model-dir /tmp/qwen3 \
+    --json "$OUT/offline_kvpage.json" > "$OUT/log.txt" 2>&1; echo "offline rc=$?" >> "$OUT/log.txt"
+  timeout 60 python benchmarks/host_overhead.py --model-dir /tmp/qwen3 --json "$OUT/host_overhead.json" \
+    >> "$OUT/log.txt" 2>&1; echo "host rc=$?" >> "$OUT/log.txt"
+  timeout 50 python benchmarks/decode_attention.py --no-flex --json "$OUT/decode_attention.json" \
+    >> "$OUT/log.txt" 2>&1; echo "decode rc=$?" >> "$OUT/log.txt"
+fi
+if [ "$STAGE" = baselines ]; then
+  export PYTHONUNBUFFERED=1
+  timeout 300 python benchmarks/offline_throughput.py --systems hf-batch --model-dir /tmp/qwen3 \
+    --json "$OUT/offline_hf_batch.json" > "$OUT/log.txt" 2>&1; echo "hf-batch rc=$?" >> "$OUT/log.txt"
+  timeout 100 python benchmarks/offline_throughput.py --systems hf-generate --hf-generate-requests 32 \
+    --hf-generate-batch 32 --model-dir /tmp/qwen3 --json "$OUT/offline_hf_generate.json" >> "$OUT/log.txt" 2>&1
+  echo "hf-generate rc=$?" >> "$OUT/log.txt"
+  timeout 180 python benchmarks/decode_attention.py --flex-masks partial --json "$OUT/decode_flex.json" \
+    >> "$OUT/log.txt" 2>&1; echo "decode rc=$?" >> "$OUT/log.txt"
+fi
+if [ "$STAGE" = final ]; then  # after changes: their tests on the GPU, kvpage's figures, capped hf-generate
+  export KVPAGE_REPORT_DIR="$OUT" PYTHONUNBUFFERED=1
+  timeout 100 python -m pytest -q -p no:cacheprovider tests/test_fused_kernels.py \
+    "tests/gpu/test_cuda_engine.py::test_gpu_memory_utilization_bounds_the_peak" \
+    "tests/gpu/test_cuda_engine.py::test_float32_on_cuda_matches_transformers" > "$OUT/pytest.txt" 2>&1
+  echo "pytest rc=$?" >> "$OUT/pytest.txt"
+  timeout 80 python benchmarks/offline_throughput.py --systems kvpage --model-dir /tmp/qwen3 \
+    --json "$OUT/offline_kvpage.json" > "$OUT/log.txt" 2>&1; echo "offline rc=$?" >> "$OUT/log.txt"
+  timeout 60 python benchmarks/host_overhead.py --model-dir /tmp/qwen3 --json "$OUT/host_overhead.json" \
+    >> "$OUT/log.txt" 2>&1; echo "host rc=$?" >> "$OUT/log.txt"
+  timeout 120 python benchmarks/offline_throughput.py --systems hf-generate --hf-generate-max-new 256 \
+    --model-dir /tmp/qwen3 --json "$OUT/offline_hf_generate.json" >> "$OUT/log.txt" 2>&1
+  echo "hf-generate rc=$?" >> "$OUT/log.txt"
+fi
+echo "$STAGE done" >> "$OUT/log.txt"
