@@ -29,8 +29,8 @@ from __future__ import annotations
 import itertools
 import json
 import time
-from dataclasses import dataclass
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 

@@ -413,10 +413,7 @@ class Scheduler:
                 self._fork(seq)
             if planned.sample and request.beam is None:
                 seq.num_inflight_tokens += 1
-                params = request.sampling_params
-                length = len(seq.token_ids) + seq.num_inflight_tokens
-                max_out = self.max_new_tokens(seq.num_prompt_tokens, params.max_tokens)
-                if length - seq.num_prompt_tokens >= max_out or length >= self.max_model_len:
+                if self._reaches_length_limit(seq, len(seq.token_ids) + seq.num_inflight_tokens):
                     seq.last_token_inflight = True
 
     def resolve_step(self, out: SchedulerOutput, sampled: list[SampledToken]) -> list[Sequence]:
@@ -461,10 +458,14 @@ class Scheduler:
                 seq.stop_reason = token_id
                 self._finish(seq, SequenceStatus.FINISHED_STOPPED)
                 return
-        max_tokens = params.max_tokens
-        if num_out >= (self.max_model_len - seq.num_prompt_tokens if max_tokens is None else max_tokens) \
-                or len(seq.token_ids) >= self.max_model_len:
+        if self._reaches_length_limit(seq, len(seq.token_ids)):
             self._finish(seq, SequenceStatus.FINISHED_LENGTH)
+
+    def _reaches_length_limit(self, seq: Sequence, length: int) -> bool:
+        """Whether a sequence of ``length`` tokens has generated all it may (max_tokens, max_model_len)."""
+        max_tokens = seq.request.sampling_params.max_tokens
+        max_out = self.max_model_len - seq.num_prompt_tokens if max_tokens is None else max_tokens
+        return length - seq.num_prompt_tokens >= max_out or length >= self.max_model_len
 
     def finish_sequence(self, seq: Sequence, status: SequenceStatus, stop_reason: int | str | None = None) -> None:
         """End a sequence early (the engine calls this when a stop string matches)."""

@@ -24,6 +24,7 @@ step's output tensor on the device, so the host never waits for it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -76,8 +77,11 @@ class LaunchedStep:
     """A step whose device work is enqueued; ``result()`` waits for its sampled tokens."""
 
     samples: PendingSamples | None = None
-    # Row of each sampling sequence in ``samples.tokens``: where the next step finds its in-flight input.
-    row_of_seq: dict[int, int] = field(default_factory=dict)
+
+    @cached_property
+    def row_of_seq(self) -> dict[int, int]:
+        """Row of each sampling sequence in ``samples.tokens``: where the next step finds its in-flight input."""
+        return {seq.seq_id: row for row, seq in enumerate(self.samples.seqs)} if self.samples is not None else {}
 
     def result(self) -> list[SampledToken]:
         return self.samples.result() if self.samples is not None else []
@@ -166,12 +170,11 @@ class ModelRunner:
         """For each in-flight input, its row in the previous step's sampled tokens."""
         if not inputs.inflight_rows:
             return []
-        try:
-            assert previous is not None and previous.samples is not None
-            return [previous.row_of_seq[seq_id] for seq_id in inputs.inflight_seq_ids]
-        except (AssertionError, KeyError) as error:
+        rows = previous.row_of_seq if previous is not None else {}
+        if any(seq_id not in rows for seq_id in inputs.inflight_seq_ids):
             raise RuntimeError("a step's input is a token no running step samples; the engine must launch "
-                               "steps with in-flight inputs right after the step that samples them") from error
+                               "steps with in-flight inputs right after the step that samples them")
+        return [rows[seq_id] for seq_id in inputs.inflight_seq_ids]
 
     def _forward(self, inputs: StepInputs, previous: LaunchedStep | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Hidden states of the batch, and the rows to sample (None: the first ``len(sample_rows)`` rows)."""
@@ -210,9 +213,4 @@ class ModelRunner:
             return LaunchedStep()
         logits = self.model.compute_logits(hidden if rows is None else hidden[rows],
                                            float32=self.sampler.needs_float32(inputs.sample_seqs))
-        samples = self.sampler.sample(logits, inputs.sample_seqs)
-        return LaunchedStep(samples, {seq.seq_id: row for row, seq in enumerate(inputs.sample_seqs)})
-
-    def run(self, out: SchedulerOutput, inputs: StepInputs | None) -> list[SampledToken]:
-        """Launch the step and wait for its tokens (no step in flight before it)."""
-        return self.launch(out, inputs).result()
+        return LaunchedStep(self.sampler.sample(logits, inputs.sample_seqs))
