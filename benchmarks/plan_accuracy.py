@@ -1,9 +1,10 @@
-"""How well ``kvpage plan`` predicts the real engine: calibrate, then run three workloads both ways.
+"""How well ``kvpage plan`` predicts the real engine: calibrate, then run four workloads both ways.
 
 On the local device (``--device cpu`` or ``cuda``): ``kvpage bench --calibrate``'s
-grid fits the cost model; then each workload (a seeded synthetic trace) runs
-on the real engine, twice, and through the planner, and the script prints
-predicted / measured for throughput (generated tokens/s) and mean TPOT, and
+grid fits the cost model, run in two halves, each followed by a real run of
+every workload (a seeded synthetic trace), so that both sides see the same
+machine (kvpage.bench.accuracy); then the planner replays each workload, and
+the script prints predicted / measured for throughput (generated tokens/s) and mean TPOT, and
 whether the memory figures (preemptions, recomputed tokens) agree.
 
     python benchmarks/plan_accuracy.py [--device cuda] [--json out.json]
@@ -19,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from kvpage.bench.calibrate import CalibrationGrid, calibrate
-from kvpage.bench.trace_run import run_trace
+from kvpage.bench.accuracy import measure_accuracy
+from kvpage.bench.calibrate import CalibrationGrid
 from kvpage.llm import LLM
 from kvpage.plan.cost import ModelShape
-from kvpage.plan.replay import ReplaySettings, replay
+from kvpage.plan.replay import ReplaySettings
 from kvpage.plan.trace import TraceLimits, synthetic_trace
 
 WORKLOADS = (("alpaca", 64, None), ("uniform", 24, 8.0), ("shared-prefix-chat", 40, 20.0), ("sharegpt", 48, None))
@@ -39,10 +40,6 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     new_llm = lambda: LLM(device=args.device, num_kv_blocks=args.kv_pages, block_size=16)
-    start = time.perf_counter()
-    cost = calibrate(new_llm(), CalibrationGrid(decode_steps=args.decode_steps))
-    print(f"{platform.python_version()}, torch {torch.__version__}, device {args.device}; calibration "
-          f"{time.perf_counter() - start:.0f} s: {cost.describe()}")
     engine = new_llm().engine
     dtype_bytes = torch.finfo(engine.dtype).bits // 8
     model = ModelShape.from_config(Path(engine.model_dir) / "config.json", dtype_bytes)
@@ -50,19 +47,23 @@ def main() -> None:
     settings = ReplaySettings(options={"block_size": 16}, kv_tokens=args.kv_pages * 16,
                               max_model_len=engine.max_model_len, vocab_size=limits.vocab_size,
                               device_type="cuda" if args.device.startswith("cuda") else "cpu")
+    workloads = [(name, synthetic_trace(name, num * args.scale, rate, limits)) for name, num, rate in WORKLOADS]
+    start = time.perf_counter()
+    cost, results = measure_accuracy(new_llm, workloads, settings, model,
+                                     CalibrationGrid(decode_steps=args.decode_steps))
+    print(f"{platform.python_version()}, torch {torch.__version__}, device {args.device}; calibration and real "
+          f"runs {time.perf_counter() - start:.0f} s: {cost.describe()}")
     rows = []
-    for name, num, rate in WORKLOADS:
-        trace = synthetic_trace(name, num * args.scale, rate, limits)
-        runs = [run_trace(new_llm(), trace) for _ in range(2)]
-        real = {k: sum(r.summary()[k] for r in runs) / 2 for k in ("goodput_tokens_per_s", "tpot_mean_s")}
-        planned = replay(trace, settings, cost, model).summary()
-        row = {"workload": name, "requests": len(trace.requests), "rate": rate,
+    for (_, num, rate), result in zip(WORKLOADS, results):
+        real, planned = result.real, result.planned
+        row = {"workload": result.workload, "requests": result.num_requests, "rate": rate,
                **{f"real_{k}": v for k, v in real.items()},
-               **{f"planned_{k}": planned[k] for k in real},
-               **{f"ratio_{k}": planned[k] / real[k] for k in real},
-               "real_preemptions": runs[0].metrics["num_preemptions"], "planned_preemptions": planned["num_preemptions"]}
+               **{f"planned_{k}": v for k, v in planned.items()},
+               **{f"ratio_{k}": result.ratio(k) for k in real},
+               "real_preemptions": result.real_preemptions, "planned_preemptions": result.planned_preemptions}
         rows.append(row)
-        print(f"{name:<19} {len(trace.requests):>4} req  out tok/s real {real['goodput_tokens_per_s']:8.0f} planned "
+        print(f"{result.workload:<19} {result.num_requests:>4} req  out tok/s real "
+              f"{real['goodput_tokens_per_s']:8.0f} planned "
               f"{planned['goodput_tokens_per_s']:8.0f} ({row['ratio_goodput_tokens_per_s']:.3f})   TPOT ms real "
               f"{1e3 * real['tpot_mean_s']:7.2f} planned {1e3 * planned['tpot_mean_s']:7.2f} "
               f"({row['ratio_tpot_mean_s']:.3f})   preemptions {row['real_preemptions']:.0f} / "

@@ -15,10 +15,10 @@ from kvpage.request import Request, Sequence, SequenceStatus
 from kvpage.step_plan import running_key, waiting_key
 
 if TYPE_CHECKING:
-    from kvpage.scheduler import Scheduler
+    from kvpage.sequence_queues import SequenceQueues
 
 
-def advance_beams(sched: Scheduler, request: Request) -> list[Sequence]:
+def advance_beams(sched: SequenceQueues, request: Request) -> list[Sequence]:
     """One beam step: fork the beams chosen twice, extend the chosen, free the rest.
 
     Returns a sequence of the request when the search is over (so that its

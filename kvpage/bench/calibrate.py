@@ -77,9 +77,13 @@ def measure_steps(llm: LLM, grid: CalibrationGrid, seed: int = 0) -> list[tuple[
     return samples
 
 
-def calibrate(llm: LLM, grid: CalibrationGrid | None = None) -> CalibratedCostModel:
-    samples = measure_steps(llm, grid or CalibrationGrid())
+def fit_steps(llm: LLM, samples: list[tuple[StepShape, float]]) -> CalibratedCostModel:
+    """The cost model of ``llm``'s device fitted on measured steps (:func:`measure_steps`'s)."""
     engine = llm.engine
     link = 2.5e10 if engine.device.type == "cuda" else 1e10
     return CalibratedCostModel.fit(samples, link_bytes_per_s=link, device=str(engine.device),
                                    model=str(engine.model_dir))
+
+
+def calibrate(llm: LLM, grid: CalibrationGrid | None = None) -> CalibratedCostModel:
+    return fit_steps(llm, measure_steps(llm, grid or CalibrationGrid()))
