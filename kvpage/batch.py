@@ -71,6 +71,25 @@ class SchedulerOutput:
         """Every pair of one kind of operation, in order."""
         return [pair for ops in self.page_ops if ops.kind == kind for pair in ops.pairs]
 
+    @property
+    def is_empty(self) -> bool:
+        """Nothing to run and nothing to copy: no device work at all."""
+        return not self.sequences and not self.page_ops
+
+    def can_overlap(self) -> bool:
+        """Whether the next step can be planned and sampled without this step's token ids on the host.
+
+        Penalties and ``min_tokens`` read a sequence's output tokens when
+        sampling, and beam search forks on the candidates; with asynchronous
+        scheduling those steps are waited for.
+        """
+        for seq in self.sequences:
+            if seq.sample:
+                params = seq.sampling_params
+                if params.use_beam_search or params.has_penalties or params.min_tokens:
+                    return False
+        return True
+
 
 @dataclass(slots=True)
 class SampledToken:

@@ -96,20 +96,6 @@ class InFlightStep:
     overlappable: bool
 
 
-def _overlappable(plan: SchedulerOutput) -> bool:
-    """Whether the next step can be planned and sampled without this step's token ids on the host.
-
-    Penalties and ``min_tokens`` read a sequence's output tokens when sampling, and beam search forks
-    on the candidates; those steps are waited for.
-    """
-    for seq in plan.sequences:
-        if seq.sample:
-            params = seq.sampling_params
-            if params.use_beam_search or params.has_penalties or params.min_tokens:
-                return False
-    return True
-
-
 class LLMEngine:
     """Serves many requests at once over one model and one paged KV cache."""
 
@@ -296,11 +282,12 @@ class LLMEngine:
         timings.schedule_s += t1 - t0
         timings.prepare_s += t2 - t1
         timings.model_s += t3 - t2
-        step = InFlightStep(plan, launched, self.async_scheduling and _overlappable(plan))
+        step = InFlightStep(plan, launched, self.async_scheduling and plan.can_overlap())
         if not self.async_scheduling:
             return self._complete(step)
         earlier = self._complete(in_flight) if in_flight is not None else []
         if not plan.sequences:  # nothing runs on the device: nothing to overlap with
+            self._in_flight = None  # else a finished step would stay "in flight" and the engine never idle
             return earlier + self._complete(step)
         self._in_flight = step
         return earlier
@@ -323,7 +310,8 @@ class LLMEngine:
         self.last_plan = plan  # what the step ran: the planner's calibration reads its shape
         touched = self.scheduler.resolve_step(plan, sampled)
         self.outputs.check_stop_strings(touched)
-        self._sample_pressure(len(plan.sequences))
+        if not plan.is_empty:  # a step that did nothing is no sample of the cache (the planner skips it too)
+            self._sample_pressure(len(plan.sequences))
         t2 = time.perf_counter()
         outputs = self.outputs.collect(touched)
         t3 = time.perf_counter()

@@ -172,6 +172,33 @@ def test_abort_while_a_step_is_in_flight(llama: Path) -> None:
     assert engine.get_metrics()["kv_blocks_used"] == 0
 
 
+def test_the_engine_goes_idle_once_its_last_request_finishes(llama: Path, inflight_rows: list[int]) -> None:
+    """Driven step by step, as the server loop and trace runs drive it: no step stays "in flight" forever.
+
+    The last requests finish by length in the step in flight, so the step after plans nothing; that
+    step must leave the engine idle, or the server's loop would spin on an engine with nothing to do.
+    """
+    engine = LLMEngine.from_kwargs(model=str(llama), dtype="float32", async_scheduling=True, block_size=4)
+    prompts, max_tokens = batch(seed=8, num=4)
+    for round_ in range(2):  # and it serves the next requests after going idle
+        for i, (prompt, limit) in enumerate(zip(prompts, max_tokens)):
+            engine.add_request(f"r{round_}-{i}", {"prompt_token_ids": prompt},
+                               SamplingParams(temperature=0, max_tokens=limit, ignore_eos=True))
+        finished = {}
+        for _ in range(200):
+            for out in engine.step():
+                if out.finished:
+                    finished[out.request_id] = out
+            if len(finished) == len(prompts):
+                break
+        assert len(finished) == len(prompts)
+        assert not engine.has_unfinished_requests()
+        for i, (prompt, limit) in enumerate(zip(prompts, max_tokens)):
+            assert finished[f"r{round_}-{i}"].outputs[0].token_ids == hf_greedy(llama, prompt, limit)
+        assert engine.get_metrics()["kv_blocks_used"] == 0
+    assert any(inflight_rows)
+
+
 @pytest.mark.skipif(not DEMO_MODEL.is_dir(), reason="no shipped demo model")
 def test_stop_strings_cut_the_same_text() -> None:
     prompts = ["And God said", "In the beginning", "And the LORD spake unto Moses"]

@@ -25,7 +25,7 @@ from kvpage.plan.trace import TraceLimits, load_trace, synthetic_trace
 from kvpage.workloads import WORKLOAD_NAMES
 
 ENGINE_FLAGS = ("block_size", "max_num_seqs", "max_num_batched_tokens", "admission_cap", "headroom_policy",
-                "watermark", "preemption_mode", "swap_space", "kv_layout", "enable_prefix_caching")
+                "watermark", "preemption_mode", "swap_space", "kv_layout", "enable_prefix_caching", "async_scheduling")
 
 
 def add_plan_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -56,6 +56,9 @@ def add_plan_parser(commands: argparse._SubParsersAction) -> None:  # type: igno
     engine.add_argument("--swap-space", type=float, default=4.0)
     engine.add_argument("--kv-layout", default="paged")
     engine.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    engine.add_argument("--async-scheduling", action="store_true",
+                        help="replay the engine's asynchronous step order (its default on a GPU) exactly; "
+                             "no decode fast-forward, so about 2.5x slower")
     plan.add_argument("--sweep", nargs="*", default=[], metavar="NAME=V1,V2",
                       help="settings to sweep: block_size, admission_cap, kv_memory, kv_tokens, max_num_seqs, "
                            "max_num_batched_tokens, preemption_mode, headroom_policy, watermark, kv_layout")
