@@ -199,6 +199,40 @@ def test_the_engine_goes_idle_once_its_last_request_finishes(llama: Path, inflig
     assert any(inflight_rows)
 
 
+def test_the_server_loop_sleeps_once_its_requests_are_done(llama: Path) -> None:
+    """The serving loop steps only while there is work: an idle asynchronous engine is not stepped."""
+    import asyncio
+    import time
+
+    pytest.importorskip("prometheus_client", reason="the serving loop needs the serve extra")
+    from kvpage.server.async_engine import AsyncEngine
+
+    engine = LLMEngine.from_kwargs(model=str(llama), dtype="float32", async_scheduling=True, block_size=4)
+    server = AsyncEngine(engine)
+    prompts, _ = batch(seed=9, num=3)
+
+    async def one(prompt: list[int]) -> list[int]:
+        handle = await server.submit({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=9,
+                                                                                  ignore_eos=True))
+        return [t async for delta in handle.deltas() for completion in delta.completions
+                for t in completion.token_ids]
+
+    async def run() -> list[list[int]]:
+        return await asyncio.gather(*(one(p) for p in prompts))
+
+    try:
+        outputs = asyncio.run(run())
+        assert outputs == [hf_greedy(llama, p, 9) for p in prompts]
+        time.sleep(0.2)  # the loop applies the last step and goes idle
+        steps = engine.timings.num_steps
+        time.sleep(0.3)
+        assert engine.timings.num_steps == steps
+        assert not engine.has_unfinished_requests()
+        assert engine.get_metrics()["kv_blocks_used"] == 0
+    finally:
+        server.shutdown()
+
+
 @pytest.mark.skipif(not DEMO_MODEL.is_dir(), reason="no shipped demo model")
 def test_stop_strings_cut_the_same_text() -> None:
     prompts = ["And God said", "In the beginning", "And the LORD spake unto Moses"]
