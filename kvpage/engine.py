@@ -307,10 +307,10 @@ class LLMEngine:
             raise
         t1 = time.perf_counter()
         plan = step.plan
-        self.last_plan = plan  # what the step ran: the planner's calibration reads its shape
         touched = self.scheduler.resolve_step(plan, sampled)
         self.outputs.check_stop_strings(touched)
-        if not plan.is_empty:  # a step that did nothing is no sample of the cache (the planner skips it too)
+        if not plan.is_empty:  # a step that did nothing is no sample (the planner skips it too)
+            self.last_plan = plan  # what the step ran: the planner's calibration reads its shape
             self._sample_pressure(len(plan.sequences))
         t2 = time.perf_counter()
         outputs = self.outputs.collect(touched)

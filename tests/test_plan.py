@@ -175,6 +175,26 @@ def test_calibrated_plan_predicts_the_cpu_engine_within_15_percent() -> None:
     pytest.fail(f"predicted / measured outside 0.85-1.15 in both attempts: {attempts}")
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_calibration_records_every_step_once(async_scheduling: bool) -> None:
+    """Each step of the grid gives one sample, the asynchronous engine's included (a step completes a call late)."""
+    import random
+
+    from kvpage.bench.calibrate import CalibrationGrid, measure_steps
+    from kvpage.llm import LLM
+
+    grid = CalibrationGrid(batch_sizes=(1, 3), contexts=(16, 40), decode_steps=4, repeats=1)
+    llm = LLM(device="cpu", num_kv_blocks=64, block_size=16, async_scheduling=async_scheduling)
+    samples = measure_steps(llm, grid)
+    rounds = grid.rounds(llm.engine.max_model_len - 4, random.Random(0))
+    # Every request samples its 4 tokens in 4 steps: the last prefill chunk's, then 3 decodes.
+    assert sum(shape.num_sampled for shape, _ in samples) == 4 * sum(len(lengths) for lengths, _ in rounds)
+    assert sum(shape.num_tokens for shape, _ in samples) == sum(sum(lengths) + 3 * len(lengths)
+                                                                for lengths, _ in rounds)
+    assert all(seconds > 0 for _, seconds in samples)
+    assert not llm.engine.has_unfinished_requests()
+
+
 def test_calibration_fit_recovers_a_known_linear_model(tmp_path: Path) -> None:
     truth = (2e-3, 1e-5, 3e-4, 2e-6, 1e-5, 1e-8, 0.0, 5e-9)
     shapes = [StepShape(s, p, t, s, t * 7, t * 9, t * t) for s in (1, 4, 16, 64) for p in (0, 1, 3)
