@@ -351,12 +351,11 @@ def _replay(workload: Workload, settings: ReplaySettings, cost: CostModel, model
                 continue
             raise RuntimeError("the scheduler made no progress with nothing left to arrive")
         host_now, now = now, now + cost.step_time(step_shape(out, bytes_per_page))
+        sched.commit_step(out)
         if overlap:
-            sched.commit_step(out)
             in_flight = out
         else:
-            recorder.tokens(sched.update(out, _fake_tokens(out, vocab)), now)
-            recorder.step(now, len(out.sequences), sched.kv_waste())
+            resolve(out, now)
     kv = sched.kv
     if kv.num_pages_in_use:
         raise RuntimeError(f"{kv.num_pages_in_use} pages still in use after the replay")
