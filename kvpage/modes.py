@@ -1,0 +1,29 @@
+"""The engine's modes, declared as types (pure Python, imports nothing).
+
+Every option that picks one behaviour out of a few is a ``Literal`` alias
+here, so a type checker rejects a misspelt mode where it is written, and
+the run-time validation (:mod:`kvpage.validation`) takes its allowed values
+from the same alias with :func:`typing.get_args`: the list of modes is
+written once.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+# How the KV memory is handed out: pages on demand, or one contiguous reservation per sequence of
+# prompt + max_tokens ("contiguous-request") or max_model_len ("contiguous-max") tokens.
+KVLayout = Literal["paged", "contiguous-request", "contiguous-max"]
+# How much admission keeps free for running sequences to grow into (see kvpage.sched.admission).
+HeadroomPolicy = Literal["none", "watermark", "conservative"]
+# What a preempted sequence loses: its K/V, recomputed later, or nothing, its pages copied to host memory.
+PreemptionMode = Literal["recompute", "swap", "auto"]
+# Which attention (and fused-step) code the runner calls.
+AttentionBackend = Literal["auto", "torch", "triton"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+KV_LAYOUTS: tuple[KVLayout, ...] = get_args(KVLayout)
+HEADROOM_POLICIES: tuple[HeadroomPolicy, ...] = get_args(HeadroomPolicy)
+PREEMPTION_MODES: tuple[PreemptionMode, ...] = get_args(PreemptionMode)
+ATTENTION_BACKENDS: tuple[AttentionBackend, ...] = get_args(AttentionBackend)
+DTYPES: tuple[DType, ...] = get_args(DType)
