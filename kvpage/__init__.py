@@ -9,7 +9,7 @@ The public API mirrors vLLM's offline one::
     print(out[0].outputs[0].text)
 
 The names below are imported on first use, so that ``import kvpage.kv`` or
-``import kvpage.scheduler`` (pure Python) does not pull in torch.
+``import kvpage.sched`` (pure Python) does not pull in torch.
 """
 
 from __future__ import annotations

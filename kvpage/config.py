@@ -11,22 +11,28 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from kvpage.modes import (
+    ATTENTION_BACKENDS,
+    DTYPES,
+    HEADROOM_POLICIES,
+    KV_LAYOUTS,
+    PREEMPTION_MODES,
+    AttentionBackend,
+    DType,
+    HeadroomPolicy,
+    KVLayout,
+    PreemptionMode,
+)
+from kvpage.validation import is_int, is_number, one_of, require
+
+__all__ = [
+    "ATTENTION_BACKENDS", "DEVICES", "DTYPES", "GIB", "HEADROOM_POLICIES", "KV_LAYOUTS", "PREEMPTION_MODES",
+    "CacheConfig", "EngineConfig", "LoadConfig", "SchedulerConfig",
+]
+
 GIB = 1 << 30
-PREEMPTION_MODES = ("recompute", "swap", "auto")
-KV_LAYOUTS = ("paged", "contiguous-request", "contiguous-max")
-HEADROOM_POLICIES = ("none", "watermark", "conservative")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+# Not a mode of kvpage.modes: a device may also be "cuda:N".
 DEVICES = ("auto", "cpu", "cuda")
-ATTENTION_BACKENDS = ("auto", "torch", "triton")
-
-
-def _require(ok: bool, name: str, value: object, allowed: str) -> None:
-    if not ok:
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -34,24 +40,29 @@ class LoadConfig:
     """Which model to load, in which dtype, on which device."""
 
     model: str | None = None
+    """Directory of the model's Hugging Face checkpoint; None: the bundled demo model."""
     tokenizer: str | None = None
-    dtype: str = "auto"
+    """Where to load the tokenizer from; None: from ``model``."""
+    dtype: DType = "auto"
+    """Dtype of the weights and the KV cache; "auto": float32 on a CPU, the checkpoint's half precision on a
+    GPU (bfloat16 for a float32 checkpoint)."""
     device: str = "auto"
+    """"cpu", "cuda" or "cuda:N"; "auto": a GPU if there is one, else the CPU."""
     seed: int = 0
-    # "auto": the Triton kernels on a GPU, the pure-torch reference on a CPU; "triton" off a GPU
-    # needs TRITON_INTERPRET=1 (slow: for tests).
-    attention_backend: str = "auto"
-    # Run decode steps eagerly instead of replaying captured CUDA graphs.
+    """Seed of the engine's random generators."""
+    attention_backend: AttentionBackend = "auto"
+    """"auto": the Triton kernels on a GPU, the pure-torch reference on a CPU; "triton" off a GPU needs
+    TRITON_INTERPRET=1 (slow: for tests)."""
     enforce_eager: bool = False
+    """Run decode steps eagerly instead of replaying captured CUDA graphs."""
 
     def validate(self) -> None:
-        _require(self.dtype in DTYPES, "dtype", self.dtype, f"one of {DTYPES}")
-        _require(self.attention_backend in ATTENTION_BACKENDS, "attention_backend", self.attention_backend,
-                 f"one of {ATTENTION_BACKENDS}")
-        _require(isinstance(self.enforce_eager, bool), "enforce_eager", self.enforce_eager, "True or False")
-        _require(self.device in DEVICES or str(self.device).startswith("cuda:"), "device", self.device,
-                 f"one of {DEVICES} or 'cuda:N'")
-        _require(_is_int(self.seed), "seed", self.seed, "an integer")
+        one_of("dtype", self.dtype, DTYPES)
+        one_of("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        require(isinstance(self.enforce_eager, bool), "enforce_eager", self.enforce_eager, "True or False")
+        require(self.device in DEVICES or str(self.device).startswith("cuda:"), "device", self.device,
+                f"one of {DEVICES} or 'cuda:N'")
+        require(is_int(self.seed), "seed", self.seed, "an integer")
 
 
 @dataclass
@@ -64,35 +75,42 @@ class CacheConfig:
     """
 
     block_size: int = 16
+    """Token slots per KV page: a power of two from 1 to 256."""
     num_kv_blocks: int | None = None
+    """Exact number of KV pages; None: sized from ``kv_cache_memory`` or the device default."""
     kv_cache_memory: int | None = None
+    """Bytes of KV cache; None: the device default."""
     gpu_memory_utilization: float = 0.9
+    """Fraction of the GPU's total memory the engine may fill; the KV cache gets what the weights, other
+    processes and the activation peak leave of it."""
     cpu_kv_cache_space: int = 2 * GIB
+    """Bytes of KV cache on a CPU."""
     enable_prefix_caching: bool = True
-    # Host memory for swapped-out pages, in GiB (pinned when the cache is on a GPU); used only
-    # with preemption_mode "swap" or "auto".
+    """Share the pages of common prompt prefixes between requests, by content hash."""
     swap_space: float = 4.0
-    # "paged", or a pre-paging baseline: one contiguous reservation per sequence of
-    # prompt + max_tokens ("contiguous-request") or max_model_len ("contiguous-max") tokens.
-    kv_layout: str = "paged"
+    """Host memory for swapped-out pages, in GiB (pinned when the cache is on a GPU); used only with
+    preemption_mode "swap" or "auto"."""
+    kv_layout: KVLayout = "paged"
+    """"paged", or a pre-paging baseline: one contiguous reservation per sequence of prompt + max_tokens
+    ("contiguous-request") or max_model_len ("contiguous-max") tokens."""
 
     def validate(self) -> None:
-        _require(self.kv_layout in KV_LAYOUTS, "kv_layout", self.kv_layout, f"one of {KV_LAYOUTS}")
+        one_of("kv_layout", self.kv_layout, KV_LAYOUTS)
         bs = self.block_size
-        _require(_is_int(bs) and 1 <= bs <= 256 and bs & (bs - 1) == 0, "block_size", bs,
-                 "a power of two from 1 to 256")
-        _require(self.num_kv_blocks is None or (_is_int(self.num_kv_blocks) and self.num_kv_blocks >= 1),
-                 "num_kv_blocks", self.num_kv_blocks, "None or an integer >= 1")
-        _require(self.kv_cache_memory is None or (_is_int(self.kv_cache_memory) and self.kv_cache_memory > 0),
-                 "kv_cache_memory", self.kv_cache_memory, "None or a positive number of bytes")
-        _require(isinstance(self.gpu_memory_utilization, (int, float)) and 0 < self.gpu_memory_utilization <= 1,
-                 "gpu_memory_utilization", self.gpu_memory_utilization, "a number in (0, 1]")
-        _require(_is_int(self.cpu_kv_cache_space) and self.cpu_kv_cache_space > 0, "cpu_kv_cache_space",
-                 self.cpu_kv_cache_space, "a positive number of bytes")
-        _require(isinstance(self.swap_space, (int, float)) and not isinstance(self.swap_space, bool)
-                 and self.swap_space >= 0, "swap_space", self.swap_space, "a number of GiB >= 0")
-        _require(isinstance(self.enable_prefix_caching, bool), "enable_prefix_caching",
-                 self.enable_prefix_caching, "True or False")
+        require(is_int(bs) and 1 <= bs <= 256 and bs & (bs - 1) == 0, "block_size", bs,
+                "a power of two from 1 to 256")
+        require(self.num_kv_blocks is None or (is_int(self.num_kv_blocks) and self.num_kv_blocks >= 1),
+                "num_kv_blocks", self.num_kv_blocks, "None or an integer >= 1")
+        require(self.kv_cache_memory is None or (is_int(self.kv_cache_memory) and self.kv_cache_memory > 0),
+                "kv_cache_memory", self.kv_cache_memory, "None or a positive number of bytes")
+        require(isinstance(self.gpu_memory_utilization, (int, float)) and 0 < self.gpu_memory_utilization <= 1,
+                "gpu_memory_utilization", self.gpu_memory_utilization, "a number in (0, 1]")
+        require(is_int(self.cpu_kv_cache_space) and self.cpu_kv_cache_space > 0, "cpu_kv_cache_space",
+                self.cpu_kv_cache_space, "a positive number of bytes")
+        require(is_number(self.swap_space) and self.swap_space >= 0, "swap_space", self.swap_space,
+                "a number of GiB >= 0")
+        require(isinstance(self.enable_prefix_caching, bool), "enable_prefix_caching",
+                self.enable_prefix_caching, "True or False")
 
 
 @dataclass
@@ -100,46 +118,54 @@ class SchedulerConfig:
     """Continuous-batching limits of one step."""
 
     max_num_seqs: int = 256
+    """Most sequences in one step's batch."""
     max_num_batched_tokens: int = 8192
-    # None: the model's max_position_embeddings.
+    """Most tokens (prefill chunks plus decodes) in one step's batch."""
     max_model_len: int | None = None
-    preemption_mode: str = "recompute"
-    # Admission control. A request is admitted only if its pages keep KV use at or
-    # below admission_cap (a fraction of the cache; 1.0 = no cap), and under the
-    # headroom policy: "watermark" keeps a watermark fraction of pages free for the
-    # running requests to grow into; "conservative" sets aside every request's whole
-    # prompt + max_tokens, so nothing is ever preempted; "none" admits while pages last.
+    """Longest prompt + output of a sequence; None: the model's max_position_embeddings."""
+    preemption_mode: PreemptionMode = "recompute"
+    """What a preempted sequence loses: its K/V, recomputed later ("recompute"), or nothing, its pages
+    copied to host memory ("swap"); "auto" picks, victim by victim, whichever is cheaper."""
     admission_cap: float = 1.0
-    headroom_policy: str = "watermark"
+    """Admission control: a request is admitted only if its pages keep KV use at or below this fraction
+    of the cache (1.0 = no cap), and under ``headroom_policy``."""
+    headroom_policy: HeadroomPolicy = "watermark"
+    """"watermark" keeps a ``watermark`` fraction of pages free for the running requests to grow into;
+    "conservative" sets aside every request's whole prompt + max_tokens, so nothing is ever preempted;
+    "none" admits while pages last."""
     watermark: float = 0.01
-    # Plan and launch each step while the previous one still runs on the device, so host work hides
-    # behind device work. None: on where the device runs asynchronously (CUDA), off on a CPU.
+    """Fraction of the pages the "watermark" headroom policy keeps free."""
     async_scheduling: bool | None = None
+    """Plan and launch each step while the previous one still runs on the device, so host work hides
+    behind device work. None: on where the device runs asynchronously (CUDA), off on a CPU."""
 
     def validate(self) -> None:
-        _require(isinstance(self.admission_cap, (int, float)) and not isinstance(self.admission_cap, bool)
-                 and 0 < self.admission_cap <= 1, "admission_cap", self.admission_cap, "a number in (0, 1]")
-        _require(self.headroom_policy in HEADROOM_POLICIES, "headroom_policy", self.headroom_policy,
-                 f"one of {HEADROOM_POLICIES}")
-        _require(isinstance(self.watermark, (int, float)) and not isinstance(self.watermark, bool)
-                 and 0 <= self.watermark < 1, "watermark", self.watermark, "a number in [0, 1)")
-        _require(_is_int(self.max_num_seqs) and self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs,
-                 "an integer >= 1")
-        _require(_is_int(self.max_num_batched_tokens) and self.max_num_batched_tokens >= 1,
-                 "max_num_batched_tokens", self.max_num_batched_tokens, "an integer >= 1")
-        _require(self.max_model_len is None or (_is_int(self.max_model_len) and self.max_model_len >= 2),
-                 "max_model_len", self.max_model_len, "None or an integer >= 2")
-        _require(self.preemption_mode in PREEMPTION_MODES, "preemption_mode", self.preemption_mode,
-                 f"one of {PREEMPTION_MODES}")
-        _require(self.async_scheduling is None or isinstance(self.async_scheduling, bool), "async_scheduling",
-                 self.async_scheduling, "None, True or False")
+        require(is_number(self.admission_cap) and 0 < self.admission_cap <= 1, "admission_cap",
+                self.admission_cap, "a number in (0, 1]")
+        one_of("headroom_policy", self.headroom_policy, HEADROOM_POLICIES)
+        require(is_number(self.watermark) and 0 <= self.watermark < 1, "watermark", self.watermark,
+                "a number in [0, 1)")
+        require(is_int(self.max_num_seqs) and self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs,
+                "an integer >= 1")
+        require(is_int(self.max_num_batched_tokens) and self.max_num_batched_tokens >= 1,
+                "max_num_batched_tokens", self.max_num_batched_tokens, "an integer >= 1")
+        require(self.max_model_len is None or (is_int(self.max_model_len) and self.max_model_len >= 2),
+                "max_model_len", self.max_model_len, "None or an integer >= 2")
+        one_of("preemption_mode", self.preemption_mode, PREEMPTION_MODES)
+        require(self.async_scheduling is None or isinstance(self.async_scheduling, bool), "async_scheduling",
+                self.async_scheduling, "None, True or False")
 
 
 @dataclass
 class EngineConfig:
+    """The whole engine's configuration, in its three parts."""
+
     load: LoadConfig = field(default_factory=LoadConfig)
+    """What to load and where."""
     cache: CacheConfig = field(default_factory=CacheConfig)
+    """The KV cache."""
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    """The batching of each step."""
 
     def validate(self) -> None:
         self.load.validate()

@@ -9,19 +9,21 @@
 3. feeds the sampled tokens back to the scheduler (stop tokens, lengths,
    page commits), checks stop strings, and reports what changed.
 
-The offline :class:`~kvpage.llm.LLM` API loops over ``step`` until every
+The step order itself is :class:`~kvpage.sched.step_loop.StepLoop`'s,
+the same the planner replays; the engine supplies its executor
+(:class:`RunnerExecutor`: the runner's prepare, launch and wait) and what
+happens after each step (stop strings, pressure samples, outputs).  The
+offline :class:`~kvpage.llm.LLM` API loops over ``step`` until every
 request is done.
 
 With *asynchronous scheduling* (on by default on a GPU) the host does not
-wait for a step before planning the next: ``step`` plans and launches step
-N while step N-1 still runs on the device, and only then waits for N-1's
-tokens and applies them. Host work (planning, input preparation, stop
-checks, outputs) so hides behind device work. Sequences of step N whose
-input is the token N-1 is sampling get it on the device; a sequence that
-N-1 stops (EOS, a stop string) wastes its one token of step N, which is
-discarded. Steps whose sampling reads the host's view of the output
-(penalties, ``min_tokens``, beam search) are waited for before the next
-one is planned.
+wait for a step before scheduling the next: ``step`` schedules and launches
+step N while step N-1 still runs on the device, and only then waits for
+N-1's tokens and applies them, so host work (scheduling, input
+preparation, stop checks, outputs) hides behind device work. Sequences of
+step N whose input is the token N-1 is sampling get it on the device; a
+sequence that N-1 stops (EOS, a stop string) wastes its one token of step
+N, which is discarded.
 """
 
 from __future__ import annotations
@@ -30,25 +32,23 @@ import itertools
 import json
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from kvpage.admission import DELAY_RULES
-from kvpage.batch import SchedulerOutput
-from kvpage.config import GIB, EngineConfig
-from kvpage.kv import ContiguousKVCacheManager, KVCacheManager
+from kvpage.config import EngineConfig
 from kvpage.metrics import RequestCounters, StepTimings
 from kvpage.model import ModelConfig, demo_model_dir, load_model, resolve_dtype
 from kvpage.output_builder import OutputBuilder
 from kvpage.outputs import RequestOutput
-from kvpage.preemption import SwapCostModel
-from kvpage.pressure import PressureSample, ThrashingMonitor, WasteStats
-from kvpage.request import Request, RequestTimes
 from kvpage.sampling_params import SamplingParams
-from kvpage.scheduler import Scheduler
+from kvpage.sched import Request, RequestTimes, Scheduler, Sequence, StepLoop
+from kvpage.sched.scheduler import num_swap_pages
+from kvpage.sched.admission import DELAY_RULES
+from kvpage.sched.preemption import SwapCostModel
+from kvpage.sched.pressure import PressureSample, ThrashingMonitor, WasteStats
+from kvpage.step_io import SampledToken, SchedulerOutput
 from kvpage.worker import (KVCacheShape, LaunchedStep, ModelRunner, RunnerOptions, page_bytes,
                            profile_activations, size_kv_cache_pages)
 
@@ -86,14 +86,27 @@ def read_eos_token_ids(model_dir: Path, config: ModelConfig) -> tuple[int, ...]:
     return config.eos_token_ids
 
 
-@dataclass
-class InFlightStep:
-    """A launched step whose tokens are not applied yet."""
+class RunnerExecutor:
+    """The engine's :class:`~kvpage.sched.step_loop.Executor`: steps run on the model, timed by phase."""
 
-    plan: SchedulerOutput
-    launched: LaunchedStep
-    # Whether the next step may be planned before this one's tokens are applied.
-    overlappable: bool
+    def __init__(self, runner: ModelRunner, timings: StepTimings) -> None:
+        self.runner = runner
+        self.timings = timings
+
+    def launch(self, out: SchedulerOutput, previous: LaunchedStep | None) -> LaunchedStep:
+        start = time.perf_counter()
+        inputs = self.runner.prepare(out)
+        prepared = time.perf_counter()
+        launched = self.runner.launch(out, inputs, previous)
+        self.timings.prepare_s += prepared - start
+        self.timings.model_s += time.perf_counter() - prepared
+        return launched
+
+    def wait(self, handle: LaunchedStep) -> list[SampledToken]:
+        start = time.perf_counter()
+        sampled = handle.result()
+        self.timings.model_s += time.perf_counter() - start
+        return sampled
 
 
 class LLMEngine:
@@ -127,30 +140,27 @@ class LLMEngine:
         num_pages = self._size_kv_cache(per_page)
         self.cache_shape = KVCacheShape(mc.num_layers, num_pages, config.cache.block_size, mc.num_kv_heads,
                                         mc.head_dim, self.dtype)
-        layout = config.cache.kv_layout
-        swapping = config.scheduler.preemption_mode != "recompute" and layout == "paged"
-        num_host_pages = int(config.cache.swap_space * GIB) // per_page if swapping else 0
-        self.kv: KVCacheManager | ContiguousKVCacheManager = (
-            KVCacheManager(num_pages, config.cache.block_size, config.cache.enable_prefix_caching, num_host_pages)
-            if layout == "paged" else ContiguousKVCacheManager(num_pages, config.cache.block_size))
         swap_cost = SwapCostModel.for_device(self.device.type, sum(p.numel() for p in self.model.parameters()),
                                              per_page, mc.num_layers, mc.num_attention_heads, mc.head_dim)
-        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, self.eos_token_ids, layout,
-                                   swap_cost)
-        self.last_plan: SchedulerOutput | None = None
+        self.scheduler = Scheduler.from_config(config.cache, config.scheduler, num_pages, per_page,
+                                               self.max_model_len, self.eos_token_ids, swap_cost)
+        self.kv = self.scheduler.kv
+        # The last step that ran (not an empty one): the planner's calibration reads its shape.
+        self.last_step: SchedulerOutput | None = None
         self.waste_stats = WasteStats()
         self.thrashing = ThrashingMonitor()
         self.runner = ModelRunner(self.model, self.cache_shape, self.device, load.seed, self.eos_token_ids,
                                   max_num_seqs=config.scheduler.max_num_seqs,
                                   max_pages_per_seq=self.kv.pages_for_tokens(self.max_model_len),
-                                  num_host_pages=num_host_pages, options=self.runner_options)
+                                  num_host_pages=num_swap_pages(config.cache, config.scheduler, per_page), options=self.runner_options)
         self.timings = StepTimings()
         self.request_counters = RequestCounters()
-        self.outputs = OutputBuilder(self.tokenizer, self.scheduler, self.request_counters)
+        self.outputs = OutputBuilder(self.tokenizer, self.scheduler.life, self.request_counters)
         self._request_ids = itertools.count()
         requested = config.scheduler.async_scheduling
         self.async_scheduling = self.device.type == "cuda" if requested is None else requested
-        self._in_flight: InFlightStep | None = None
+        self.loop = StepLoop(self.scheduler, RunnerExecutor(self.runner, self.timings), self.async_scheduling,
+                             self._after_step, self.timings)
 
     @property
     def runner_options(self) -> RunnerOptions:
@@ -253,7 +263,12 @@ class LLMEngine:
     abort = abort_request
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or self._in_flight is not None
+        return self.loop.has_unfinished()
+
+    @property
+    def _in_flight(self) -> object | None:
+        """The step still running on the device, if any (asynchronous scheduling)."""
+        return self.loop.in_flight
 
     # ----- stepping -----------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -262,64 +277,24 @@ class LLMEngine:
         With asynchronous scheduling these are the outputs of the step launched
         by the previous call, and the step launched now is still running.
         """
-        in_flight = self._in_flight
-        if in_flight is not None and not in_flight.overlappable:
-            self._in_flight = None
-            return self._complete(in_flight)
-        t0 = time.perf_counter()
-        plan = self.scheduler.schedule()
-        self.scheduler.commit_step(plan)
-        t1 = time.perf_counter()
-        try:
-            inputs = self.runner.prepare(plan)
-            t2 = time.perf_counter()
-            launched = self.runner.launch(plan, inputs, in_flight.launched if in_flight is not None else None)
-        except BaseException:
-            self._in_flight = None  # the caller fails or aborts these requests
-            raise
-        t3 = time.perf_counter()
-        timings = self.timings
-        timings.schedule_s += t1 - t0
-        timings.prepare_s += t2 - t1
-        timings.model_s += t3 - t2
-        step = InFlightStep(plan, launched, self.async_scheduling and plan.can_overlap())
-        if not self.async_scheduling:
-            return self._complete(step)
-        earlier = self._complete(in_flight) if in_flight is not None else []
-        if not plan.sequences:  # nothing runs on the device: nothing to overlap with
-            self._in_flight = None  # else a finished step would stay "in flight" and the engine never idle
-            return earlier + self._complete(step)
-        self._in_flight = step
-        return earlier
+        return self.loop.step()
 
     def drain(self) -> list[RequestOutput]:
         """Wait for the step in flight, if any, and apply it; returns its outputs."""
-        in_flight, self._in_flight = self._in_flight, None
-        return self._complete(in_flight) if in_flight is not None else []
+        return self.loop.drain()
 
-    def _complete(self, step: InFlightStep) -> list[RequestOutput]:
-        """Wait for a launched step's tokens and apply them: stops, pages, outputs."""
-        t0 = time.perf_counter()
-        try:
-            sampled = step.launched.result()
-        except BaseException:
-            self._in_flight = None
-            raise
-        t1 = time.perf_counter()
-        plan = step.plan
-        touched = self.scheduler.resolve_step(plan, sampled)
+    def _after_step(self, out: SchedulerOutput, touched: list[Sequence]) -> list[RequestOutput]:
+        """A step's tokens are resolved: stop strings, pressure signals, outputs."""
+        start = time.perf_counter()
         self.outputs.check_stop_strings(touched)
-        if not plan.is_empty:  # a step that did nothing is no sample (the planner skips it too)
-            self.last_plan = plan  # what the step ran: the planner's calibration reads its shape
-            self._sample_pressure(len(plan.sequences))
-        t2 = time.perf_counter()
+        if not out.is_empty:  # a step that did nothing is no sample (the planner skips it too)
+            self.last_step = out
+            self._sample_pressure(len(out.sequences))
+        checked = time.perf_counter()
         outputs = self.outputs.collect(touched)
-        t3 = time.perf_counter()
         timings = self.timings
-        timings.num_steps += 1
-        timings.model_s += t1 - t0
-        timings.update_s += t2 - t1
-        timings.output_s += t3 - t2
+        timings.update_s += checked - start
+        timings.output_s += time.perf_counter() - checked
         return outputs
 
     def _sample_pressure(self, batch_size: int) -> None:

@@ -3,7 +3,7 @@
 The scheduler stops sequences on tokens (EOS, stop token ids, lengths); stop
 *strings* need text, so they are checked here on each sequence's
 incrementally detokenized output, and a match ends the sequence through the
-scheduler. Then every request that got a token is reported, unless it asked
+sequence's lifecycle. Then every request that got a token is reported, unless it asked
 for its final output only; text is decoded lazily, on first access, until
 the request finishes.
 """
@@ -16,9 +16,9 @@ from typing import Any
 from kvpage.detokenizer import IncrementalDetokenizer, find_stop_string
 from kvpage.metrics import RequestCounters
 from kvpage.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from kvpage.request import Request, Sequence, SequenceStatus
 from kvpage.sampling_params import RequestOutputKind
-from kvpage.scheduler import Scheduler
+from kvpage.sched.lifecycle import Lifecycle
+from kvpage.sched.sequence import Request, Sequence, SequenceStatus
 
 __all__ = ["OutputBuilder"]
 
@@ -26,9 +26,9 @@ __all__ = ["OutputBuilder"]
 class OutputBuilder:
     """Detokenizers of the live sequences, stop strings, and the outputs of each step."""
 
-    def __init__(self, tokenizer: Any | None, scheduler: Scheduler, request_counters: RequestCounters) -> None:
+    def __init__(self, tokenizer: Any | None, life: Lifecycle, request_counters: RequestCounters) -> None:
         self.tokenizer = tokenizer
-        self.scheduler = scheduler
+        self.life = life
         self.request_counters = request_counters
         self._detokenizers: dict[int, IncrementalDetokenizer] = {}
 
@@ -61,11 +61,7 @@ class OutputBuilder:
             index, stop = match
             keep = index + len(stop) if seq.request.sampling_params.include_stop_str_in_output else index
             detok.freeze(detok.text[:keep])
-            if seq.is_finished:  # ended by EOS or length in this very step: the stop string still wins
-                seq.status = SequenceStatus.FINISHED_STOPPED
-                seq.stop_reason = stop
-            else:
-                self.scheduler.finish_sequence(seq, SequenceStatus.FINISHED_STOPPED, stop)
+            self.life.stop_by_string(seq, stop)  # also if EOS or length ended it this very step
 
     def _text_of(self, seq: Sequence) -> str:
         if self.tokenizer is None:

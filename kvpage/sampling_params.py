@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Literal
+
+from kvpage.validation import is_int, is_number, require
 
 MAX_LOGPROBS = 20
 
@@ -18,19 +21,6 @@ class RequestOutputKind(Enum):
 
     CUMULATIVE = "cumulative"  # every step it produced tokens, with everything so far
     FINAL_ONLY = "final_only"  # once, when it finishes (what offline generate needs)
-
-
-def _check(ok: bool, name: str, value: object, allowed: str) -> None:
-    if not ok:
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass
@@ -66,64 +56,64 @@ class SamplingParams:
     use_beam_search: bool = False
     beam_width: int | None = None
     length_penalty: float = 1.0
-    early_stopping: bool | str = False
+    early_stopping: bool | Literal["never"] = False
     stop_strings: tuple[str, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        _check(_is_int(self.n) and self.n >= 1, "n", self.n, "an integer >= 1")
-        _check(_is_number(self.temperature) and self.temperature >= 0, "temperature", self.temperature, "a number >= 0")
-        _check(_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p, "a number in (0, 1]")
-        _check(_is_int(self.top_k) and (self.top_k >= 0 or self.top_k == -1), "top_k", self.top_k,
-               "-1 or 0 (disabled) or an integer >= 1")
-        _check(_is_number(self.min_p) and 0 <= self.min_p <= 1, "min_p", self.min_p, "a number in [0, 1]")
+        require(is_int(self.n) and self.n >= 1, "n", self.n, "an integer >= 1")
+        require(is_number(self.temperature) and self.temperature >= 0, "temperature", self.temperature, "a number >= 0")
+        require(is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p, "a number in (0, 1]")
+        require(is_int(self.top_k) and (self.top_k >= 0 or self.top_k == -1), "top_k", self.top_k,
+                "-1 or 0 (disabled) or an integer >= 1")
+        require(is_number(self.min_p) and 0 <= self.min_p <= 1, "min_p", self.min_p, "a number in [0, 1]")
         # A 64-bit seed: torch's generators take no more (and add the sample index to it).
-        _check(self.seed is None or (_is_int(self.seed) and -(2**63) <= self.seed < 2**63), "seed", self.seed,
-               "None or an integer in [-2**63, 2**63 - 1]")
+        require(self.seed is None or (is_int(self.seed) and -(2**63) <= self.seed < 2**63), "seed", self.seed,
+                "None or an integer in [-2**63, 2**63 - 1]")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
-            _check(_is_number(value) and -2 <= value <= 2, name, value, "a number in [-2, 2]")
-        _check(_is_number(self.repetition_penalty) and 0 < self.repetition_penalty <= 10, "repetition_penalty",
-               self.repetition_penalty, "a number in (0, 10]")
-        _check(self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1), "max_tokens",
-               self.max_tokens, "None or an integer >= 1")
-        _check(_is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens", self.min_tokens, "an integer >= 0")
+            require(is_number(value) and -2 <= value <= 2, name, value, "a number in [-2, 2]")
+        require(is_number(self.repetition_penalty) and 0 < self.repetition_penalty <= 10, "repetition_penalty",
+                self.repetition_penalty, "a number in (0, 10]")
+        require(self.max_tokens is None or (is_int(self.max_tokens) and self.max_tokens >= 1), "max_tokens",
+                self.max_tokens, "None or an integer >= 1")
+        require(is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens", self.min_tokens, "an integer >= 0")
         if self.max_tokens is not None:
-            _check(self.min_tokens <= self.max_tokens, "min_tokens", self.min_tokens,
-                   f"<= max_tokens ({self.max_tokens})")
-        _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
-               "logprobs", self.logprobs, f"None or an integer in [0, {MAX_LOGPROBS}]")
+            require(self.min_tokens <= self.max_tokens, "min_tokens", self.min_tokens,
+                    f"<= max_tokens ({self.max_tokens})")
+        require(self.logprobs is None or (is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
+                "logprobs", self.logprobs, f"None or an integer in [0, {MAX_LOGPROBS}]")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         for s in stop:
-            _check(isinstance(s, str) and len(s) > 0, "stop", self.stop, "a non-empty string or a list of them")
+            require(isinstance(s, str) and len(s) > 0, "stop", self.stop, "a non-empty string or a list of them")
         self.stop_strings = tuple(stop)
         ids = list(self.stop_token_ids or [])
         for t in ids:
-            _check(_is_int(t) and t >= 0, "stop_token_ids", self.stop_token_ids, "a list of integers >= 0")
+            require(is_int(t) and t >= 0, "stop_token_ids", self.stop_token_ids, "a list of integers >= 0")
         self.stop_token_ids = ids
-        _check(isinstance(self.output_kind, RequestOutputKind), "output_kind", self.output_kind,
-               f"one of {[k.name for k in RequestOutputKind]}")
+        require(isinstance(self.output_kind, RequestOutputKind), "output_kind", self.output_kind,
+                f"one of {[k.name for k in RequestOutputKind]}")
         self._check_beam_search()
 
     def _check_beam_search(self) -> None:
-        _check(isinstance(self.use_beam_search, bool), "use_beam_search", self.use_beam_search, "True or False")
-        _check(_is_number(self.length_penalty), "length_penalty", self.length_penalty, "a number")
-        _check(self.early_stopping in (True, False, "never"), "early_stopping", self.early_stopping,
-               "True, False or 'never'")
+        require(isinstance(self.use_beam_search, bool), "use_beam_search", self.use_beam_search, "True or False")
+        require(is_number(self.length_penalty), "length_penalty", self.length_penalty, "a number")
+        require(self.early_stopping in (True, False, "never"), "early_stopping", self.early_stopping,
+                "True, False or 'never'")
         if not self.use_beam_search:
-            _check(self.beam_width is None, "beam_width", self.beam_width, "None unless use_beam_search=True")
+            require(self.beam_width is None, "beam_width", self.beam_width, "None unless use_beam_search=True")
             return
         if self.beam_width is None:
             self.beam_width = self.n
-        _check(_is_int(self.beam_width) and self.beam_width >= self.n, "beam_width", self.beam_width,
-               f"an integer >= n ({self.n})")
+        require(is_int(self.beam_width) and self.beam_width >= self.n, "beam_width", self.beam_width,
+                f"an integer >= n ({self.n})")
         # Beam search is deterministic and scores raw log-probabilities: sampling knobs would be ignored.
         for name, neutral in (("temperature", 0.0), ("top_p", 1.0), ("min_p", 0.0), ("presence_penalty", 0.0),
                               ("frequency_penalty", 0.0), ("repetition_penalty", 1.0), ("min_tokens", 0)):
-            _check(getattr(self, name) == neutral, name, getattr(self, name), f"{neutral} with use_beam_search")
-        _check(self.effective_top_k == 0, "top_k", self.top_k, "0 or -1 with use_beam_search")
-        _check(not self.stop_strings, "stop", self.stop, "None with use_beam_search (stop strings are not "
-               "supported there; use stop_token_ids)")
-        _check(self.max_tokens is not None, "max_tokens", self.max_tokens, "set with use_beam_search")
+            require(getattr(self, name) == neutral, name, getattr(self, name), f"{neutral} with use_beam_search")
+        require(self.effective_top_k == 0, "top_k", self.top_k, "0 or -1 with use_beam_search")
+        require(not self.stop_strings, "stop", self.stop, "None with use_beam_search (stop strings are not "
+                "supported there; use stop_token_ids)")
+        require(self.max_tokens is not None, "max_tokens", self.max_tokens, "set with use_beam_search")
 
     @property
     def is_greedy(self) -> bool:

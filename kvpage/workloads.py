@@ -62,6 +62,8 @@ import math
 import random
 from dataclasses import dataclass
 
+from kvpage.validation import is_int, is_positive_number, one_of, require
+
 WORKLOAD_NAMES: tuple[str, ...] = ("sharegpt", "alpaca", "uniform", "long-single", "shared-prefix-chat")
 
 # (mean, sigma) of the lognormal length distributions, before clipping.
@@ -113,21 +115,6 @@ class Workload:
         return self.total_output_tokens / len(self.requests) if self.requests else 0.0
 
 
-def _require(ok: bool, name: str, value: object, allowed: str) -> None:
-    if not ok:
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
-
-
-def _is_int(value: object) -> bool:
-    # bool is an int subclass, but True as a request count is a bug, not a 1.
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_positive_number(value: object) -> bool:
-    # inf and nan would turn into zero or nan gaps, so only finite values pass.
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-
-
 @dataclass(frozen=True)
 class WorkloadSpec:
     """What to generate; validated on construction so a bad CLI value fails early."""
@@ -143,22 +130,22 @@ class WorkloadSpec:
     n: int = 1
 
     def __post_init__(self) -> None:
-        _require(self.name in WORKLOAD_NAMES, "name", self.name, f"one of {WORKLOAD_NAMES}")
-        _require(_is_int(self.num_requests) and self.num_requests >= 1, "num_requests", self.num_requests,
-                 "an integer >= 1")
-        _require(_is_int(self.seed), "seed", self.seed, "an integer")
-        _require(_is_int(self.first_token_id) and self.first_token_id >= 0, "first_token_id",
-                 self.first_token_id, "an integer >= 0")
+        one_of("name", self.name, WORKLOAD_NAMES)
+        require(is_int(self.num_requests) and self.num_requests >= 1, "num_requests", self.num_requests,
+                "an integer >= 1")
+        require(is_int(self.seed), "seed", self.seed, "an integer")
+        require(is_int(self.first_token_id) and self.first_token_id >= 0, "first_token_id",
+                self.first_token_id, "an integer >= 0")
         # At least two usable ids, so prompts are not a single repeated token.
-        _require(_is_int(self.vocab_size) and self.vocab_size > self.first_token_id + 1, "vocab_size",
-                 self.vocab_size, f"an integer > first_token_id + 1 = {self.first_token_id + 1}")
+        require(is_int(self.vocab_size) and self.vocab_size > self.first_token_id + 1, "vocab_size",
+                self.vocab_size, f"an integer > first_token_id + 1 = {self.first_token_id + 1}")
         # 16 keeps max_model_len // 16 >= 1, so every workload has room for 1-token prompts and outputs.
-        _require(_is_int(self.max_model_len) and self.max_model_len >= 16, "max_model_len", self.max_model_len,
-                 "an integer >= 16")
-        _require(self.request_rate is None or _is_positive_number(self.request_rate), "request_rate",
-                 self.request_rate, "None or a finite number > 0")
-        _require(_is_positive_number(self.burstiness), "burstiness", self.burstiness, "a finite number > 0")
-        _require(_is_int(self.n) and self.n >= 1, "n", self.n, "an integer >= 1")
+        require(is_int(self.max_model_len) and self.max_model_len >= 16, "max_model_len", self.max_model_len,
+                "an integer >= 16")
+        require(self.request_rate is None or is_positive_number(self.request_rate), "request_rate",
+                self.request_rate, "None or a finite number > 0")
+        require(is_positive_number(self.burstiness), "burstiness", self.burstiness, "a finite number > 0")
+        require(is_int(self.n) and self.n >= 1, "n", self.n, "an integer >= 1")
 
 
 def _lognormal_len(rng: random.Random, mean: float, sigma: float) -> int:

@@ -18,12 +18,12 @@ import zlib
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvpage.batch import SampledToken, SchedulerOutput
+from kvpage.step_io import SampledToken, SchedulerOutput
 from kvpage.config import SchedulerConfig
-from kvpage.kv import ContiguousKVCacheManager, KVCacheManager
-from kvpage.request import Request
+from kvpage.kv import make_kv_manager
+from kvpage.sched.sequence import Request
 from kvpage.sampling_params import SamplingParams
-from kvpage.scheduler import Scheduler
+from kvpage.sched.scheduler import Scheduler
 
 EOS = 2
 VOCAB = 24
@@ -79,11 +79,11 @@ request_specs = st.lists(st.tuples(
 def run(specs: list[tuple[int, int, tuple[str, int], int, int]], layout: str, num_pages: int, block_size: int,
         mode: str, num_host_pages: int, max_num_seqs: int, headroom: str = "none",
         caching: bool = True) -> dict[str, list[tuple[int, ...]]]:
-    kv = (KVCacheManager(num_pages, block_size, enable_prefix_caching=caching, num_swap_pages=num_host_pages)
-          if layout == "paged" else ContiguousKVCacheManager(num_pages, block_size))
+    kv = make_kv_manager(layout, num_pages, block_size, MAX_MODEL_LEN, enable_prefix_caching=caching,
+                         num_swap_pages=num_host_pages)
     config = SchedulerConfig(preemption_mode=mode, headroom_policy=headroom, max_num_seqs=max_num_seqs,
                              max_num_batched_tokens=32, watermark=0.1)
-    sched = Scheduler(config, kv, MAX_MODEL_LEN, eos_token_ids=(EOS,), kv_layout=layout)
+    sched = Scheduler(config, kv, MAX_MODEL_LEN, eos_token_ids=(EOS,))
     runner = PageTracingRunner(num_pages, block_size, num_host_pages)
     requests = []
     for i, (prompt_len, max_tokens, (kind, width), priority, stem) in enumerate(specs):

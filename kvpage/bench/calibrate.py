@@ -4,8 +4,8 @@ The engine runs a grid of batch shapes on the local device: for each batch
 size and context length, that many requests of that many prompt tokens
 arrive at once and decode a few tokens.  Every step is timed whole (wall
 clock around ``LLMEngine.step``, which waits for the device), and its
-shape (sequences, tokens, K/V read, ...) is read from the plan it ran
-(with asynchronous scheduling, the plan the call completed).
+shape (sequences, tokens, K/V read, ...) is read from the step it ran
+(with asynchronous scheduling, the step the call completed).
 :meth:`~kvpage.plan.cost.CalibratedCostModel.fit` turns the samples into
 the linear model that ``kvpage plan --cost-model FILE`` uses.
 """
@@ -69,16 +69,16 @@ def measure_steps(llm: LLM, grid: CalibrationGrid, seed: int = 0) -> list[tuple[
                 if step == 3:
                     for prompt in prompts[len(prompts) - late:]:
                         engine.add_request(None, {"prompt_token_ids": prompt}, params)
-                before = engine.last_plan
+                before = engine.last_step
                 start = time.perf_counter()
                 engine.step()
                 elapsed = time.perf_counter() - start
                 # A call that completed a step. With asynchronous scheduling it completes the step
-                # launched by the call before, and its time is the pipeline's period: planning and
+                # launched by the call before, and its time is the pipeline's period: scheduling and
                 # launching this step while waiting for that one.
-                plan = engine.last_plan
-                if repeat and plan is not before and plan is not None and plan.sequences:
-                    samples.append((step_shape(plan, bytes_per_page), elapsed))
+                ran = engine.last_step
+                if repeat and ran is not before and ran is not None and ran.sequences:
+                    samples.append((step_shape(ran, bytes_per_page), elapsed))
             engine.kv.reset_prefix_cache()  # the next round computes its prompts again
     return samples
 

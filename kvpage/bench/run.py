@@ -21,7 +21,7 @@ from typing import Any
 
 from kvpage.config import PREEMPTION_MODES
 from kvpage.llm import LLM
-from kvpage.pressure import WasteStats
+from kvpage.sched.pressure import WasteStats
 from kvpage.sampling_params import RequestOutputKind, SamplingParams
 from kvpage.workloads import WORKLOAD_NAMES, Workload, WorkloadSpec, make_workload
 

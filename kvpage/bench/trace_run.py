@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from kvpage.llm import LLM
 from kvpage.plan.replay import RequestTiming, latency_summary, trace_sampling_params
-from kvpage.pressure import WasteStats
+from kvpage.sched.pressure import WasteStats
 from kvpage.sampling_params import RequestOutputKind
 from kvpage.workloads import Workload
 

@@ -27,7 +27,9 @@ import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from kvpage.kv.manager import KVUsage, PageCopy
+from typing import Literal
+
+from kvpage.kv.interface import Claim, KVUsage, PageCopy
 from kvpage.kv.page_pool import PrefixHit
 from kvpage.kv.waste import KVWaste
 
@@ -40,16 +42,25 @@ class _Reservation:
     num_computed_tokens: int = 0
 
 
+ContiguousLayout = Literal["contiguous-request", "contiguous-max"]
+
+
 class ContiguousKVCacheManager:
-    """First-fit contiguous reservations over the page array; same interface as the paged manager."""
+    """First-fit contiguous reservations over the page array; a :class:`~kvpage.kv.interface.KVManager`."""
 
     enable_prefix_caching = False
+    num_evictions = 0  # nothing is cached, so nothing is evicted
 
-    def __init__(self, num_pages: int, block_size: int) -> None:
+    def __init__(self, num_pages: int, block_size: int, layout: ContiguousLayout = "contiguous-request",
+                 max_model_len: int | None = None) -> None:
         if block_size < 1 or block_size > 256 or block_size & (block_size - 1):
             raise ValueError(f"block_size must be a power of two from 1 to 256, got {block_size}")
         if num_pages < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {num_pages}")
+        if layout == "contiguous-max" and max_model_len is None:
+            raise ValueError("kv_layout 'contiguous-max' reserves max_model_len tokens a sequence: give max_model_len")
+        self.layout: ContiguousLayout = layout
+        self.max_model_len = max_model_len
         self.block_size = block_size
         self.num_pages = num_pages
         self._holes: list[tuple[int, int]] = [(0, num_pages)]  # (start, length), sorted by start
@@ -73,7 +84,12 @@ class ContiguousKVCacheManager:
     def num_pages_in_use(self) -> int:
         return self._pages_in_use
 
-    num_evictions = 0  # nothing is cached, so nothing is evicted
+    def reservation_tokens(self, full_tokens: int) -> int:
+        """The run reserved at admission: the sequence's whole possible length, or ``max_model_len``."""
+        if self.layout == "contiguous-max":
+            assert self.max_model_len is not None  # checked in __init__
+            return self.max_model_len
+        return full_tokens
 
     def has_sequence(self, seq_id: int) -> bool:
         return seq_id in self._tables
@@ -115,25 +131,27 @@ class ContiguousKVCacheManager:
         self._holes.insert(i, (start, length))
 
     # ----- allocation ----------------------------------------------------------------
-    def pages_needed(self, seq_id: int, num_new_tokens: int, hit: PrefixHit | None = None,
-                     reserve_tokens: int | None = None, reserve_count: int = 1) -> int:
+    def pages_needed(self, seq_id: int, num_new_tokens: int, claim: Claim | None = None) -> int:
         """Pages a first allocation reserves (the whole reservation, for every sample); 0 afterwards."""
         if seq_id in self._tables:
             return 0
-        return self.pages_for_tokens(max(reserve_tokens or 0, num_new_tokens)) * reserve_count
+        return self._run_pages(num_new_tokens, claim) * (claim.num_samples if claim is not None else 1)
 
-    def allocate(self, seq_id: int, num_new_tokens: int, hit: PrefixHit | None = None, *,
-                 reserve_tokens: int | None = None, reserve_count: int = 1) -> list[PageCopy] | None:
-        """Reserve on first use (``reserve_tokens`` slots for each of ``reserve_count`` samples).
+    def _run_pages(self, num_new_tokens: int, claim: Claim | None) -> int:
+        reserve = self.reservation_tokens(claim.full_tokens) if claim is not None else 0
+        return self.pages_for_tokens(max(reserve, num_new_tokens))
+
+    def allocate(self, seq_id: int, num_new_tokens: int, claim: Claim | None = None) -> list[PageCopy] | None:
+        """Reserve on first use: one run per sample of the claim, each of its reservation's size.
 
         Returns the page copies due before this sequence's next step (a forked
         sample's copy of its parent's K/V), or ``None`` if no hole fits.
         """
         table = self._tables.get(seq_id)
         if table is None:
-            per_sequence = self.pages_for_tokens(max(reserve_tokens or 0, num_new_tokens))
+            per_sequence = self._run_pages(num_new_tokens, claim)
             taken: list[_Reservation] = []
-            for _ in range(reserve_count):
+            for _ in range(claim.num_samples if claim is not None else 1):
                 reservation = self._take(per_sequence)
                 if reservation is None:
                     for r in taken:
@@ -175,6 +193,17 @@ class ContiguousKVCacheManager:
         self._tables[child_id] = child
         used = self.pages_for_tokens(parent.num_computed_tokens)
         self._pending_copies[child_id] = [(parent.start + i, child.start + i) for i in range(used)]
+
+    # ----- swap: a contiguous layout always recomputes -----------------------------------
+    def swap_out(self, seq_id: int) -> None:
+        """Never: a reservation's place cannot be promised back, so preempted sequences recompute."""
+        return None
+
+    def swap_in(self, seq_id: int) -> None:
+        raise ValueError(f"sequence {seq_id} was never swapped out: a contiguous layout does not swap")
+
+    def swapped_pages(self, seq_id: int) -> int:
+        raise ValueError(f"sequence {seq_id} was never swapped out: a contiguous layout does not swap")
 
     def free(self, seq_id: int) -> None:
         table = self._tables.pop(seq_id, None)

@@ -27,12 +27,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from kvpage.kv.interface import Claim, KVUsage, PageCopy
 from kvpage.kv.page_pool import Page, PagePool, PrefixHit
 from kvpage.kv.prefix_hash import ROOT_HASH, page_hash
 from kvpage.kv.swap import SwappedTable, SwapSpace
 from kvpage.kv.waste import KVWaste
-
-PageCopy = tuple[int, int]
+from kvpage.modes import KVLayout
 
 
 @dataclass
@@ -46,35 +46,6 @@ class BlockTable:
     # Chained keys of the leading full pages whose K/V is computed.
     hashes: list[bytes] = field(default_factory=list)
     num_computed_tokens: int = 0
-
-
-@dataclass(frozen=True)
-class KVUsage:
-    """A snapshot of the cache, in pages and token slots."""
-
-    block_size: int
-    num_pages_total: int
-    num_pages_used: int
-    num_pages_cached_free: int
-    num_pages_free: int
-    num_tokens_stored: int
-    num_prefix_cache_queries: int
-    num_prefix_cache_hits: int
-    num_evictions: int
-
-    @property
-    def internal_fragmentation_slots(self) -> int:
-        """Slots in in-use pages that hold no token."""
-        return self.num_pages_used * self.block_size - self.num_tokens_stored
-
-    @property
-    def internal_fragmentation(self) -> float:
-        """Empty slots in used pages as a fraction of all KV slots."""
-        return self.internal_fragmentation_slots / (self.num_pages_total * self.block_size)
-
-    @property
-    def usage_fraction(self) -> float:
-        return self.num_pages_used / self.num_pages_total
 
 
 class KVCacheManager:
@@ -94,6 +65,10 @@ class KVCacheManager:
         self.prefix_cache_hits = 0
 
     # ----- queries ------------------------------------------------------------
+    @property
+    def layout(self) -> KVLayout:
+        return "paged"
+
     @property
     def num_pages(self) -> int:
         return self.pool.num_pages
@@ -151,11 +126,15 @@ class KVCacheManager:
             self.prefix_cache_hits += num_hit_tokens
 
     # ----- allocation -------------------------------------------------------------
-    def pages_needed(self, seq_id: int, num_new_tokens: int, hit: PrefixHit | None = None,
-                     reserve_tokens: int | None = None, reserve_count: int = 1) -> int:
+    def reservation_tokens(self, full_tokens: int) -> None:
+        """Paging reserves nothing at admission: pages come as tokens do."""
+        return None
+
+    def pages_needed(self, seq_id: int, num_new_tokens: int, claim: Claim | None = None) -> int:
         """Available pages that :meth:`allocate` would consume for these new tokens."""
         table = self._tables.get(seq_id)
         if table is None:
+            hit = claim.hit if claim is not None else None
             num_held = len(hit.pages) if hit else 0
             num_computed = hit.num_tokens if hit else 0
             # Reviving a cached-free hit takes it out of the evictable set.
@@ -168,16 +147,11 @@ class KVCacheManager:
         needed += max(0, self.pages_for_tokens(num_computed + num_new_tokens) - num_held)
         return needed
 
-    def can_allocate(self, seq_id: int, num_new_tokens: int, hit: PrefixHit | None = None) -> bool:
-        return self.pages_needed(seq_id, num_new_tokens, hit) <= self.pool.num_available_pages
-
-    def allocate(self, seq_id: int, num_new_tokens: int, hit: PrefixHit | None = None, *,
-                 reserve_tokens: int | None = None, reserve_count: int = 1) -> list[PageCopy] | None:
+    def allocate(self, seq_id: int, num_new_tokens: int, claim: Claim | None = None) -> list[PageCopy] | None:
         """Make room for ``num_new_tokens`` more tokens of a sequence.
 
-        A sequence the manager has not seen starts from ``hit`` (its cached
-        prefix). Paging allocates on demand, so the reservation hints of the
-        contiguous layout (``reserve_tokens``, ``reserve_count``) are ignored.
+        A sequence the manager has not seen starts from its claim's ``hit``
+        (its cached prefix); paging takes the pages this step needs, no more.
         Returns the page copies to perform before the step (copy-on-
         write), or ``None`` if the pool cannot supply the pages, in which case
         nothing changed.
@@ -190,10 +164,11 @@ class KVCacheManager:
                 # Fast path, most decode steps: the tokens fit in pages the sequence owns alone
                 # (_needs_copy, inlined: this runs for every sequence of every step).
                 return []
-        if not self.can_allocate(seq_id, num_new_tokens, hit):
+        if self.pages_needed(seq_id, num_new_tokens, claim) > self.pool.num_available_pages:
             return None
         if table is None:
             table = BlockTable()
+            hit = claim.hit if claim is not None else None
             if hit is not None and hit.pages:
                 for page in hit.pages:
                     self.pool.share(page)
@@ -218,18 +193,6 @@ class KVCacheManager:
             table.pages.append(page)
             table.page_ids.append(page.page_id)
         return copies
-
-    def append_page(self, seq_id: int) -> None:
-        """Give a sequence one more fresh page; the caller has checked that one is available.
-
-        This is :meth:`allocate` for a sequence whose computed tokens fill its
-        pages exactly, when one more token is coming (the planner's decode
-        fast-forward calls it).
-        """
-        table = self._tables[seq_id]
-        page = self.pool.allocate()
-        table.pages.append(page)
-        table.page_ids.append(page.page_id)
 
     def _needs_copy(self, table: BlockTable, num_new_tokens: int) -> bool:
         """Would the next write land in a page that another sequence shares?"""

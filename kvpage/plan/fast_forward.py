@@ -19,16 +19,20 @@ such a run paying only for its *events*, and for O(1) bookkeeping a step:
   virtual clock adds exactly the same floats in the same order;
 * page allocations (with any eviction), full-page commits (with their
   prefix-cache registration) and finishes (with their page releases) run
-  through the real :class:`~kvpage.kv.KVCacheManager` and
-  :class:`~kvpage.scheduler.Scheduler` methods, step by step and, within a
-  step, in the running order the stepped scheduler would use;
+  through the real KV manager and the scheduler's own results and
+  lifecycle (:meth:`~kvpage.sched.results.StepResults.commit_decodes`,
+  :meth:`~kvpage.sched.lifecycle.Lifecycle.finish`), step by step and,
+  within a step, in the running order the stepped scheduler would use;
 * the tokens a sequence computes between its events are committed once, at
   its next event or when the run stops; meanwhile the KV waste snapshot of
   every step is computed from counters (stored slots grow by one a
   sequence, unshared pages by one a fresh page), so the recorder sees every
   step's exact figures.
 
-A run starts only from a state in which stepping is provably this simple,
+It is a shortcut of :class:`~kvpage.sched.step_loop.StepLoop`'s
+synchronous order, not a second copy of it: the length rule is the
+scheduler's (:class:`~kvpage.sched.limits.LengthLimit`), and a run starts
+only from a state in which stepping is provably this simple,
 and stops before the first step that could differ: an arrival is due (the
 scheduler would admit), or the pages due in the next step are not all
 available (the scheduler would preempt).  Everything else the stepped
@@ -42,10 +46,9 @@ from __future__ import annotations
 from collections.abc import Sequence as Seq
 from typing import Protocol
 
-from kvpage.kv import KVCacheManager, KVWaste
+from kvpage.kv import KVWaste
 from kvpage.plan.cost import StepShape
-from kvpage.request import Sequence, SequenceStatus
-from kvpage.scheduler import Scheduler
+from kvpage.sched import Scheduler, Sequence, SequenceStatus
 
 FIRST_FAKE_TOKEN = 3  # ids below are special tokens
 SEQ_STRIDE, POSITION_STRIDE = 1_000_003, 7919
@@ -80,21 +83,15 @@ def steps_left(sched: Scheduler, seq: Sequence) -> int | None:
     """Steps after which ``seq`` finishes by length if it decodes every step; None if it is not such a sequence.
 
     Such a sequence has computed all its tokens but the last sampled one,
-    has no recomputation or prompt left, no pending forks, no beam search,
-    and can stop only by length (as ``Scheduler._check_token_stop`` decides
-    for a request that ignores EOS and has no stop tokens).
+    has no recomputation or prompt left, no pending forks, and can stop
+    only by length (:meth:`~kvpage.sched.results.StepResults.stops_by_length_only`).
     """
-    request = seq.request
-    params = request.sampling_params
     num_tokens = len(seq.token_ids)
     computed = seq.num_computed_tokens
-    if (request.beam is not None or request.num_pending_forks or computed != num_tokens - 1
-            or num_tokens <= seq.num_prompt_tokens or computed < seq.max_computed_tokens
-            or params.stop_token_ids or not (params.ignore_eos or not sched.eos_token_ids)):
+    if (seq.request.num_pending_forks or computed != num_tokens - 1 or num_tokens <= seq.num_prompt_tokens
+            or computed < seq.max_computed_tokens or not sched.results.stops_by_length_only(seq)):
         return None
-    max_len = sched.max_model_len
-    max_out = max_len - seq.num_prompt_tokens if params.max_tokens is None else params.max_tokens
-    return min(max_out - (num_tokens - seq.num_prompt_tokens), max_len - num_tokens)
+    return sched.life.limit.tokens_left(seq, num_tokens)
 
 
 def fast_forward(sched: Scheduler, now: float, next_arrival: float, cost: StepCost, recorder: StepRecord,
@@ -108,26 +105,26 @@ def fast_forward(sched: Scheduler, now: float, next_arrival: float, cost: StepCo
     """
     kv = sched.kv
     running = sched.running
-    if (now >= next_arrival or not running or sched.waiting or sched.swapped or not isinstance(kv, KVCacheManager)
+    # Only paging allocates page by page, as this accounting assumes; a contiguous reservation steps.
+    if (now >= next_arrival or not running or sched.waiting or sched.swapped or kv.layout != "paged"
             or len(running) > sched.config.max_num_batched_tokens):
         return now, 0
     bs = kv.block_size
-    pool = kv.pool
-    pages = pool.pages
     # Sequences by the residue of the step at which they fill a page: (p + j) % bs == 0.
     fills: list[list[Sequence]] = [[] for _ in range(bs)]
     finishing: dict[int, list[Sequence]] = {}
+    start: dict[int, int] = {}  # tokens each sequence had computed when the run began
     base_kv = longest = 0  # K/V tokens read in step j: base_kv + batch * j; the longest context: longest + j
     for seq in running:
         left = steps_left(sched, seq)
         if left is None:
             return now, 0
         p = seq.num_computed_tokens
-        page_ids = kv.page_ids(seq.seq_id)
         # It holds exactly the pages its tokens fill, and writes its next token in place or in a fresh page:
         # no copy-on-write, so the first step allocates exactly when p is a page boundary.
-        if len(page_ids) != -(-p // bs) or (p % bs and pages[page_ids[-1]].ref_count != 1):
+        if len(kv.page_ids(seq.seq_id)) != -(-p // bs) or (p % bs and kv.pages_needed(seq.seq_id, 1)):
             return now, 0
+        start[seq.seq_id] = p
         fills[-p % bs].append(seq)
         if left in finishing:
             finishing[left].append(seq)
@@ -140,15 +137,15 @@ def fast_forward(sched: Scheduler, now: float, next_arrival: float, cost: StepCo
     first = kv.waste(sched.admission.reserved_pages())
     stored, unshared = first.stored_slots, first.pages_without_sharing
     total_slots = first.total_slots
-    counters = sched.counters
+    counters, results, life = sched.counters, sched.results, sched.life
     step = 0
     while now < next_arrival and batch:
         allocating = fills[step % bs]  # filled a page in the step before: the next token needs a fresh one
-        if len(allocating) > pool.num_available_pages:
+        if len(allocating) > kv.num_available_pages:
             break  # the stepped scheduler would preempt
         step += 1
-        for seq in allocating:  # what allocate() does here: its table is committed up to the boundary
-            kv.append_page(seq.seq_id)
+        for seq in allocating:  # its table is committed up to the page boundary: one fresh page
+            kv.allocate(seq.seq_id, 1)
         kv_read = base_kv + batch * step
         now += cost.step_time(StepShape(batch, 0, batch, batch, kv_read, batch * (longest + step), kv_read))
         counters.num_tokens_computed += batch
@@ -157,20 +154,19 @@ def fast_forward(sched: Scheduler, now: float, next_arrival: float, cost: StepCo
         unshared += len(allocating)
         done = finishing.pop(step, None)
         events = fills[step % bs]
-        if done:  # finishes interleave with commits in running order, as in Scheduler.update
+        if done:  # finishes interleave with commits in running order, as in the stepped results
             events = sorted({*events, *done}, key=alive.index)
             ending = set(done)
         for seq in events:
-            p = seq.num_computed_tokens
+            p = start[seq.seq_id]
             computed = p + step
+            tokens = seq.token_ids
             if done and seq in ending:
-                tokens = seq.token_ids
-                tokens += fake_token_ids(seq.seq_id, len(tokens), computed + 1, vocab_size)
-                kv.commit(seq.seq_id, tokens, computed)
-                seq.num_computed_tokens = seq.max_computed_tokens = computed
-                held = pool.counters.filled_slots_in_use
-                sched.finish_sequence(seq, SequenceStatus.FINISHED_LENGTH)
-                stored -= held - pool.counters.filled_slots_in_use
+                results.commit_decodes(seq, fake_token_ids(seq.seq_id, len(tokens), computed + 1, vocab_size),
+                                       computed)
+                held = kv.usage().num_tokens_stored
+                life.finish(seq, SequenceStatus.FINISHED_LENGTH)
+                stored -= held - kv.usage().num_tokens_stored
                 unshared -= -(-computed // bs)
                 fills[-p % bs].remove(seq)
                 alive.remove(seq)
@@ -178,24 +174,19 @@ def fast_forward(sched: Scheduler, now: float, next_arrival: float, cost: StepCo
                 if p == longest:
                     longest = -1  # found again below
             else:  # a page fills: commit it now, so that it is registered in the prefix cache at this step
-                tokens = seq.token_ids
-                tokens += fake_token_ids(seq.seq_id, len(tokens), computed, vocab_size)
-                kv.commit(seq.seq_id, tokens, computed)
+                results.commit_decodes(seq, fake_token_ids(seq.seq_id, len(tokens), computed, vocab_size), computed)
         step_batch = batch
         if done:
             recorder.tokens(done, now)
             batch = len(alive)
             if longest < 0 and alive:
-                longest = max(seq.num_computed_tokens for seq in alive)
-        used = pool.counters.pages_in_use
+                longest = max(start[seq.seq_id] for seq in alive)
+        used = kv.num_pages_in_use
         reserved = sched.admission.reserved_pages()
         recorder.step(now, step_batch, KVWaste(total_slots, stored, used * bs - stored, reserved * bs, 0, used,
                                                unshared))
     for seq in alive if step else ():  # commit what each sequence computed since its last event
-        computed = seq.num_computed_tokens + step
         tokens = seq.token_ids
-        tokens += fake_token_ids(seq.seq_id, len(tokens), computed + 1, vocab_size)
-        if computed % bs:  # (a page boundary was committed by its fill event)
-            kv.commit(seq.seq_id, tokens, computed)
-        seq.num_computed_tokens = seq.max_computed_tokens = computed
+        computed = start[seq.seq_id] + step
+        results.commit_decodes(seq, fake_token_ids(seq.seq_id, len(tokens), computed + 1, vocab_size), computed)
     return now, step

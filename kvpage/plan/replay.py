@@ -1,10 +1,12 @@
 """Replay a trace through the real scheduler and memory manager in virtual time (pure Python).
 
-The replay builds the same :class:`~kvpage.kv.KVCacheManager` (or
-contiguous baseline) and :class:`~kvpage.scheduler.Scheduler` the engine
-builds, from the same configuration classes, and runs the engine's step
-loop with one change: instead of the forward pass, a cost model says how
-long the step took, and the virtual clock moves on by that much.  Requests
+The replay builds the same KV manager and :class:`~kvpage.sched.Scheduler`
+the engine builds (:meth:`~kvpage.sched.Scheduler.from_config`, from the
+same configuration classes), and runs the engine's own step loop
+(:class:`~kvpage.sched.step_loop.StepLoop`, in the synchronous or the
+asynchronous order) with one change: its executor, :class:`VirtualDevice`,
+runs no model; a cost model says how long each step took, and a virtual
+clock moves on by that much.  Requests
 join when the clock passes their arrival time.  Admission, chunked prefill,
 preemption by recompute or swap, prefix caching, copy-on-write and beam
 search all run through the scheduler's own code, so every memory figure
@@ -29,16 +31,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from kvpage.batch import SampledToken, SchedulerOutput
-from kvpage.config import GIB, EngineConfig
-from kvpage.kv import ContiguousKVCacheManager, KVCacheManager, KVWaste
+from kvpage.config import EngineConfig
+from kvpage.kv import KVWaste
 from kvpage.plan.cost import ModelShape, StepShape
 from kvpage.plan.fast_forward import FIRST_FAKE_TOKEN, fake_token, fast_forward
-from kvpage.preemption import SwapCostModel
-from kvpage.pressure import PressureSample, ThrashingMonitor, WasteStats
-from kvpage.request import Request, Sequence
 from kvpage.sampling_params import SamplingParams
-from kvpage.scheduler import Scheduler
+from kvpage.sched import Request, Scheduler, Sequence, StepLoop
+from kvpage.sched.preemption import SwapCostModel
+from kvpage.sched.pressure import PressureSample, ThrashingMonitor, WasteStats
+from kvpage.step_io import PageOpKind, SampledToken, SchedulerOutput
 from kvpage.workloads import Workload, WorkloadRequest
 
 MAX_SERIES_POINTS = 2000
@@ -88,7 +89,7 @@ def step_shape(out: SchedulerOutput, bytes_per_page: int) -> StepShape:
             longest_decode = max(longest_decode, end)
         else:
             prefills += 1
-    moved = sum(len(ops.pairs) for ops in out.page_ops if ops.kind != "copy")
+    moved = sum(len(ops.pairs) for ops in out.page_ops if ops.kind is not PageOpKind.COPY)
     return StepShape(len(out.sequences), prefills, tokens, sampled, kv, decodes * longest_decode, pairs,
                      moved * bytes_per_page)
 
@@ -171,15 +172,11 @@ def build_scheduler(settings: ReplaySettings, model: ModelShape) -> tuple[Schedu
         raise ValueError("give the KV size: kv_tokens, kv_cache_memory or num_kv_blocks")
     if num_pages < 1:
         raise ValueError(f"the KV budget holds no page of {cache.block_size} tokens ({bytes_per_page} bytes a page)")
-    swapping = sched_config.preemption_mode != "recompute" and cache.kv_layout == "paged"
-    num_host_pages = int(cache.swap_space * GIB) // bytes_per_page if swapping else 0
-    kv = (KVCacheManager(num_pages, cache.block_size, cache.enable_prefix_caching, num_host_pages)
-          if cache.kv_layout == "paged" else ContiguousKVCacheManager(num_pages, cache.block_size))
     swap_cost = SwapCostModel.for_device(settings.device_type, model.num_parameters, bytes_per_page,
                                          model.num_layers, model.num_heads, model.head_dim)
     max_len = sched_config.max_model_len or settings.max_model_len
-    return Scheduler(sched_config, kv, max_len, eos_token_ids=(), kv_layout=cache.kv_layout,
-                     swap_cost=swap_cost), num_pages, bytes_per_page
+    return Scheduler.from_config(cache, sched_config, num_pages, bytes_per_page, max_len, eos_token_ids=(),
+                                 swap_cost=swap_cost), num_pages, bytes_per_page
 
 
 def trace_sampling_params(request: WorkloadRequest, **extra: Any) -> SamplingParams:
@@ -304,58 +301,80 @@ def _fewer_collections(threshold: int = 100_000) -> Iterator[None]:
         gc.set_threshold(*old)
 
 
+@dataclass(frozen=True, slots=True)
+class VirtualStep:
+    """A step launched on the virtual device: what it runs, and when the device finishes it."""
+
+    out: SchedulerOutput
+    end: float
+
+
+class VirtualDevice:
+    """The replay's :class:`~kvpage.sched.step_loop.Executor`: steps take the cost model's time on a virtual clock.
+
+    The device runs one step at a time, in launch order: a step starts when
+    the host launches it or when the device finishes the step before,
+    whichever is later.  The host waits for a step's tokens until it ends.
+    """
+
+    def __init__(self, cost: CostModel, bytes_per_page: int, vocab_size: int) -> None:
+        self.cost = cost
+        self.bytes_per_page = bytes_per_page
+        self.vocab_size = vocab_size
+        self.host = 0.0  # the host's clock: when it schedules the next step
+        self.device_free = 0.0  # when the device finishes the last step launched
+
+    def launch(self, out: SchedulerOutput, previous: VirtualStep | None) -> VirtualStep:
+        start = max(self.host, self.device_free)
+        end = start if out.is_empty else start + self.cost.step_time(step_shape(out, self.bytes_per_page))
+        self.device_free = end
+        return VirtualStep(out, end)
+
+    def wait(self, handle: VirtualStep) -> list[SampledToken]:
+        self.host = max(self.host, handle.end)
+        return _fake_tokens(handle.out, self.vocab_size)
+
+    def idle_until(self, when: float) -> None:
+        """Nothing to run until ``when`` (the next arrival)."""
+        self.host = self.device_free = max(self.host, when)
+
+
 def _replay(workload: Workload, settings: ReplaySettings, cost: CostModel, model: ModelShape,
             fast: bool) -> ReplayResult:
     sched, num_pages, bytes_per_page = build_scheduler(settings, model)
     requests = workload.requests
     recorder = StepRecorder(sched, workload, num_pages)
-    overlap = settings.async_scheduling
-    vocab = settings.vocab_size
+    device = VirtualDevice(cost, bytes_per_page, settings.vocab_size)
 
-    def resolve(step: SchedulerOutput, at: float) -> None:
-        recorder.tokens(sched.resolve_step(step, _fake_tokens(step, vocab)), at)
-        recorder.step(at, len(step.sequences), sched.kv_waste())
+    def after_step(out: SchedulerOutput, touched: list[Sequence]) -> list[None]:
+        at = device.host  # the step's end: the host has just waited for it
+        recorder.tokens(touched, at)
+        if not out.is_empty:  # a step that did nothing is no sample (as in the engine)
+            recorder.step(at, len(out.sequences), sched.kv_waste())
+        return []
 
-    now = 0.0  # when the device finishes the last step launched
-    host_now = 0.0  # asynchronous order: when the host plans the next step (the last resolved one's end)
-    in_flight: SchedulerOutput | None = None  # asynchronous order: launched, its tokens not yet known
+    loop: StepLoop[VirtualStep, None] = StepLoop(sched, device, settings.async_scheduling, after_step)
     index = 0
-    while index < len(requests) or sched.has_unfinished() or in_flight is not None:
-        clock = host_now if in_flight is not None else now
-        while index < len(requests) and requests[index].arrival_time <= clock:
+    while index < len(requests) or loop.has_unfinished():
+        while index < len(requests) and requests[index].arrival_time <= device.host:
             r = requests[index]
             sched.add_request(Request(str(index), None, list(r.prompt_token_ids), trace_sampling_params(r),
                                       r.arrival_time, priority=r.priority))
             index += 1
-        if in_flight is not None:  # the engine's step() with a step in flight, in the same order
-            out = sched.schedule() if in_flight.can_overlap() else SchedulerOutput()
-            sched.commit_step(out)
-            resolve(in_flight, now)
-            in_flight, host_now = None, now
-            if not out.is_empty:
-                now += cost.step_time(step_shape(out, bytes_per_page))
-                in_flight = out
+        if not loop.has_unfinished():
+            device.idle_until(requests[index].arrival_time)
             continue
-        if not sched.has_unfinished():
-            now = requests[index].arrival_time
-            continue
-        if fast and not overlap:
-            next_arrival = requests[index].arrival_time if index < len(requests) else math.inf
-            now, steps = fast_forward(sched, now, next_arrival, cost, recorder, vocab)
+        next_arrival = requests[index].arrival_time if index < len(requests) else math.inf
+        if fast and not loop.overlap:
+            now, steps = fast_forward(sched, device.host, next_arrival, cost, recorder, settings.vocab_size)
             if steps:
+                device.host = device.device_free = now
                 continue
-        out = sched.schedule()
-        if out.is_empty:
-            if index < len(requests):
-                now = max(now, requests[index].arrival_time)
-                continue
-            raise RuntimeError("the scheduler made no progress with nothing left to arrive")
-        host_now, now = now, now + cost.step_time(step_shape(out, bytes_per_page))
-        sched.commit_step(out)
-        if overlap:
-            in_flight = out
-        else:
-            resolve(out, now)
+        loop.step()
+        if not loop.made_progress:
+            if index == len(requests):
+                raise RuntimeError("the scheduler made no progress with nothing left to arrive")
+            device.idle_until(next_arrival)
     kv = sched.kv
     if kv.num_pages_in_use:
         raise RuntimeError(f"{kv.num_pages_in_use} pages still in use after the replay")
@@ -363,5 +382,6 @@ def _replay(workload: Workload, settings: ReplaySettings, cost: CostModel, model
     counter_values = {name: float(getattr(counters, name)) for name in counters.__dataclass_fields__}
     counter_values["num_evictions"] = float(kv.num_evictions)
     counter_values["num_pages"] = float(num_pages)
-    return ReplayResult(settings, cost.describe(), num_pages, kv.block_size, now, recorder.timings, counter_values,
-                        recorder.waste_stats.means(), recorder.series.points, recorder.onset, recorder.max_fraction)
+    return ReplayResult(settings, cost.describe(), num_pages, kv.block_size, device.host, recorder.timings,
+                        counter_values, recorder.waste_stats.means(), recorder.series.points, recorder.onset,
+                        recorder.max_fraction)

@@ -26,6 +26,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvpage.validation import is_int, is_number
 from kvpage.workloads import (
     WORKLOAD_NAMES,
     Workload,
@@ -51,50 +52,45 @@ class TraceLimits:
     vocab_size: int = 32000
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _parse_line(obj: object, limits: TraceLimits) -> tuple[dict[str, object], list[str]]:
     """Check one line's object; returns its fields and its problems."""
     if not isinstance(obj, dict):
         return {}, [f"expected a JSON object, got {type(obj).__name__}"]
     problems = [f"unknown field {key!r} (known: {', '.join(FIELDS)})" for key in obj if key not in FIELDS]
     arrival = obj.get("arrival_time")
-    if not (isinstance(arrival, (int, float)) and not isinstance(arrival, bool) and math.isfinite(arrival)
-            and arrival >= 0):
+    if not (is_number(arrival) and math.isfinite(arrival) and arrival >= 0):
         problems.append(f"arrival_time must be a finite number of seconds >= 0, got {arrival!r}")
     output = obj.get("output_tokens")
-    if not (_is_int(output) and output >= 1):
+    if not (is_int(output) and output >= 1):
         problems.append(f"output_tokens must be an integer >= 1, got {output!r}")
     count, ids = obj.get("prompt_tokens"), obj.get("prompt_token_ids")
     if (count is None) == (ids is None):
         problems.append("give exactly one of prompt_tokens (a count) or prompt_token_ids (a list)")
     elif ids is not None:
-        if not (isinstance(ids, list) and ids and all(_is_int(t) and 0 <= t < limits.vocab_size for t in ids)):
+        if not (isinstance(ids, list) and ids and all(is_int(t) and 0 <= t < limits.vocab_size for t in ids)):
             problems.append(f"prompt_token_ids must be a non-empty list of integers in [0, {limits.vocab_size})")
         else:
             count = len(ids)
-    elif not (_is_int(count) and count >= 1):
+    elif not (is_int(count) and count >= 1):
         problems.append(f"prompt_tokens must be an integer >= 1, got {count!r}")
-    if _is_int(count) and _is_int(output) and count + output > limits.max_model_len:  # type: ignore[operator]
+    if is_int(count) and is_int(output) and count + output > limits.max_model_len:
         problems.append(f"prompt ({count}) + output_tokens ({output}) exceeds max_model_len ({limits.max_model_len})")
     group, shared = obj.get("prefix_group"), obj.get("shared_prefix_tokens", 0)
-    if group is not None and not _is_int(group):
+    if group is not None and not is_int(group):
         problems.append(f"prefix_group must be an integer, got {group!r}")
-    if not (_is_int(shared) and shared >= 0):
+    if not (is_int(shared) and shared >= 0):
         problems.append(f"shared_prefix_tokens must be an integer >= 0, got {shared!r}")
     elif shared and group is None:
         problems.append("shared_prefix_tokens needs a prefix_group")
-    elif _is_int(count) and shared > count:  # type: ignore[operator]
+    elif is_int(count) and shared > count:
         problems.append(f"shared_prefix_tokens ({shared}) exceeds the prompt ({count} tokens)")
     for name in ("n", "beam_width"):
         value = obj.get(name, 1 if name == "n" else 0)
-        if not (_is_int(value) and value >= (1 if name == "n" else 0)):
+        if not (is_int(value) and value >= (1 if name == "n" else 0)):
             problems.append(f"{name} must be an integer >= {1 if name == 'n' else 0}, got {value!r}")
-    if _is_int(obj.get("beam_width")) and obj.get("beam_width") and obj.get("n", 1) > obj["beam_width"]:
+    if is_int(obj.get("beam_width")) and obj.get("beam_width") and obj.get("n", 1) > obj["beam_width"]:
         problems.append(f"n ({obj.get('n')}) exceeds beam_width ({obj['beam_width']})")
-    if not _is_int(obj.get("priority", 0)):
+    if not is_int(obj.get("priority", 0)):
         problems.append(f"priority must be an integer, got {obj.get('priority')!r}")
     return obj, problems
 
@@ -129,18 +125,28 @@ def parse_trace(lines: list[str], limits: TraceLimits, source: str = "trace") ->
 def _request(number: int, fields: dict[str, object], limits: TraceLimits) -> WorkloadRequest:
     ids = fields.get("prompt_token_ids")
     group = fields.get("prefix_group")
-    shared = int(fields.get("shared_prefix_tokens", 0))  # type: ignore[arg-type]
+    assert group is None or is_int(group)  # as _parse_line checked
+    shared = _checked_int(fields, "shared_prefix_tokens", 0)
     if ids is None:
-        count = int(fields["prompt_tokens"])  # type: ignore[arg-type]
+        count = _checked_int(fields, "prompt_tokens")
         rng = random.Random(f"line-{number}")  # distinct ids per line, the same every time
         vocab = range(FIRST_TOKEN_ID, limits.vocab_size)
-        prefix = _group_prefix(group, shared, vocab) if group is not None else ()  # type: ignore[arg-type]
+        prefix = _group_prefix(group, shared, vocab) if group is not None else ()
         ids = prefix + tuple(rng.choices(vocab, k=count - len(prefix)))
-    return WorkloadRequest(prompt_token_ids=tuple(ids), output_tokens=int(fields["output_tokens"]),  # type: ignore
-                           arrival_time=float(fields["arrival_time"]), n=int(fields.get("n", 1)),  # type: ignore
-                           prefix_group=group, shared_prefix_tokens=shared,  # type: ignore[arg-type]
-                           beam_width=int(fields.get("beam_width", 0)),  # type: ignore[arg-type]
-                           priority=int(fields.get("priority", 0)))  # type: ignore[arg-type]
+    assert isinstance(ids, (list, tuple))
+    arrival = fields["arrival_time"]
+    assert is_number(arrival)
+    return WorkloadRequest(prompt_token_ids=tuple(ids), output_tokens=_checked_int(fields, "output_tokens"),
+                           arrival_time=float(arrival), n=_checked_int(fields, "n", 1), prefix_group=group,
+                           shared_prefix_tokens=shared, beam_width=_checked_int(fields, "beam_width", 0),
+                           priority=_checked_int(fields, "priority", 0))
+
+
+def _checked_int(fields: dict[str, object], name: str, default: int | None = None) -> int:
+    """A field that _parse_line has checked to be an integer (or absent, with a default)."""
+    value = fields.get(name, default)
+    assert is_int(value), (name, value)
+    return value
 
 
 def _group_prefix(group: int, length: int, vocab: range) -> tuple[int, ...]:

@@ -23,15 +23,21 @@ step's output tensor on the device, so the host never waits for it.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
 
-from kvpage.batch import INFLIGHT_TOKEN, PageOps, SampledToken, ScheduledSequence, SchedulerOutput
+if sys.version_info >= (3, 11):
+    from typing import assert_never
+else:  # pragma: no cover
+    from typing_extensions import assert_never
+
 from kvpage.model import CausalLM
 from kvpage.ops import AttentionMetadata
 from kvpage.ops.transfer import to_device, to_device_segments
+from kvpage.step_io import INFLIGHT_TOKEN, PageOpKind, PageOps, SampledToken, ScheduledSequence, SchedulerOutput
 from kvpage.worker.block_table_buffer import BlockTableBuffer
 from kvpage.worker.cuda_graphs import DecodeGraphs
 from kvpage.worker.kv_cache import KVCache, KVCacheShape
@@ -159,12 +165,15 @@ class ModelRunner:
     def apply_page_ops(self, page_ops: list[PageOps]) -> None:
         """Perform a step's swaps and page copies, in order (later ones may reuse pages earlier ones freed)."""
         for ops in page_ops:
-            if ops.kind == "copy":
+            kind = ops.kind
+            if kind is PageOpKind.COPY:
                 self.kv.copy(ops.pairs)
-            elif ops.kind == "swap_out":
+            elif kind is PageOpKind.SWAP_OUT:
                 self.kv.swap_out(ops.pairs)
-            else:
+            elif kind is PageOpKind.SWAP_IN:
                 self.kv.swap_in(ops.pairs)
+            else:
+                assert_never(kind)
 
     def _inflight_sources(self, inputs: StepInputs, previous: LaunchedStep | None) -> list[int]:
         """For each in-flight input, its row in the previous step's sampled tokens."""

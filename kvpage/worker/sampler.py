@@ -32,7 +32,7 @@ from collections.abc import Iterable
 
 import torch
 
-from kvpage.batch import SampledToken, ScheduledSequence
+from kvpage.step_io import SampledToken, ScheduledSequence
 from kvpage.ops.transfer import to_device
 from kvpage.sampling_params import SamplingParams
 

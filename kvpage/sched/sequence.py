@@ -7,11 +7,18 @@ exists at submission; it prefills all prompt tokens but the last and is then
 *forked*: the siblings share its pages (copy-on-write) and each computes the
 last prompt token itself, so each gets its own logits and random stream.
 
-Life of a sequence::
+Life of a sequence (:data:`TRANSITIONS`; only
+:meth:`kvpage.sched.queues.SequenceQueues.move` changes a status)::
 
     WAITING ──admit──> RUNNING ──stop / length / abort──> FINISHED_*
-       ^                  │
-       └──── preempt ─────┘   (pages freed, recomputed on return)
+       ^                │   ^
+       └── preempt ─────┘   │ swap in          (recompute: pages freed, recomputed on return)
+                        v   │
+                       SWAPPED                 (swap: pages copied to host memory and back)
+
+Any unfinished sequence may be aborted.  A sequence that finished by EOS or
+length in a step whose text also completes a stop string is restated as
+stopped (the stop string wins).
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
-from kvpage.beam import BeamGroup
+from kvpage.sched.beam import BeamGroup
 from kvpage.sampling_params import SamplingParams
 
 
@@ -38,6 +45,15 @@ class SequenceStatus(Enum):
 
 FINISHED_STATES = frozenset((SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH,
                              SequenceStatus.FINISHED_ABORTED))
+# Allowed moves: every transition of a sequence's status is one of these.
+TRANSITIONS: dict[SequenceStatus, frozenset[SequenceStatus]] = {
+    SequenceStatus.WAITING: frozenset({SequenceStatus.RUNNING}) | FINISHED_STATES,
+    SequenceStatus.RUNNING: frozenset({SequenceStatus.WAITING, SequenceStatus.SWAPPED}) | FINISHED_STATES,
+    SequenceStatus.SWAPPED: frozenset({SequenceStatus.RUNNING}) | FINISHED_STATES,
+    SequenceStatus.FINISHED_STOPPED: frozenset({SequenceStatus.FINISHED_STOPPED}),
+    SequenceStatus.FINISHED_LENGTH: frozenset({SequenceStatus.FINISHED_STOPPED}),
+    SequenceStatus.FINISHED_ABORTED: frozenset(),
+}
 FINISH_REASONS = {
     SequenceStatus.FINISHED_STOPPED: "stop",
     SequenceStatus.FINISHED_LENGTH: "length",

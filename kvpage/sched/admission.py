@@ -30,12 +30,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from kvpage.config import SchedulerConfig
-from kvpage.kv import ContiguousKVCacheManager, KVCacheManager, PrefixHit
-from kvpage.request import Request, Sequence
+from kvpage.kv import Claim, KVManager, PrefixHit
+from kvpage.sched.sequence import Request, Sequence
 
-DELAY_RULES = ("max_num_seqs", "admission_cap", "headroom", "pages")
+DelayRule = Literal["max_num_seqs", "admission_cap", "headroom", "pages"]
+DELAY_RULES: tuple[DelayRule, ...] = get_args(DelayRule)
 
 
 @dataclass
@@ -63,18 +65,15 @@ def group_size(seq: Sequence) -> int:
 class AdmissionController:
     """Applies the admission rules and keeps the conservative policy's promises."""
 
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager | ContiguousKVCacheManager, kv_layout: str,
-                 max_model_len: int) -> None:
+    def __init__(self, config: SchedulerConfig, kv: KVManager) -> None:
         self.config = config
         self.kv = kv
-        self.kv_layout = kv_layout
-        self.max_model_len = max_model_len
         self.counters = AdmissionCounters()
         self.promised_pages = 0  # conservative policy: pages promised to running sequences
         # seq_id (a beam search's request_id: its beams come and go) -> pages it carries in promised_pages
         self._promises: dict[int | str, int] = {}
         self._unit: dict[int, int] = {}  # seq_id -> pages promised for one sample of its request
-        self._delayed: dict[str, set[str]] = {}  # request_id -> rules that already counted it
+        self._delayed: dict[str, set[DelayRule]] = {}  # request_id -> rules that already counted it
         num_pages = kv.num_pages
         self.cap_pages = int(config.admission_cap * num_pages + 1e-9)
         self.watermark_pages = math.ceil(config.watermark * num_pages - 1e-9)
@@ -86,11 +85,11 @@ class AdmissionController:
 
     def reservation_tokens(self, num_prompt_tokens: int, max_new_tokens: int) -> int | None:
         """Per-sequence contiguous reservation, or None when paging allocates on demand."""
-        if self.kv_layout == "contiguous-request":
-            return self.full_tokens(num_prompt_tokens, max_new_tokens)
-        if self.kv_layout == "contiguous-max":
-            return self.max_model_len
-        return None
+        return self.kv.reservation_tokens(self.full_tokens(num_prompt_tokens, max_new_tokens))
+
+    def claim(self, seq: Sequence, hit: PrefixHit, max_new_tokens: int) -> Claim:
+        """What ``seq`` asks of the KV manager at admission: its prefix hit, its largest size, its samples."""
+        return Claim(self.full_tokens(seq.num_prompt_tokens, max_new_tokens), group_size(seq), hit)
 
     def admission_pages(self, num_tokens: int, num_prompt_tokens: int, max_new_tokens: int, n: int,
                         num_hit_tokens: int = 0) -> int:
@@ -114,38 +113,36 @@ class AdmissionController:
             what = ("its reservations" if self.reservation_tokens(1, 1) is not None
                     or self.config.headroom_policy == "conservative" else "its prompt")
             raise ValueError(
-                f"request needs {needed} KV pages for {what} ({n} sample(s), kv_layout {self.kv_layout!r}, "
+                f"request needs {needed} KV pages for {what} ({n} sample(s), kv_layout {self.kv.layout!r}, "
                 f"headroom_policy {self.config.headroom_policy!r}) but admission_cap {self.config.admission_cap} "
                 f"allows {self.cap_pages} of {self.kv.num_pages}; lower max_tokens or n, "
                 "or raise admission_cap / the KV cache")
 
     # ----- the rules -----------------------------------------------------------------
-    def blocking_rule(self, seq: Sequence, hit: PrefixHit, num_new: int, max_new_tokens: int,
-                      num_running: int) -> str | None:
+    def blocking_rule(self, seq: Sequence, claim: Claim, num_new: int, num_running: int) -> DelayRule | None:
         """The cap or headroom rule that keeps ``seq`` waiting now (counted), or None."""
         if not num_running:
             return None
         kv = self.kv
-        group = group_size(seq)
-        wanted = self.admission_pages(len(seq.token_ids), seq.num_prompt_tokens, max_new_tokens, group,
-                                      hit.num_tokens)
+        max_new_tokens = claim.full_tokens + 1 - seq.num_prompt_tokens
+        wanted = self.admission_pages(len(seq.token_ids), seq.num_prompt_tokens, max_new_tokens, claim.num_samples,
+                                      claim.hit.num_tokens)
         policy = self.config.headroom_policy
         committed = max(kv.num_pages_in_use, self.promised_pages) if policy == "conservative" \
             else kv.num_pages_in_use
         if self.cap_pages < kv.num_pages and committed + wanted > self.cap_pages:
             return self.delay(seq, "admission_cap")
-        if self.kv_layout != "paged":
+        if kv.reservation_tokens(claim.full_tokens) is not None:
             return None  # a contiguous reservation already covers all the growth: no headroom to keep
         if policy == "conservative" and self.promised_pages + wanted > kv.num_pages:
             return self.delay(seq, "headroom")
         if policy == "watermark":
-            reserve = self.reservation_tokens(seq.num_prompt_tokens, max_new_tokens)
-            needed_now = kv.pages_needed(seq.seq_id, num_new, hit, reserve, group)
+            needed_now = kv.pages_needed(seq.seq_id, num_new, claim)
             if kv.num_available_pages - needed_now < self.watermark_pages:
                 return self.delay(seq, "headroom")
         return None
 
-    def delay(self, seq: Sequence, rule: str) -> str:
+    def delay(self, seq: Sequence, rule: DelayRule) -> DelayRule:
         """Count ``seq``'s request as delayed by ``rule`` (once per request and rule)."""
         seen = self._delayed.setdefault(seq.request.request_id, set())
         if rule not in seen:

@@ -1,13 +1,17 @@
-"""What one engine step hands from the scheduler to the model runner, and back.
+"""What one engine step hands from the scheduler to the model runner, and back (pure Python).
 
 These plain records are the only contract between the pure-Python side
-(scheduler, memory manager) and the torch side (worker): the runner needs no
-scheduler object and the scheduler no tensor.
+(:mod:`kvpage.sched`, :mod:`kvpage.kv`) and the torch side
+(:mod:`kvpage.worker`): the runner needs no scheduler object and the
+scheduler no tensor.  The scheduler's answer for a step is a
+:class:`SchedulerOutput`; the runner's, a :class:`SampledToken` per
+sampling sequence.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 
 from kvpage.sampling_params import SamplingParams
 
@@ -37,16 +41,19 @@ class ScheduledSequence:
     num_prompt_tokens: int
 
 
+class PageOpKind(str, Enum):
+    """What a page operation copies, and between which memories."""
+
+    COPY = "copy"  # (source, destination) device pages: copy-on-write and contiguous forks
+    SWAP_OUT = "swap_out"  # (device page, host page)
+    SWAP_IN = "swap_in"  # (host page, device page)
+
+
 @dataclass(slots=True)
 class PageOps:
-    """A run of page copies of one kind.
+    """A run of page operations of one kind, as (from, to) page pairs."""
 
-    ``swap_out`` pairs are (device page, host page), ``swap_in`` pairs
-    (host page, device page), ``copy`` pairs (source, destination) device
-    pages for copy-on-write and forks.
-    """
-
-    kind: str
+    kind: PageOpKind
     pairs: list[tuple[int, int]]
 
 
@@ -67,7 +74,7 @@ class SchedulerOutput:
     def num_batched_tokens(self) -> int:
         return sum(len(s.input_token_ids) for s in self.sequences)
 
-    def pairs(self, kind: str) -> list[tuple[int, int]]:
+    def pairs(self, kind: PageOpKind) -> list[tuple[int, int]]:
         """Every pair of one kind of operation, in order."""
         return [pair for ops in self.page_ops if ops.kind == kind for pair in ops.pairs]
 

@@ -1,6 +1,6 @@
 """Iteration-level continuous batching over the paged KV cache (pure Python).
 
-Each call to :meth:`Scheduler.schedule` plans one model step under two
+Each call to :meth:`Scheduler.schedule` schedules one model step under two
 budgets: ``max_num_batched_tokens`` tokens and ``max_num_seqs`` running
 sequences. Running sequences go first, in priority then admission order:
 each gets its next decode token or its next prefill chunk. Waiting sequences
@@ -28,26 +28,130 @@ no set of searches can starve each other of the pages they wait for.
 
 from __future__ import annotations
 
-import bisect
-import time
+from kvpage.config import GIB, CacheConfig, SchedulerConfig
+from kvpage.kv import KVManager, KVWaste, make_kv_manager
+from kvpage.sched.admission import AdmissionController, group_size
+from kvpage.sched.draft import StepDraft
+from kvpage.sched.lifecycle import Lifecycle, SchedulerCounters
+from kvpage.sched.limits import LengthLimit
+from kvpage.sched.preemption import SwapPreference, choose_victim, is_parked, ranks_before
+from kvpage.sched.queues import SequenceQueues
+from kvpage.sched.results import StepResults
+from kvpage.sched.sequence import Request, Sequence, SequenceStatus
+from kvpage.step_io import INFLIGHT_TOKEN, PageOpKind, SampledToken, ScheduledSequence, SchedulerOutput
 
-from kvpage.admission import group_size
-from kvpage.batch import INFLIGHT_TOKEN, ScheduledSequence, SchedulerOutput
-from kvpage.kv import KVCacheManager
-from kvpage.request import Sequence, SequenceStatus
-from kvpage.sequence_queues import SchedulerCounters, SequenceQueues
-from kvpage.step_plan import StepPlan, is_parked, ranks_before, running_key, waiting_key
-
-__all__ = ["Scheduler", "SchedulerCounters"]
+__all__ = ["Scheduler", "SchedulerCounters", "num_swap_pages"]
 
 
-class Scheduler(SequenceQueues):
-    """Decides, step by step, which sequences run and how many tokens each computes."""
+def num_swap_pages(cache: CacheConfig, config: SchedulerConfig, bytes_per_page: int) -> int:
+    """Host pages of swap space: ``swap_space`` GiB, when preemption may swap and the layout is paged."""
+    if config.preemption_mode == "recompute" or cache.kv_layout != "paged":
+        return 0
+    return int(cache.swap_space * GIB) // bytes_per_page
 
-    # ----- planning a step -----------------------------------------------------------
+
+class Scheduler:
+    """Decides, step by step, which sequences run and how many tokens each computes.
+
+    It is composed of a :class:`~kvpage.sched.lifecycle.Lifecycle` (the
+    sequences and what happens to them) and :class:`~kvpage.sched.results.StepResults`
+    (applying a step's results); this class adds the scheduling of a step.
+    """
+
+    def __init__(self, config: SchedulerConfig, kv: KVManager, max_model_len: int, eos_token_ids: tuple[int, ...],
+                 swap_cost: SwapPreference | None = None) -> None:
+        self.config = config
+        self.kv = kv
+        self.life = Lifecycle(config, kv, LengthLimit(max_model_len), eos_token_ids, swap_cost)
+        self.results = StepResults(self.life)
+
+    @classmethod
+    def from_config(cls, cache: CacheConfig, config: SchedulerConfig, num_pages: int, bytes_per_page: int,
+                    max_model_len: int, eos_token_ids: tuple[int, ...],
+                    swap_cost: SwapPreference | None = None) -> Scheduler:
+        """The scheduler and KV manager the engine and the planner build from the same configuration."""
+        kv = make_kv_manager(cache.kv_layout, num_pages, cache.block_size, max_model_len,
+                             enable_prefix_caching=cache.enable_prefix_caching,
+                             num_swap_pages=num_swap_pages(cache, config, bytes_per_page))
+        return cls(config, kv, max_model_len, eos_token_ids, swap_cost)
+
+    # ----- the book of sequences (read it; the lifecycle writes it) ---------------------
+    @property
+    def queues(self) -> SequenceQueues:
+        return self.life.queues
+
+    @property
+    def waiting(self) -> list[Sequence]:
+        return self.life.queues.waiting
+
+    @property
+    def running(self) -> list[Sequence]:
+        return self.life.queues.running
+
+    @property
+    def swapped(self) -> list[Sequence]:
+        return self.life.queues.swapped
+
+    @property
+    def requests(self) -> dict[str, Request]:
+        return self.life.queues.requests
+
+    @property
+    def live(self) -> dict[int, Sequence]:
+        return self.life.queues.live
+
+    @property
+    def counters(self) -> SchedulerCounters:
+        return self.life.counters
+
+    @property
+    def admission(self) -> AdmissionController:
+        return self.life.admission
+
+    @property
+    def max_model_len(self) -> int:
+        return self.life.limit.max_model_len
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return self.life.eos_token_ids
+
+    @property
+    def swap_cost(self) -> SwapPreference | None:
+        return self.life.swap_cost
+
+    @swap_cost.setter
+    def swap_cost(self, cost: SwapPreference | None) -> None:
+        self.life.swap_cost = cost
+
+    def has_unfinished(self) -> bool:
+        return self.life.queues.has_unfinished()
+
+    def kv_waste(self) -> KVWaste:
+        return self.life.kv_waste()
+
+    # ----- requests in, results back -----------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        self.life.submit(request)
+
+    def abort_request(self, request_id: str) -> Request | None:
+        return self.life.abort(request_id)
+
+    def update(self, out: SchedulerOutput, sampled: list[SampledToken]) -> list[Sequence]:
+        """Apply a step's results at once (the synchronous order). Returns the sequences that got a token."""
+        self.results.commit(out)
+        return self.results.resolve(out, sampled)
+
+    def commit_step(self, out: SchedulerOutput) -> None:
+        self.results.commit(out)
+
+    def resolve_step(self, out: SchedulerOutput, sampled: list[SampledToken]) -> list[Sequence]:
+        return self.results.resolve(out, sampled)
+
+    # ----- scheduling a step -----------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
-        step = StepPlan(budget=self.config.max_num_batched_tokens)
-        running, allocate, plan, add = self.running, self.kv.allocate, self._plan, step.add  # the hot loop
+        step = StepDraft(budget=self.config.max_num_batched_tokens)
+        running, allocate, scheduled, add = self.running, self.kv.allocate, self._scheduled, step.add  # hot loop
         i = 0
         while i < len(running) and step.budget > 0:
             seq = running[i]
@@ -57,74 +161,55 @@ class Scheduler(SequenceQueues):
                 continue
             copies = allocate(seq.seq_id, num_new)
             while copies is None:
-                victim = self._victim()
+                victim = choose_victim(running)
                 self._preempt(victim, step)
                 if victim is seq:
                     break
                 copies = allocate(seq.seq_id, num_new)
             if copies is None:
                 break
-            add(plan(seq, num_new), copies)
+            add(scheduled(seq, num_new), copies)
             i += 1
         # Admitting (or resuming) while evicting running work would only thrash.
         if not step.preempted:
             self._admit(step, ahead_of=self._swap_in(step))
-        out = step.output(self._finished_since_last_step)
-        self._finished_since_last_step = []
-        return out
+        return step.output(self.life.take_finished())
 
-    def _admit(self, step: StepPlan, ahead_of: Sequence | None) -> None:
+    def _admit(self, step: StepDraft, ahead_of: Sequence | None) -> None:
         """Admit waiting sequences in queue order while budget, rules and pages allow.
 
         While ``ahead_of`` (a swapped-out sequence) cannot resume, only
         preempted beams of requests that rank before it may come back.
         """
-        admission = self.admission
+        admission, life = self.admission, self.life
         while step.budget > 0:
             seq = next((s for s in self.waiting if not is_parked(s)
                         and (ahead_of is None or ranks_before(s.request, ahead_of.request))), None)
             if seq is None:
                 return
-            request = seq.request
             group = group_size(seq)
             while self._num_seats_taken() + (0 if self._has_seat(seq) else group) > self.config.max_num_seqs:
                 if not self._make_room(seq, step):
                     admission.delay(seq, "max_num_seqs")
                     return
-            max_new = self.max_new_tokens(seq.num_prompt_tokens, request.sampling_params.max_tokens)
-            reserve = admission.reservation_tokens(seq.num_prompt_tokens, max_new)
+            max_new = life.limit.max_new_tokens(seq.num_prompt_tokens, seq.request.sampling_params.max_tokens)
             while True:
                 hit = self.kv.find_cached_prefix(seq.token_ids)
                 num_new = min(seq.compute_target - hit.num_tokens, step.budget)
-                blocked = admission.blocking_rule(seq, hit, num_new, max_new, len(self.running))
-                copies = None if blocked else self.kv.allocate(seq.seq_id, num_new, hit, reserve_tokens=reserve,
-                                                              reserve_count=group)
+                claim = admission.claim(seq, hit, max_new)
+                blocked = admission.blocking_rule(seq, claim, num_new, len(self.running))
+                copies = None if blocked else self.kv.allocate(seq.seq_id, num_new, claim)
                 if copies is not None:
                     break
                 if not self._make_room(seq, step):
                     if blocked is None:
                         admission.delay(seq, "pages")
                     return
-            admission.on_admit(seq, max_new)
-            self.waiting.remove(seq)  # not pop(0): a victim preempted just now may sort ahead of it
-            self.kv.record_prefix_query(seq.num_tokens, hit.num_tokens)
-            seq.num_computed_tokens = hit.num_tokens
-            if seq.num_preemptions == 0:
-                seq.num_cached_prompt_tokens = hit.num_tokens
-            seq.status = SequenceStatus.RUNNING
-            if request.times is not None and request.times.scheduled is None:
-                request.times.scheduled = time.monotonic()
-            if request.admit_rank is None:
-                request.admit_rank = self._next_admit
-                if request.beam is not None:
-                    self._beam_requests[request.request_id] = request
-            seq.admit_order = self._next_admit
-            self._next_admit += 1
-            bisect.insort(self.running, seq, key=running_key)
+            life.admit(seq, hit, max_new)
             if num_new > 0:
-                step.add(self._plan(seq, num_new), copies)
+                step.add(self._scheduled(seq, num_new), copies)
             else:
-                self._fork(seq)
+                life.fork_samples(seq)
 
     def _num_seats_taken(self) -> int:
         """Running sequences, plus the seats under ``max_num_seqs`` kept for beams not running now.
@@ -133,28 +218,18 @@ class Scheduler(SequenceQueues):
         its beams can always fork and come back.
         """
         taken = len(self.running)
-        for request in self._beam_requests.values():
+        live = self.live
+        for request in self.life.beam_requests.values():
             beam = request.beam
-            assert beam is not None
-            taken += beam.width - sum(self.live[seq_id].status is SequenceStatus.RUNNING
-                                      for seq_id, _ in beam.running if seq_id in self.live)
+            if beam is not None:
+                taken += beam.width - sum(live[seq_id].status is SequenceStatus.RUNNING
+                                          for seq_id, _ in beam.running if seq_id in live)
         return taken
 
     def _has_seat(self, seq: Sequence) -> bool:
-        return seq.request.request_id in self._beam_requests
+        return seq.request.request_id in self.life.beam_requests
 
-    def _victim(self) -> Sequence:
-        """The running sequence to preempt next: from the request that ranks last, a parked beam if it has one."""
-        last = self.running[-1]
-        if last.request.beam is not None:
-            for seq in reversed(self.running):
-                if seq.request is not last.request:
-                    break
-                if is_parked(seq):
-                    return seq
-        return last
-
-    def _make_room(self, seq: Sequence, step: StepPlan) -> bool:
+    def _make_room(self, seq: Sequence, step: StepDraft) -> bool:
         """Preempt one running sequence so that ``seq`` can be admitted or resumed; False if none may yield.
 
         Any request may displace one of strictly lower priority.  A beam
@@ -165,7 +240,7 @@ class Scheduler(SequenceQueues):
         """
         request = seq.request
         if self.running:
-            victim = self._victim()
+            victim = choose_victim(self.running)
             other = victim.request
             if victim.seq_id in step.resumed:
                 return False
@@ -180,7 +255,7 @@ class Scheduler(SequenceQueues):
                     return True
         return False
 
-    def _plan(self, seq: Sequence, num_new: int) -> ScheduledSequence:
+    def _scheduled(self, seq: Sequence, num_new: int) -> ScheduledSequence:
         start = seq.num_computed_tokens
         tokens = seq.token_ids
         end = start + num_new
@@ -194,37 +269,15 @@ class Scheduler(SequenceQueues):
                                  end == len(tokens) + seq.num_inflight_tokens, seq.request.sampling_params,
                                  seq.sample_index, tokens, seq.num_prompt_tokens)
 
-    def _preempt(self, seq: Sequence, step: StepPlan) -> None:
+    def _preempt(self, seq: Sequence, step: StepDraft) -> None:
         # A beam keeps its next-token candidates: they depend on its tokens, not on where its K/V is.
-        step.withdraw(seq.seq_id)  # it may already be planned in this step (priority preemption)
+        step.withdraw(seq.seq_id)  # it may already be scheduled in this step (priority preemption)
         step.preempted.append(seq.seq_id)
-        self.running.remove(seq)
-        self.counters.num_preemptions += 1
-        if self._should_swap(seq):
-            copies = self.kv.swap_out(seq.seq_id)  # type: ignore[union-attr]
-            if copies is not None:
-                step.log("swap_out", copies)
-                seq.status = SequenceStatus.SWAPPED
-                self.counters.num_swapped_out += 1
-                bisect.insort(self.swapped, seq, key=running_key)
-                return
-        self.kv.free(seq.seq_id)
-        self.admission.on_release(seq)
-        seq.num_computed_tokens = 0
-        seq.status = SequenceStatus.WAITING
-        seq.num_preemptions += 1
-        bisect.insort(self.waiting, seq, key=waiting_key)
+        copies = self.life.preempt(seq)
+        if copies is not None:
+            step.log(PageOpKind.SWAP_OUT, copies)
 
-    def _should_swap(self, seq: Sequence) -> bool:
-        mode = self.config.preemption_mode
-        if mode == "recompute" or not isinstance(self.kv, KVCacheManager) or seq.num_computed_tokens == 0:
-            return False
-        if mode == "swap" or self.swap_cost is None:
-            return True
-        return self.swap_cost.prefer_swap(seq.num_computed_tokens,
-                                          self.kv.pages_for_tokens(seq.num_computed_tokens))
-
-    def _swap_in(self, step: StepPlan) -> Sequence | None:
+    def _swap_in(self, step: StepDraft) -> Sequence | None:
         """Resume swapped-out sequences, oldest admitted first, while pages and batch room last.
 
         A sequence comes back only with room for its next tokens too, and not
@@ -232,7 +285,6 @@ class Scheduler(SequenceQueues):
         Returns the first one that must stay out, if any.
         """
         kv = self.kv
-        assert isinstance(kv, KVCacheManager) or not self.swapped
         while True:
             seq = next((s for s in self.swapped if not is_parked(s)), None)
             if seq is None or (not self._has_seat(seq) and self._num_seats_taken() >= self.config.max_num_seqs) or any(
@@ -246,15 +298,10 @@ class Scheduler(SequenceQueues):
                 pass
             if wanted > kv.num_available_pages:
                 return seq
-            copies = kv.swap_in(seq.seq_id)
-            assert copies is not None
-            self.swapped.remove(seq)
-            step.log("swap_in", copies)
+            step.log(PageOpKind.SWAP_IN, self.life.swap_in(seq))
             step.resumed.add(seq.seq_id)
-            seq.status = SequenceStatus.RUNNING
-            self.counters.num_swapped_in += 1
-            bisect.insort(self.running, seq, key=running_key)
             if num_new > 0:
                 page_copies = kv.allocate(seq.seq_id, num_new)
-                assert page_copies is not None
-                step.add(self._plan(seq, num_new), page_copies)
+                if page_copies is None:
+                    raise RuntimeError(f"sequence {seq.seq_id} was swapped in without room for its next tokens")
+                step.add(self._scheduled(seq, num_new), page_copies)
