@@ -84,6 +84,14 @@ class ContiguousKVCacheManager:
     def num_pages_in_use(self) -> int:
         return self._pages_in_use
 
+    @property
+    def num_tokens_stored(self) -> int:
+        return sum(t.num_computed_tokens for t in self._tables.values())
+
+    def writes_shared_page(self, seq_id: int) -> bool:
+        """Never: a reservation is private (a forked sample gets a copy of its parent's K/V)."""
+        return False
+
     def reservation_tokens(self, full_tokens: int) -> int:
         """The run reserved at admission: the sequence's whole possible length, or ``max_model_len``."""
         if self.layout == "contiguous-max":
@@ -213,7 +221,7 @@ class ContiguousKVCacheManager:
 
     # ----- accounting ------------------------------------------------------------------
     def usage(self) -> KVUsage:
-        stored = sum(t.num_computed_tokens for t in self._tables.values())
+        stored = self.num_tokens_stored
         return KVUsage(block_size=self.block_size, num_pages_total=self.num_pages,
                        num_pages_used=self._pages_in_use, num_pages_cached_free=0,
                        num_pages_free=self.num_pages - self._pages_in_use, num_tokens_stored=stored,

@@ -96,6 +96,10 @@ class KVManager(Protocol):
     def num_evictions(self) -> int:
         """Cached-free pages evicted so far."""
 
+    @property
+    def num_tokens_stored(self) -> int:
+        """Token slots holding K/V in pages in use (a shared page counts once)."""
+
     def pages_for_tokens(self, num_tokens: int) -> int: ...
 
     def reservation_tokens(self, full_tokens: int) -> int | None:
@@ -129,6 +133,9 @@ class KVManager(Protocol):
     def index_full_pages(self, seq_id: int, token_ids: Sequence[int]) -> None: ...
 
     # ----- sharing -----
+    def writes_shared_page(self, seq_id: int) -> bool:
+        """Whether the sequence's next token lands in a partly filled page another sequence shares."""
+
     def can_fork(self, parent_id: int) -> bool: ...
 
     def fork(self, parent_id: int, child_id: int) -> None: ...

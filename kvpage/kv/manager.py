@@ -85,6 +85,17 @@ class KVCacheManager:
         return -(-num_tokens // self.block_size)
 
     @property
+    def num_tokens_stored(self) -> int:
+        """Token slots holding K/V in pages in use (a shared page counts once)."""
+        return self.pool.counters.filled_slots_in_use
+
+    def writes_shared_page(self, seq_id: int) -> bool:
+        """Whether the sequence's next token lands in a partly filled page another sequence shares."""
+        table = self._tables[seq_id]
+        done = table.num_computed_tokens
+        return done % self.block_size != 0 and table.pages[done // self.block_size].ref_count > 1
+
+    @property
     def num_evictions(self) -> int:
         return self.pool.counters.evictions
 
@@ -159,10 +170,18 @@ class KVCacheManager:
         table = self._tables.get(seq_id)
         if table is not None:
             done, bs = table.num_computed_tokens, self.block_size
-            if done + num_new_tokens <= len(table.pages) * bs and (
-                    num_new_tokens <= 0 or done % bs == 0 or table.pages[done // bs].ref_count == 1):
-                # Fast path, most decode steps: the tokens fit in pages the sequence owns alone
-                # (_needs_copy, inlined: this runs for every sequence of every step).
+            if num_new_tokens <= 0 or done % bs == 0 or table.pages[done // bs].ref_count == 1:
+                # Fast path, every decode step: no copy-on-write (_needs_copy, inlined: this runs for
+                # every sequence of every step), only fresh pages, if the tokens outgrow the table.
+                missing = -(-(done + num_new_tokens) // bs) - len(table.pages)
+                if missing <= 0:
+                    return []
+                if missing > self.pool.num_available_pages:
+                    return None
+                for _ in range(missing):
+                    page = self.pool.allocate()
+                    table.pages.append(page)
+                    table.page_ids.append(page.page_id)
                 return []
         if self.pages_needed(seq_id, num_new_tokens, claim) > self.pool.num_available_pages:
             return None
@@ -170,11 +189,14 @@ class KVCacheManager:
             table = BlockTable()
             hit = claim.hit if claim is not None else None
             if hit is not None and hit.pages:
+                hashes = [page.content_hash for page in hit.pages if page.content_hash is not None]
+                if len(hashes) < len(hit.pages):  # a hit is a cached page, which always has its key
+                    raise RuntimeError("a prefix hit includes a page with no content hash")
                 for page in hit.pages:
                     self.pool.share(page)
                 table.pages = list(hit.pages)
                 table.page_ids = [p.page_id for p in hit.pages]
-                table.hashes = [p.content_hash for p in hit.pages]  # type: ignore[misc]
+                table.hashes = hashes
                 table.num_computed_tokens = hit.num_tokens
             self._tables[seq_id] = table
         copies: list[PageCopy] = []

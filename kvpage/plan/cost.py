@@ -153,7 +153,8 @@ class CalibratedCostModel:
             raise ValueError(f"cost model {str(path)!r} is not a kvpage calibration file: {exc}") from None
 
     @classmethod
-    def fit(cls, samples: list[tuple[StepShape, float]], **meta: object) -> CalibratedCostModel:
+    def fit(cls, samples: list[tuple[StepShape, float]], link_bytes_per_s: float = 1e10, device: str = "",
+            model: str = "") -> CalibratedCostModel:
         """Least squares, then again without the outliers (a pause of the host, say).
 
         A step more than three times the median relative error off the
@@ -167,7 +168,8 @@ class CalibratedCostModel:
         kept = [sample for sample, error in zip(samples, errors) if error <= cutoff]
         fitted = cls._fit(kept if len(kept) > len(FEATURES) else samples)
         error = sum(abs(fitted.step_time(s) - t) / t for s, t in samples) / len(samples)
-        return cls(fitted.coefficients, num_samples=len(samples), mean_abs_error=error, **meta)  # type: ignore
+        return cls(fitted.coefficients, link_bytes_per_s, device, model, num_samples=len(samples),
+                   mean_abs_error=error)
 
     @classmethod
     def _fit(cls, samples: list[tuple[StepShape, float]]) -> CalibratedCostModel:

@@ -44,6 +44,7 @@ replays, stepped and fast-forwarded, value for value.
 from __future__ import annotations
 
 from collections.abc import Sequence as Seq
+from dataclasses import dataclass
 from typing import Protocol
 
 from kvpage.kv import KVWaste
@@ -94,6 +95,44 @@ def steps_left(sched: Scheduler, seq: Sequence) -> int | None:
     return sched.life.limit.tokens_left(seq, num_tokens)
 
 
+@dataclass
+class _Run:
+    """The running sequences of a decode run, indexed by the steps of their events."""
+
+    fills: list[list[Sequence]]  # by the residue of the step at which they fill a page: (p + j) % bs == 0
+    finishing: dict[int, list[Sequence]]  # by the step after which they finish by length
+    start: dict[int, int]  # tokens each had computed when the run began
+    base_kv: int = 0  # K/V tokens read in step j: base_kv + batch * j
+    longest: int = 0  # the longest context in step j: longest + j
+
+
+def _start_run(sched: Scheduler, now: float, next_arrival: float) -> _Run | None:
+    """The run that starts from this state, or None if stepping could do more than decode."""
+    kv = sched.kv
+    running = sched.running
+    # Only paging allocates page by page, as this accounting assumes; a contiguous reservation steps.
+    if (now >= next_arrival or not running or sched.waiting or sched.swapped or kv.layout != "paged"
+            or len(running) > sched.config.max_num_batched_tokens):
+        return None
+    bs = kv.block_size
+    run = _Run([[] for _ in range(bs)], {}, {})
+    for seq in running:
+        left = steps_left(sched, seq)
+        if left is None:
+            return None
+        p = seq.num_computed_tokens
+        # It holds exactly the pages its tokens fill, and writes its next token in place or in a fresh page:
+        # no copy-on-write, so the first step allocates exactly when p is a page boundary.
+        if len(kv.page_ids(seq.seq_id)) != -(-p // bs) or (p % bs and kv.writes_shared_page(seq.seq_id)):
+            return None
+        run.start[seq.seq_id] = p
+        run.fills[-p % bs].append(seq)
+        run.finishing.setdefault(left, []).append(seq)
+        run.base_kv += p
+        run.longest = max(run.longest, p)
+    return run
+
+
 def fast_forward(sched: Scheduler, now: float, next_arrival: float, cost: StepCost, recorder: StepRecord,
                  vocab_size: int) -> tuple[float, int]:
     """Run decode-only steps while they are provably all that stepping would do; returns (now, steps run).
@@ -103,35 +142,13 @@ def fast_forward(sched: Scheduler, now: float, next_arrival: float, cost: StepCo
     after it, so the run stops there.  Returns ``(now, 0)`` with nothing
     changed when the state does not allow a run.
     """
-    kv = sched.kv
-    running = sched.running
-    # Only paging allocates page by page, as this accounting assumes; a contiguous reservation steps.
-    if (now >= next_arrival or not running or sched.waiting or sched.swapped or kv.layout != "paged"
-            or len(running) > sched.config.max_num_batched_tokens):
+    run = _start_run(sched, now, next_arrival)
+    if run is None:
         return now, 0
+    kv = sched.kv
     bs = kv.block_size
-    # Sequences by the residue of the step at which they fill a page: (p + j) % bs == 0.
-    fills: list[list[Sequence]] = [[] for _ in range(bs)]
-    finishing: dict[int, list[Sequence]] = {}
-    start: dict[int, int] = {}  # tokens each sequence had computed when the run began
-    base_kv = longest = 0  # K/V tokens read in step j: base_kv + batch * j; the longest context: longest + j
-    for seq in running:
-        left = steps_left(sched, seq)
-        if left is None:
-            return now, 0
-        p = seq.num_computed_tokens
-        # It holds exactly the pages its tokens fill, and writes its next token in place or in a fresh page:
-        # no copy-on-write, so the first step allocates exactly when p is a page boundary.
-        if len(kv.page_ids(seq.seq_id)) != -(-p // bs) or (p % bs and kv.pages_needed(seq.seq_id, 1)):
-            return now, 0
-        start[seq.seq_id] = p
-        fills[-p % bs].append(seq)
-        if left in finishing:
-            finishing[left].append(seq)
-        else:
-            finishing[left] = [seq]
-        base_kv += p
-        longest = max(longest, p)
+    fills, finishing, start, base_kv, longest = run.fills, run.finishing, run.start, run.base_kv, run.longest
+    running = sched.running
     alive = list(running)  # sched.running shrinks as sequences finish
     batch = len(alive)
     first = kv.waste(sched.admission.reserved_pages())
@@ -164,9 +181,9 @@ def fast_forward(sched: Scheduler, now: float, next_arrival: float, cost: StepCo
             if done and seq in ending:
                 results.commit_decodes(seq, fake_token_ids(seq.seq_id, len(tokens), computed + 1, vocab_size),
                                        computed)
-                held = kv.usage().num_tokens_stored
+                held = kv.num_tokens_stored
                 life.finish(seq, SequenceStatus.FINISHED_LENGTH)
-                stored -= held - kv.usage().num_tokens_stored
+                stored -= held - kv.num_tokens_stored
                 unshared -= -(-computed // bs)
                 fills[-p % bs].remove(seq)
                 alive.remove(seq)

@@ -131,12 +131,12 @@ class ReplayResult:
 
 def latency_summary(timings: list[RequestTiming], duration_s: float) -> dict[str, float]:
     """Requests/s, and TTFT, TPOT and E2E (mean, p50, p90, p99) over the finished requests."""
-    done = [t for t in timings if t.finished is not None]
-    ttft = [t.first_token - t.arrival for t in done if t.first_token is not None]
-    e2e = [t.finished - t.arrival for t in done]  # type: ignore[operator]
-    tpot = [(t.finished - t.first_token) / (t.output_tokens - 1) for t in done  # type: ignore[operator]
+    ends = [(t, t.finished) for t in timings if t.finished is not None]
+    ttft = [t.first_token - t.arrival for t, _ in ends if t.first_token is not None]
+    e2e = [end - t.arrival for t, end in ends]
+    tpot = [(end - t.first_token) / (t.output_tokens - 1) for t, end in ends
             if t.first_token is not None and t.output_tokens > 1]
-    out = {"requests_per_s": len(done) / duration_s}
+    out = {"requests_per_s": len(ends) / duration_s}
     for name, values in (("ttft", ttft), ("tpot", tpot), ("e2e", e2e)):
         out[f"{name}_mean_s"] = sum(values) / len(values) if values else 0.0
         for q in (50, 90, 99):

@@ -63,18 +63,32 @@ def _parse_line(obj: object, limits: TraceLimits) -> tuple[dict[str, object], li
     output = obj.get("output_tokens")
     if not (is_int(output) and output >= 1):
         problems.append(f"output_tokens must be an integer >= 1, got {output!r}")
+    count = _prompt_length(obj, limits, problems)
+    if count is not None and is_int(output) and count + output > limits.max_model_len:
+        problems.append(f"prompt ({count}) + output_tokens ({output}) exceeds max_model_len ({limits.max_model_len})")
+    _check_prefix(obj, count, problems)
+    _check_sampling(obj, problems)
+    return obj, problems
+
+
+def _prompt_length(obj: dict[str, object], limits: TraceLimits, problems: list[str]) -> int | None:
+    """The prompt's length, from prompt_tokens or prompt_token_ids (exactly one of them); None if invalid."""
     count, ids = obj.get("prompt_tokens"), obj.get("prompt_token_ids")
     if (count is None) == (ids is None):
         problems.append("give exactly one of prompt_tokens (a count) or prompt_token_ids (a list)")
-    elif ids is not None:
-        if not (isinstance(ids, list) and ids and all(is_int(t) and 0 <= t < limits.vocab_size for t in ids)):
-            problems.append(f"prompt_token_ids must be a non-empty list of integers in [0, {limits.vocab_size})")
-        else:
-            count = len(ids)
-    elif not (is_int(count) and count >= 1):
-        problems.append(f"prompt_tokens must be an integer >= 1, got {count!r}")
-    if is_int(count) and is_int(output) and count + output > limits.max_model_len:
-        problems.append(f"prompt ({count}) + output_tokens ({output}) exceeds max_model_len ({limits.max_model_len})")
+        return None
+    if ids is not None:
+        if isinstance(ids, list) and ids and all(is_int(t) and 0 <= t < limits.vocab_size for t in ids):
+            return len(ids)
+        problems.append(f"prompt_token_ids must be a non-empty list of integers in [0, {limits.vocab_size})")
+        return None
+    if is_int(count) and count >= 1:
+        return count
+    problems.append(f"prompt_tokens must be an integer >= 1, got {count!r}")
+    return None
+
+
+def _check_prefix(obj: dict[str, object], count: int | None, problems: list[str]) -> None:
     group, shared = obj.get("prefix_group"), obj.get("shared_prefix_tokens", 0)
     if group is not None and not is_int(group):
         problems.append(f"prefix_group must be an integer, got {group!r}")
@@ -82,17 +96,20 @@ def _parse_line(obj: object, limits: TraceLimits) -> tuple[dict[str, object], li
         problems.append(f"shared_prefix_tokens must be an integer >= 0, got {shared!r}")
     elif shared and group is None:
         problems.append("shared_prefix_tokens needs a prefix_group")
-    elif is_int(count) and shared > count:
+    elif count is not None and shared > count:
         problems.append(f"shared_prefix_tokens ({shared}) exceeds the prompt ({count} tokens)")
-    for name in ("n", "beam_width"):
-        value = obj.get(name, 1 if name == "n" else 0)
-        if not (is_int(value) and value >= (1 if name == "n" else 0)):
-            problems.append(f"{name} must be an integer >= {1 if name == 'n' else 0}, got {value!r}")
-    if is_int(obj.get("beam_width")) and obj.get("beam_width") and obj.get("n", 1) > obj["beam_width"]:
-        problems.append(f"n ({obj.get('n')}) exceeds beam_width ({obj['beam_width']})")
+
+
+def _check_sampling(obj: dict[str, object], problems: list[str]) -> None:
+    n, width = obj.get("n", 1), obj.get("beam_width", 0)
+    if not (is_int(n) and n >= 1):
+        problems.append(f"n must be an integer >= 1, got {n!r}")
+    if not (is_int(width) and width >= 0):
+        problems.append(f"beam_width must be an integer >= 0, got {width!r}")
+    elif width and is_int(n) and n > width:
+        problems.append(f"n ({n}) exceeds beam_width ({width})")
     if not is_int(obj.get("priority", 0)):
         problems.append(f"priority must be an integer, got {obj.get('priority')!r}")
-    return obj, problems
 
 
 def parse_trace(lines: list[str], limits: TraceLimits, source: str = "trace") -> Workload:

@@ -24,9 +24,15 @@ class LengthLimit:
 
     def tokens_left(self, seq: Sequence, length: int) -> int:
         """Tokens ``seq`` may still generate once it has ``length`` tokens (0 or less: it stops by length)."""
-        max_out = self.max_new_tokens(seq.num_prompt_tokens, seq.request.sampling_params.max_tokens)
-        return min(max_out - (length - seq.num_prompt_tokens), self.max_model_len - length)
+        max_tokens = seq.request.sampling_params.max_tokens
+        prompt, limit = seq.num_prompt_tokens, self.max_model_len
+        # max_new_tokens, inlined: this runs twice for every sampling sequence of every step.
+        max_out = limit - prompt if max_tokens is None else max_tokens
+        return min(max_out - (length - prompt), limit - length)
 
     def reached(self, seq: Sequence, length: int) -> bool:
         """Whether a sequence of ``length`` tokens has generated all it may."""
-        return self.tokens_left(seq, length) <= 0
+        max_tokens = seq.request.sampling_params.max_tokens
+        prompt, limit = seq.num_prompt_tokens, self.max_model_len
+        max_out = limit - prompt if max_tokens is None else max_tokens  # tokens_left(...) <= 0, inlined
+        return length - prompt >= max_out or length >= limit
