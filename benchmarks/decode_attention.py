@@ -5,10 +5,10 @@ Each sequence of a batch decodes one token over ``context`` cached tokens (bf16,
 bandwidth, ``(batch * context * 8 * 128 * 2 bytes * 2 (K, V) + query + output bytes) / time``, also as
 a fraction of a 2 GiB ``dst.copy_(src)`` (bytes read + written) timed in the same run.
 
-* Pages are scattered (block tables from a random permutation of a pool of pages filled with
+* Pages are scattered (page tables from a random permutation of a pool of pages filled with
   ``torch.randn``) and queries are fresh for every size.
 * No L2 reuse: ``do_bench`` flushes L2 before each timed call, and the timed function rotates among
-  ``sets`` (block tables, query) sets on disjoint pages, enough for their K/V to exceed ``--rotate-mib``
+  ``sets`` (page tables, query) sets on disjoint pages, enough for their K/V to exceed ``--rotate-mib``
   (default 4x L2). Times are CUDA-event medians (``triton.testing.do_bench``) after warm-up; metadata
   and its device arrays (``meta.kernel``) are built before timing. Each system is timed as replays of
   one CUDA graph that makes one call per set (device time: without it, the host's launch cost, not the
@@ -143,7 +143,7 @@ def describe(error: BaseException) -> str:
 
 @dataclass
 class Inputs:
-    """``sets`` (block tables, query) sets over disjoint scattered pages of one randomly filled pool."""
+    """``sets`` (page tables, query) sets over disjoint scattered pages of one randomly filled pool."""
 
     key_cache: torch.Tensor  # [pages, block_size, Hkv, D]
     value_cache: torch.Tensor

@@ -8,7 +8,9 @@
 #   baselines: transformers' generate_batch (whole workload) and generate (32 requests, extrapolated), and
 #        decode attention against FlexAttention (its partial-block mask);
 #   final: the fused-kernel and CUDA-engine tests, kvpage's throughput and host overhead, and
-#        hf-generate with batches capped at 256 new tokens.
+#        hf-generate with batches capped at 256 new tokens;
+#   core: the scheduling core (issue #14) on the GPU: the kernel, async and CUDA-engine tests, then kvpage's
+#        offline throughput and host overhead against the commit before, carried as .base/kvpage (alternated).
 # Wheels for what the device lacks (pytest, hypothesis, fastapi stack, openai) come from .whl/.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -84,5 +86,22 @@ if [ "$STAGE" = final ]; then  # after changes: their tests on the GPU, kvpage's
   timeout 120 python benchmarks/offline_throughput.py --systems hf-generate --hf-generate-max-new 256 \
     --model-dir /tmp/qwen3 --json "$OUT/offline_hf_generate.json" >> "$OUT/log.txt" 2>&1
   echo "hf-generate rc=$?" >> "$OUT/log.txt"
+fi
+if [ "$STAGE" = core ]; then  # three files come back: versions.txt, pytest.txt, log.txt
+  export PYTHONUNBUFFERED=1
+  timeout 200 python -m pytest -q -p no:cacheprovider tests/gpu tests/test_async_scheduling.py tests/test_triton_kernels.py \
+    tests/test_fused_kernels.py tests/test_engine_triton.py tests/test_step_loop.py > "$OUT/pytest.txt" 2>&1
+  echo "pytest rc=$?" >> "$OUT/pytest.txt"
+  for round in 1 2; do
+    for tree in "$PWD" "$PWD/.base"; do
+      name=$([ "$tree" = "$PWD" ] && echo this || echo base)
+      PYTHONPATH=/tmp/site:$tree timeout 90 python benchmarks/offline_throughput.py --systems kvpage \
+        --model-dir /tmp/qwen3 >> "$OUT/log.txt" 2>&1
+      echo "offline $name $round rc=$?" >> "$OUT/log.txt"
+      PYTHONPATH=/tmp/site:$tree timeout 60 python benchmarks/host_overhead.py --model-dir /tmp/qwen3 \
+        >> "$OUT/log.txt" 2>&1
+      echo "host $name $round rc=$?" >> "$OUT/log.txt"
+    done
+  done
 fi
 echo "$STAGE done" >> "$OUT/log.txt"

@@ -54,7 +54,7 @@ def main() -> None:
     print(f"{platform.python_version()}, torch {torch.__version__}, device {args.device}; calibration and real "
           f"runs {time.perf_counter() - start:.0f} s: {cost.describe()}")
     rows = []
-    for (_, num, rate), result in zip(WORKLOADS, results):
+    for (_, _num, rate), result in zip(WORKLOADS, results):
         real, planned = result.real, result.planned
         row = {"workload": result.workload, "requests": result.num_requests, "rate": rate,
                **{f"real_{k}": v for k, v in real.items()},

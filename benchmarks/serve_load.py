@@ -46,7 +46,8 @@ GAUGES = (PAGES_IN_USE, "kvpage:kv_pages_free", "kvpage:kv_pages_cached_free", "
           "kvpage:num_requests_waiting", "kvpage:num_preemptions_total", "kvpage:recomputed_tokens_total")
 TOTALS = (("Successful requests", "completed"), ("Failed requests", "errors"), ("Benchmark duration (s)", "duration"),
           ("Total input tokens", "total_input_tokens"), ("Total generated tokens", "total_output_tokens"),
-          ("Request throughput (req/s)", "request_throughput"), ("Output token throughput (tok/s)", "output_throughput"),
+          ("Request throughput (req/s)", "request_throughput"),
+          ("Output token throughput (tok/s)", "output_throughput"),
           ("Total token throughput (tok/s)", "total_token_throughput"))
 LATENCIES = (("ttft", "Time to First Token", "TTFT"), ("tpot", "Time per Output Token (excl. 1st token)", "TPOT"),
              ("itl", "Inter-token Latency", "ITL"), ("e2el", "End-to-end Latency", "E2EL"))
@@ -297,7 +298,8 @@ def stop_server(proc: subprocess.Popen) -> None:
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     if args.model is None:
         try:
-            models = httpx.get(f"{args.base_url}/models", headers={"Authorization": f"Bearer {args.api_key}"}, timeout=30)
+            models = httpx.get(f"{args.base_url}/models", headers={"Authorization": f"Bearer {args.api_key}"},
+                               timeout=30)
             args.model = models.raise_for_status().json()["data"][0]["id"]
         except (httpx.HTTPError, ValueError, KeyError, IndexError) as exc:
             raise RuntimeError(f"no model from GET {args.base_url}/models ({type(exc).__name__}: {exc})") from exc

@@ -13,6 +13,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 EXIT_USAGE = 2
 EXIT_ERROR = 1
@@ -44,13 +45,14 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--swap-space", type=float, default=4.0, help="GiB of host memory for swapped pages")
     group.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
     group.add_argument("--async-scheduling", dest="async_scheduling", action="store_true", default=None,
-                       help="plan each step while the previous one runs (default: on with CUDA)")
+                       help="schedule each step while the previous one runs (default: on with CUDA)")
     group.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false")
     group.add_argument("--attention-backend", default="auto",
                        help="auto | triton | torch (auto: the Triton kernels on CUDA, the torch reference on CPU)")
 
 
-def engine_options(args: argparse.Namespace) -> dict[str, object]:
+def engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The engine keyword arguments given on the command line (EngineConfig validates them)."""
     names = ("model", "tokenizer", "dtype", "device", "seed", "block_size", "num_kv_blocks", "kv_cache_memory",
              "gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
              "enable_prefix_caching", "kv_layout", "admission_cap", "headroom_policy", "watermark",

@@ -136,7 +136,7 @@ class SchedulerConfig:
     watermark: float = 0.01
     """Fraction of the pages the "watermark" headroom policy keeps free."""
     async_scheduling: bool | None = None
-    """Plan and launch each step while the previous one still runs on the device, so host work hides
+    """Schedule and launch each step while the previous one still runs on the device, so host work hides
     behind device work. None: on where the device runs asynchronously (CUDA), off on a CPU."""
 
     def validate(self) -> None:

@@ -44,13 +44,20 @@ from kvpage.output_builder import OutputBuilder
 from kvpage.outputs import RequestOutput
 from kvpage.sampling_params import SamplingParams
 from kvpage.sched import Request, RequestTimes, Scheduler, Sequence, StepLoop
-from kvpage.sched.scheduler import num_swap_pages
 from kvpage.sched.admission import DELAY_RULES
 from kvpage.sched.preemption import SwapCostModel
 from kvpage.sched.pressure import PressureSample, ThrashingMonitor, WasteStats
+from kvpage.sched.scheduler import num_swap_pages
 from kvpage.step_io import SampledToken, SchedulerOutput
-from kvpage.worker import (KVCacheShape, LaunchedStep, ModelRunner, RunnerOptions, page_bytes,
-                           profile_activations, size_kv_cache_pages)
+from kvpage.worker import (
+    KVCacheShape,
+    LaunchedStep,
+    ModelRunner,
+    RunnerOptions,
+    page_bytes,
+    profile_activations,
+    size_kv_cache_pages,
+)
 
 PromptInput = str | dict[str, Any] | list[int]
 
@@ -152,7 +159,8 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.cache_shape, self.device, load.seed, self.eos_token_ids,
                                   max_num_seqs=config.scheduler.max_num_seqs,
                                   max_pages_per_seq=self.kv.pages_for_tokens(self.max_model_len),
-                                  num_host_pages=num_swap_pages(config.cache, config.scheduler, per_page), options=self.runner_options)
+                                  num_host_pages=num_swap_pages(config.cache, config.scheduler, per_page),
+                                  options=self.runner_options)
         self.timings = StepTimings()
         self.request_counters = RequestCounters()
         self.outputs = OutputBuilder(self.tokenizer, self.scheduler.life, self.request_counters)

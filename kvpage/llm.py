@@ -43,13 +43,15 @@ class LLM:
         list of either. ``sampling_params`` is one ``SamplingParams`` for all
         prompts or a list with one per prompt.
         """
-        prompt_list = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
-        if not prompt_list:
+        given = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        if not given:
             return []
-        for p in prompt_list:
+        prompt_list: list[str | dict[str, Any]] = []
+        for p in given:
             if not isinstance(p, (str, dict)):
                 raise ValueError(f"each prompt must be a string or a dict such as {{'prompt_token_ids': [...]}}, "
                                  f"got {type(p).__name__}; wrap token ids as {{'prompt_token_ids': ids}}")
+            prompt_list.append(p)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             params_list = [sampling_params or SamplingParams()] * len(prompt_list)
         else:

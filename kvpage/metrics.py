@@ -1,6 +1,6 @@
 """Counters the engine keeps and reports through ``get_metrics()``.
 
-Step time is split into phases so that the engine's own overhead (planning,
+Step time is split into phases so that the engine's own overhead (scheduling,
 page bookkeeping, tensor preparation, applying results) can be told apart
 from the model's forward pass (with sampling) and from building the
 ``RequestOutput`` objects handed back to the caller.
@@ -27,8 +27,8 @@ class StepTimings:
         """Planning, page bookkeeping, input preparation and applying results: not the model, not outputs."""
         return self.schedule_s + self.prepare_s + self.update_s
 
-    def as_dict(self) -> dict[str, float]:
-        out = {f"step_{k}": v for k, v in asdict(self).items()}
+    def as_dict(self) -> dict[str, float | int]:
+        out: dict[str, float | int] = {f"step_{k}": v for k, v in asdict(self).items()}
         out["step_overhead_s"] = self.overhead_s
         return out
 

@@ -40,6 +40,9 @@ class OutputBuilder:
     def _detokenizer(self, seq: Sequence) -> IncrementalDetokenizer:
         detok = self._detokenizers.get(seq.seq_id)
         if detok is None:
+            # Only text-producing paths get here, and those need a tokenizer: add_request
+            # rejects stop strings without one, and _text_of returns "" when there is none.
+            assert self.tokenizer is not None, "a detokenizer needs a tokenizer"
             detok = IncrementalDetokenizer(self.tokenizer, seq.token_ids, seq.num_prompt_tokens,
                                            seq.request.sampling_params.skip_special_tokens)
             self._detokenizers[seq.seq_id] = detok

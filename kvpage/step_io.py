@@ -15,7 +15,6 @@ from enum import Enum
 
 from kvpage.sampling_params import SamplingParams
 
-
 # Stands for a token sampled by the step still running on the device (asynchronous
 # scheduling): the runner substitutes the real id on the device, from that step's output.
 INFLIGHT_TOKEN = -1
@@ -59,7 +58,7 @@ class PageOps:
 
 @dataclass
 class SchedulerOutput:
-    """The plan of one step."""
+    """What one step runs: its sequences, the page operations before it, and the sequences that left."""
 
     sequences: list[ScheduledSequence] = field(default_factory=list)
     # Page copies, performed before the forward pass in exactly this order: the scheduler
@@ -84,7 +83,7 @@ class SchedulerOutput:
         return not self.sequences and not self.page_ops
 
     def can_overlap(self) -> bool:
-        """Whether the next step can be planned and sampled without this step's token ids on the host.
+        """Whether the next step can be scheduled and sampled without this step's token ids on the host.
 
         Penalties and ``min_tokens`` read a sequence's output tokens when
         sampling, and beam search forks on the candidates; with asynchronous

@@ -230,7 +230,7 @@ def test_metadata_validation_names_the_problem() -> None:
         AttentionMetadata(
             query_lens=[2],
             seq_lens=[2],
-            block_tables=torch.zeros(1, 1, dtype=torch.int32),
+            page_tables=torch.zeros(1, 1, dtype=torch.int32),
             slot_mapping=torch.zeros(3, dtype=torch.long),
             block_size=4,
         )
@@ -240,5 +240,5 @@ def test_metadata_positions_and_slots() -> None:
     meta = AttentionMetadata.build([2, 1], [5, 3], [[7, 2], [4]], block_size=4)
     assert meta.positions().tolist() == [3, 4, 2]
     assert meta.slot_mapping.tolist() == [7 * 4 + 3, 2 * 4 + 0, 4 * 4 + 2]
-    assert meta.block_tables.tolist() == [[7, 2], [4, 0]]
-    assert meta.block_tables.dtype == torch.int32
+    assert meta.page_tables.tolist() == [[7, 2], [4, 0]]
+    assert meta.page_tables.dtype == torch.int32

@@ -20,7 +20,8 @@ FIELDS = {"workload", "layout", "n", "num_requests", "wall_s", "generated_tokens
 def test_bench_json_reports_every_figure(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "report"
     assert main(["bench", "--json", "--workloads", "alpaca,uniform", "--num-requests", "8", "--kv-tokens", "256",
-                 "--max-model-len", "256", "--sharing-n", "2", "--beam-widths", "2", "--sharing-requests", "3", "--device", "cpu",
+                 "--max-model-len", "256", "--sharing-n", "2", "--beam-widths", "2", "--sharing-requests", "3",
+                 "--device", "cpu",
                  "--preemption-modes", "swap,auto",
                  "--out", str(out)]) == 0
     report = json.loads(capsys.readouterr().out)

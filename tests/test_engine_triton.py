@@ -33,7 +33,7 @@ def prompts_and_lengths(seed: int, num: int, shared: int = 0) -> tuple[list[list
 def run_and_compare(model_dir: Path, prompts: list[list[int]], max_tokens: list[int], n: int = 1,
                     **options: object) -> LLM:
     llm = LLM(model=str(model_dir), attention_backend="triton", dtype="float32", seed=0, **options)
-    assert llm.engine.runner.kv.use_kernels
+    assert llm.engine.runner.kv_cache.use_kernels
     params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True, n=n) for m in max_tokens]
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     for i, (prompt, m, out) in enumerate(zip(prompts, max_tokens, outputs)):

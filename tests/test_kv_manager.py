@@ -3,7 +3,7 @@
 The property test drives random sequences of new/append/fork/free/evict
 operations and keeps a shadow "physical memory" (which token sits in which
 slot of which page), so it checks not just the bookkeeping invariants but
-that every sequence's block table really reads back its own tokens, through
+that every sequence's page table really reads back its own tokens, through
 prefix hits and copy-on-write copies.
 """
 

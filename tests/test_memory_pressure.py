@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import logging
-import sys
 import zlib
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvpage.step_io import SampledToken
 from kvpage.config import SchedulerConfig
 from kvpage.kv import Claim, ContiguousKVCacheManager, KVCacheManager, make_kv_manager
-from kvpage.sched.pressure import PressureSample, ThrashingMonitor
-from kvpage.sched.sequence import Request
 from kvpage.sampling_params import SamplingParams
+from kvpage.sched.pressure import PressureSample, ThrashingMonitor
 from kvpage.sched.scheduler import Scheduler
+from kvpage.sched.sequence import Request
+from kvpage.step_io import SampledToken
 
 
 def scheduler(layout: str = "paged", num_pages: int = 64, block_size: int = 4, max_model_len: int = 64,

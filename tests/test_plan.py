@@ -75,7 +75,8 @@ def test_trace_lines_parse_and_every_bad_line_is_reported_with_its_number() -> N
         parse_trace(bad, LIMITS, "t.jsonl")
     message = str(caught.value)
     for number, text in ((5, "not valid JSON"), (6, "arrival_time must be a finite number of seconds >= 0"),
-                         (7, "give exactly one of prompt_tokens"), (8, "prompt (1000) + output_tokens (100) exceeds max_model_len (1024)"),
+                         (7, "give exactly one of prompt_tokens"),
+                         (8, "prompt (1000) + output_tokens (100) exceeds max_model_len (1024)"),
                          (9, "output_tokens must be an integer >= 1"), (9, "unknown field 'colour'"),
                          (10, "shared_prefix_tokens needs a prefix_group"), (11, "expected a JSON object")):
         assert f"t.jsonl:{number}: {text}" in message
@@ -170,7 +171,8 @@ def test_calibrated_plan_predicts_the_cpu_engine_within_15_percent() -> None:
         attempts.append([(name, key, round(planned / real, 3)) for name, key, planned, real in rows])
         if all(planned == pytest.approx(real, rel=0.15) for _, _, planned, real in rows):
             if len(attempts) > 1:
-                warnings.warn(f"plan accuracy passed on its second attempt; predicted / measured: {attempts}")
+                warnings.warn(f"plan accuracy passed on its second attempt; predicted / measured: {attempts}",
+                              stacklevel=2)
             return
     pytest.fail(f"predicted / measured outside 0.85-1.15 in both attempts: {attempts}")
 

@@ -111,4 +111,5 @@ def assert_same(stepped: ReplayResult, fast: ReplayResult) -> None:
 def test_fake_tokens_of_a_range_are_the_tokens_of_each_position() -> None:
     for seq_id in (0, 7, 128_252, 10**6):
         for start, stop in ((0, 0), (0, 1), (5, 40), (1023, 1030)):
-            assert fake_token_ids(seq_id, start, stop, 4096) == [fake_token(seq_id, p, 4096) for p in range(start, stop)]
+            expected = [fake_token(seq_id, p, 4096) for p in range(start, stop)]
+            assert fake_token_ids(seq_id, start, stop, 4096) == expected

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from kvpage.step_io import SampledToken, SchedulerOutput
 from kvpage.config import SchedulerConfig
 from kvpage.kv import KVCacheManager
-from kvpage.sched.sequence import Request, SequenceStatus
 from kvpage.sampling_params import SamplingParams
 from kvpage.sched.scheduler import Scheduler
+from kvpage.sched.sequence import Request, SequenceStatus
+from kvpage.step_io import SampledToken, SchedulerOutput
 
 
 def make(num_pages: int = 64, block_size: int = 4, max_model_len: int = 256, caching: bool = True,

@@ -4,7 +4,7 @@
 performs each step's swaps and page copies on a simulated cache that stores
 token ids instead of K/V, writes every scheduled token into its page slot,
 and checks that every sequence it samples finds exactly its own tokens in
-its block table.  Its "logits" are a hash of those tokens, so outputs are a
+its page table.  Its "logits" are a hash of those tokens, so outputs are a
 function of the cache's contents: a run squeezed into few pages, with
 preemption, swap and copy-on-write, must produce the outputs of a run with
 room to spare, finish in bounded steps (no livelock), and free every page.
@@ -18,12 +18,12 @@ import zlib
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvpage.step_io import SampledToken, SchedulerOutput
 from kvpage.config import SchedulerConfig
 from kvpage.kv import make_kv_manager
-from kvpage.sched.sequence import Request
 from kvpage.sampling_params import SamplingParams
 from kvpage.sched.scheduler import Scheduler
+from kvpage.sched.sequence import Request
+from kvpage.step_io import SampledToken, SchedulerOutput
 
 EOS = 2
 VOCAB = 24

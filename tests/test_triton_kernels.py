@@ -18,8 +18,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from kvpage.ops import AttentionMetadata, copy_pages, paged_attention, write_kv_cache  # noqa: E402
-from kvpage.ops import triton_attention, triton_cache  # noqa: E402
+from kvpage.ops import AttentionMetadata, copy_pages, paged_attention, triton_attention, triton_cache, write_kv_cache  # noqa: E402  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
@@ -78,7 +77,7 @@ def make_batch(cases: list[tuple[int, int]], block_size: int, gqa: int, dtype: t
 def reference(batch: Batch, scale: float, window: int | None) -> torch.Tensor:
     """The torch reference in float32 on the CPU, over the very same (rounded) inputs."""
     meta = batch.meta
-    cpu_meta = AttentionMetadata(meta.query_lens, meta.seq_lens, meta.block_tables.cpu(), meta.slot_mapping.cpu(),
+    cpu_meta = AttentionMetadata(meta.query_lens, meta.seq_lens, meta.page_tables.cpu(), meta.slot_mapping.cpu(),
                                  meta.block_size, backend="torch")
     return paged_attention(batch.query.float().cpu(), batch.key_cache.float().cpu(), batch.value_cache.float().cpu(),
                            cpu_meta, scale, sliding_window=window)

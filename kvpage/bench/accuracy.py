@@ -46,6 +46,8 @@ def measure_accuracy(new_llm: Callable[[], LLM], workloads: list[tuple[str, Work
                      ) -> tuple[CalibratedCostModel, list[AccuracyRow]]:
     """Calibrate and run every workload ``grid.repeats`` times, interleaved; then replay each one."""
     grid = grid or CalibrationGrid()
+    if grid.repeats < 1:
+        raise ValueError(f"grid.repeats must be at least 1, got {grid.repeats}")
     one_repeat = replace(grid, repeats=1)
     samples = []
     runs: dict[str, list[TraceRunResult]] = {name: [] for name, _ in workloads}
@@ -55,7 +57,7 @@ def measure_accuracy(new_llm: Callable[[], LLM], workloads: list[tuple[str, Work
         samples += measure_steps(calibrated, one_repeat, seed=repeat)
         for name, workload in workloads:
             runs[name].append(run_trace(new_llm(), workload))
-    assert calibrated is not None, "grid.repeats must be at least 1"
+    assert calibrated is not None  # grid.repeats >= 1, checked above
     cost = fit_steps(calibrated, samples)
     rows = []
     for name, workload in workloads:

@@ -13,34 +13,56 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypedDict
 
 from kvpage.bench.run import BenchResults, CaseResult
 from kvpage.plan.report import load_pyplot
 
-PAPER = {"paged_waste_max": 0.04, "batch_vs_request": 2.0, "batch_vs_max": 4.0, "throughput_vs_max": 2.0,
+RatioKey = Literal["batch_vs_request", "batch_vs_max", "throughput_vs_max"]
+
+
+class PaperTargets(TypedDict):
+    paged_waste_max: float
+    batch_vs_request: float
+    batch_vs_max: float
+    throughput_vs_max: float
+    sharing: dict[str, dict[int, float]]  # workload -> n -> memory saved
+    beam: dict[str, dict[int, float]]  # workload -> beam width -> memory saved
+
+
+class Verdict(TypedDict):
+    target: str
+    measured: float
+    goal: str
+    met: bool
+
+
+PAPER: PaperTargets = {"paged_waste_max": 0.04, "batch_vs_request": 2.0, "batch_vs_max": 4.0, "throughput_vs_max": 2.0,
          # parallel-sampling savings at n = 2 and n = 6, the ends of the paper's ranges
          "sharing": {"alpaca": {2: 0.061, 6: 0.098}, "sharegpt": {2: 0.162, 6: 0.305}},
          # beam-search savings at widths 2 and 6
          "beam": {"alpaca": {2: 0.376, 6: 0.552}, "sharegpt": {2: 0.443, 6: 0.663}}}
 WASTE_KINDS = ("internal_fragmentation", "reservation_waste", "external_fragmentation")
+# (compared layout, target, what is compared), each measured paged / that layout on sharegpt
+_RATIO_TARGETS: tuple[tuple[str, RatioKey, str], ...] = (
+    ("contiguous-request", "batch_vs_request", "mean batch under load"),
+    ("contiguous-max", "batch_vs_max", "mean batch under load"),
+    ("contiguous-max", "throughput_vs_max", "throughput"))
 
 
 def _find(cases: list[CaseResult], workload: str, layout: str) -> CaseResult | None:
     return next((c for c in cases if c.workload == workload and c.layout == layout), None)
 
 
-def verdicts(results: BenchResults) -> list[dict[str, Any]]:
+def verdicts(results: BenchResults) -> list[Verdict]:
     """Each target of issue #5 that these results can judge: measured value, target, met or not."""
-    out = []
+    out: list[Verdict] = []
     sharegpt = {layout: _find(results.cases, "sharegpt", layout) for layout in results.config.layouts}
     paged = sharegpt.get("paged")
     if paged is not None:
         out.append({"target": "paged waste on sharegpt, share of memory not free", "measured": paged.waste_of_used,
                     "goal": f"<= {PAPER['paged_waste_max']}", "met": paged.waste_of_used <= PAPER["paged_waste_max"]})
-        for layout, key, what in (("contiguous-request", "batch_vs_request", "mean batch under load"),
-                                  ("contiguous-max", "batch_vs_max", "mean batch under load"),
-                                  ("contiguous-max", "throughput_vs_max", "throughput")):
+        for layout, key, what in _RATIO_TARGETS:
             other = sharegpt.get(layout)
             if other is None or (what != "throughput" and not other.batch_size_mean_loaded):
                 continue  # nothing ever waited: memory never bound, so the layout could not matter
@@ -49,8 +71,8 @@ def verdicts(results: BenchResults) -> list[dict[str, Any]]:
             out.append({"target": f"{what} paged / {layout} on sharegpt", "measured": ratio,
                         "goal": f">= {PAPER[key]}", "met": ratio >= PAPER[key]})
     for case in results.sharing:
-        kind, size = ("beam", case.beam_width) if case.beam_width else ("sharing", case.n)
-        goal = PAPER[kind].get(case.workload, {}).get(size)
+        savings, size = (PAPER["beam"], case.beam_width) if case.beam_width else (PAPER["sharing"], case.n)
+        goal = savings.get(case.workload, {}).get(size)
         if goal is not None:
             what = f"beam-search saving, {case.workload}, width={size}" if case.beam_width \
                 else f"parallel-sampling saving, {case.workload}, n={size}"

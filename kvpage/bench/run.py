@@ -21,8 +21,8 @@ from typing import Any
 
 from kvpage.config import PREEMPTION_MODES
 from kvpage.llm import LLM
-from kvpage.sched.pressure import WasteStats
 from kvpage.sampling_params import RequestOutputKind, SamplingParams
+from kvpage.sched.pressure import WasteStats
 from kvpage.workloads import WORKLOAD_NAMES, Workload, WorkloadSpec, make_workload
 
 LAYOUTS = ("paged", "contiguous-request", "contiguous-max")
@@ -51,6 +51,8 @@ class BenchConfig:
         for name in self.workloads:
             if name not in WORKLOAD_NAMES:
                 raise ValueError(f"workloads contains {name!r}; known workloads: {', '.join(WORKLOAD_NAMES)}")
+        if not self.layouts:
+            raise ValueError(f"layouts must name at least one layout of: {', '.join(LAYOUTS)}")
         for layout in self.layouts:
             if layout not in LAYOUTS:
                 raise ValueError(f"layouts contains {layout!r}; known layouts: {', '.join(LAYOUTS)}")
@@ -111,7 +113,7 @@ def run_case(llm: LLM, workload: Workload, layout: str, n: int = 1, beam_width: 
     engine = llm.engine
     engine.waste_stats = WasteStats()  # step averages of this case only
     before = engine.get_metrics()
-    ids = []
+    ids: list[str] = []
     for request in workload.requests:
         params = SamplingParams(n=n, temperature=0.0 if n == 1 or beam_width else 1.0, seed=len(ids),
                                 ignore_eos=True, max_tokens=request.output_tokens,
@@ -123,8 +125,11 @@ def run_case(llm: LLM, workload: Workload, layout: str, n: int = 1, beam_width: 
         engine.step()
     wall = time.perf_counter() - start
     after = engine.get_metrics()
-    generated = after["num_generation_tokens"] - before["num_generation_tokens"]
-    computed = after["num_tokens_computed"] - before["num_tokens_computed"]
+    def delta(name: str) -> int:
+        return _count(after, name) - _count(before, name)
+
+    generated = delta("num_generation_tokens")
+    computed = delta("num_tokens_computed")
     if engine.kv.num_pages_in_use:
         raise RuntimeError(f"{engine.kv.num_pages_in_use} KV pages still in use after the {layout} run")
     return CaseResult(
@@ -138,11 +143,17 @@ def run_case(llm: LLM, workload: Workload, layout: str, n: int = 1, beam_width: 
         external_fragmentation=after["kv_external_fragmentation_mean"], waste=after["kv_waste_mean"],
         waste_of_used=after["kv_waste_of_used_mean"],
         sharing_saving=after["kv_sharing_saving_mean"],
-        num_preemptions=after["num_preemptions"] - before["num_preemptions"],
-        recomputed_tokens=after["num_recomputed_tokens"] - before["num_recomputed_tokens"],
-        num_steps=after["step_num_steps"] - before["step_num_steps"],
-        preemption_mode=engine.config.scheduler.preemption_mode,
-        num_swapped_out=after["num_swapped_out"] - before["num_swapped_out"], beam_width=beam_width)
+        num_preemptions=delta("num_preemptions"), recomputed_tokens=delta("num_recomputed_tokens"),
+        num_steps=delta("step_num_steps"), preemption_mode=engine.config.scheduler.preemption_mode,
+        num_swapped_out=delta("num_swapped_out"), beam_width=beam_width)
+
+
+def _count(metrics: dict[str, float | int], name: str) -> int:
+    """A counter of ``get_metrics()``: an integer, unlike the means and rates beside it."""
+    value = metrics[name]
+    if not isinstance(value, int):
+        raise TypeError(f"engine metric {name!r} should be an integer count, got {value!r}")
+    return value
 
 
 def new_llm(config: BenchConfig, layout: str, preemption_mode: str = "recompute") -> LLM:
@@ -178,7 +189,7 @@ def run_bench(config: BenchConfig, progress: Any = None) -> BenchResults:
             say(f"{name} on {layout} ({len(workload.requests)} requests)")
             results.cases.append(run_case(llm, workload, layout))
             engine.kv.reset_prefix_cache()  # each workload starts cold
-    assert results is not None
+    assert results is not None  # validate() requires a layout
     for mode in config.preemption_modes if "paged" in config.layouts else ():
         if mode == "recompute":
             continue  # the main runs

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 from kvpage.llm import LLM
 from kvpage.plan.replay import RequestTiming, latency_summary, trace_sampling_params
-from kvpage.sched.pressure import WasteStats
 from kvpage.sampling_params import RequestOutputKind
+from kvpage.sched.pressure import WasteStats
 from kvpage.workloads import Workload
 
 

@@ -17,13 +17,13 @@
 from kvpage.kv.contiguous import ContiguousKVCacheManager
 from kvpage.kv.factory import make_kv_manager
 from kvpage.kv.interface import Claim, KVManager, KVUsage, PageCopy
-from kvpage.kv.manager import BlockTable, KVCacheManager
+from kvpage.kv.manager import KVCacheManager, PageTable
 from kvpage.kv.page_pool import Page, PagePool, PageState, PrefixHit
 from kvpage.kv.prefix_hash import page_hash
 from kvpage.kv.waste import KVWaste
 
 __all__ = [
-    "BlockTable",
+    "PageTable",
     "Claim",
     "ContiguousKVCacheManager",
     "KVCacheManager",

@@ -6,7 +6,7 @@ when the request was admitted.  :class:`ContiguousKVCacheManager` does the
 same inside kvpage's KV memory, so both layouts run through the very same
 scheduler, runner and attention code and only the memory layout differs:
 
-* a sequence's reservation is a run of consecutive pages, so its block table
+* a sequence's reservation is a run of consecutive pages, so its page table
   is ``[start, start + 1, ...]``; the attention code cannot tell the
   difference, but the allocator can: holes between reservations that are
   too small for the next request are **external fragmentation**;
@@ -26,7 +26,6 @@ from __future__ import annotations
 import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-
 from typing import Literal
 
 from kvpage.kv.interface import Claim, KVUsage, PageCopy
@@ -189,7 +188,7 @@ class ContiguousKVCacheManager:
     def fork(self, parent_id: int, child_id: int) -> None:
         """Give the child one of the reservations taken for it, and queue the copy of the parent's K/V."""
         if child_id in self._tables:
-            raise ValueError(f"sequence {child_id} already has a block table")
+            raise ValueError(f"sequence {child_id} already has a page table")
         parent = self._tables[parent_id]
         spare = self._spare.get(parent_id)
         child = spare.pop() if spare else self._take(parent.num_pages)

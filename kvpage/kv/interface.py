@@ -71,7 +71,7 @@ class Claim:
 
 
 class KVManager(Protocol):
-    """Block tables of sequences over a fixed number of pages of ``block_size`` token slots."""
+    """Page tables of sequences over a fixed number of pages of ``block_size`` token slots."""
 
     @property
     def layout(self) -> KVLayout: ...

@@ -1,7 +1,7 @@
-"""The KV-cache manager: block tables of sequences on top of the page pool.
+"""The KV-cache manager: page tables of sequences on top of the page pool.
 
 A *sequence* (one stream of tokens: a prompt and what was generated after it)
-owns a :class:`BlockTable`, the list of physical pages that hold its K/V in
+owns a :class:`PageTable`, the list of physical pages that hold its K/V in
 logical order. Token ``t`` of the sequence lives in page ``t // block_size`` of
 its table, at offset ``t % block_size``. Tables grow one page at a time as
 tokens are appended, so the only slack is in the last page.
@@ -36,7 +36,7 @@ from kvpage.modes import KVLayout
 
 
 @dataclass
-class BlockTable:
+class PageTable:
     """Logical-to-physical page map of one sequence."""
 
     pages: list[Page] = field(default_factory=list)
@@ -59,7 +59,7 @@ class KVCacheManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.pool = PagePool(num_pages, block_size)
         self.swap_space = SwapSpace(num_swap_pages)
-        self._tables: dict[int, BlockTable] = {}
+        self._tables: dict[int, PageTable] = {}
         self._swapped: dict[int, SwappedTable] = {}
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
@@ -186,7 +186,7 @@ class KVCacheManager:
         if self.pages_needed(seq_id, num_new_tokens, claim) > self.pool.num_available_pages:
             return None
         if table is None:
-            table = BlockTable()
+            table = PageTable()
             hit = claim.hit if claim is not None else None
             if hit is not None and hit.pages:
                 hashes = [page.content_hash for page in hit.pages if page.content_hash is not None]
@@ -216,7 +216,7 @@ class KVCacheManager:
             table.page_ids.append(page.page_id)
         return copies
 
-    def _needs_copy(self, table: BlockTable, num_new_tokens: int) -> bool:
+    def _needs_copy(self, table: PageTable, num_new_tokens: int) -> bool:
         """Would the next write land in a page that another sequence shares?"""
         if num_new_tokens <= 0 or table.num_computed_tokens % self.block_size == 0:
             return False
@@ -254,7 +254,7 @@ class KVCacheManager:
         if table is not None:
             self._index(table, token_ids, min(table.num_computed_tokens, len(token_ids)) // self.block_size)
 
-    def _index(self, table: BlockTable, token_ids: Sequence[int], num_full: int) -> None:
+    def _index(self, table: PageTable, token_ids: Sequence[int], num_full: int) -> None:
         """Put the table's first ``num_full`` pages in the prefix-cache index (those not there yet)."""
         if not self.enable_prefix_caching or len(table.hashes) >= num_full:
             return
@@ -272,11 +272,11 @@ class KVCacheManager:
     def fork(self, parent_id: int, child_id: int) -> None:
         """Give ``child_id`` a table sharing every page of ``parent_id``."""
         if child_id in self._tables:
-            raise ValueError(f"sequence {child_id} already has a block table")
+            raise ValueError(f"sequence {child_id} already has a page table")
         parent = self._tables[parent_id]
         for page in parent.pages:
             self.pool.share(page)
-        self._tables[child_id] = BlockTable(
+        self._tables[child_id] = PageTable(
             pages=list(parent.pages), page_ids=list(parent.page_ids), hashes=list(parent.hashes),
             num_computed_tokens=parent.num_computed_tokens,
         )
@@ -305,7 +305,7 @@ class KVCacheManager:
         if len(swapped.host_page_ids) > self.pool.num_available_pages:
             return None
         del self._swapped[seq_id]
-        table = BlockTable(hashes=swapped.hashes, num_computed_tokens=swapped.num_computed_tokens)
+        table = PageTable(hashes=swapped.hashes, num_computed_tokens=swapped.num_computed_tokens)
         for i in range(len(swapped.host_page_ids)):
             page = self.pool.allocate()
             # Private copies: not in the prefix-cache index (the originals may still be).

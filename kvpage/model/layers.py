@@ -4,7 +4,7 @@ A decoder layer is ``x + attn(norm(x))`` followed by ``x + mlp(norm(x))``.
 The attention block projects q, k and v with one fused matrix, optionally
 RMS-normalizes q and k per head (Qwen3), rotates them with RoPE, stores the
 new k/v into the paged cache (those three in one fused step) and attends
-through the block tables.  The MLP is SiLU-gated with a fused gate/up
+through the page tables.  The MLP is SiLU-gated with a fused gate/up
 matrix. The small per-token steps are :mod:`kvpage.ops.fused` (torch
 reference, or one Triton kernel each on a GPU).
 

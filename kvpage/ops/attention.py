@@ -3,8 +3,8 @@
 The KV cache of one layer is two tensors, ``key_cache`` and ``value_cache``,
 each shaped ``[num_pages, block_size, num_kv_heads, head_dim]``.  A sequence
 does not own a contiguous region of that tensor; it owns a list of *pages*
-(its block table), and token ``p`` of the sequence lives in page
-``block_table[p // block_size]`` at offset ``p % block_size``.  Flattening
+(its page table), and token ``p`` of the sequence lives in page
+``page_table[p // block_size]`` at offset ``p % block_size``.  Flattening
 the first two cache dimensions gives a *slot* number
 ``page * block_size + offset`` for every token.
 
@@ -13,7 +13,7 @@ concatenated into a single ``[T, ...]`` tensor (see :class:`AttentionMetadata`).
 For every sequence the step first writes the new tokens' K/V into their slots
 (:func:`write_kv_cache`) and then lets each new token attend causally to every
 earlier token of its sequence, old and new alike, by reading the cache through
-the block table (:func:`paged_attention`).  This one rule covers prefill from
+the page table (:func:`paged_attention`).  This one rule covers prefill from
 an empty cache, prefill over a cached (shared) prefix, chunked prefill, and
 decode, so all of them can share a batch.
 
@@ -157,16 +157,16 @@ def paged_attention(
 
         return triton_attention.paged_attention(query, key_cache, value_cache, meta, scale, sliding_window)
     masks = meta.masks(sliding_window)
-    plan = meta.reference
+    work = meta.reference
     if meta.all_decode:
         return _decode_attention(query, key_cache, value_cache, meta, masks, scale).to(query.dtype)
     output = torch.empty_like(query)
-    if plan.decode_token_rows.numel() > 0:
-        decode_query = query.index_select(0, plan.decode_token_rows)
+    if work.decode_token_rows.numel() > 0:
+        decode_query = query.index_select(0, work.decode_token_rows)
         decode_out = _decode_attention(decode_query, key_cache, value_cache, meta, masks, scale)
-        output.index_copy_(0, plan.decode_token_rows, decode_out.to(query.dtype))
+        output.index_copy_(0, work.decode_token_rows, decode_out.to(query.dtype))
     for segment, pages, hidden, unused_keys in zip(
-        meta.prefill_segments, plan.prefill_pages, masks.prefill_hidden, masks.prefill_unused_keys
+        meta.prefill_segments, work.prefill_pages, masks.prefill_hidden, masks.prefill_unused_keys
     ):
         keys = _gather_pages(key_cache, pages)[: segment.seq_len]
         values = _gather_pages(value_cache, pages)[: segment.seq_len]
@@ -183,8 +183,8 @@ def _decode_attention(
     meta: AttentionMetadata, masks: StepMasks, scale: float,
 ) -> torch.Tensor:
     """All single-token sequences at once: one gather, padded to the longest of them."""
-    keys = _gather_pages(key_cache, meta.reference.decode_block_tables)  # [D, L, Hkv, Dh]
-    values = _gather_pages(value_cache, meta.reference.decode_block_tables)
+    keys = _gather_pages(key_cache, meta.reference.decode_page_tables)  # [D, L, Hkv, Dh]
+    values = _gather_pages(value_cache, meta.reference.decode_page_tables)
     # Padding pages and unwritten slots may hold NaN; 0 probability * NaN is NaN.
     values.masked_fill_(masks.decode_hidden[:, :, None, None], 0.0)
     output = _masked_attention(query[:, None], keys, values, masks.decode_hidden[:, None, :], scale)

@@ -2,7 +2,7 @@
 
 A step flattens the new tokens of S sequences into one ``[T, ...]`` tensor.
 :class:`AttentionMetadata` says where each sequence's tokens sit in that
-tensor, how long each sequence is, where its K/V pages are (block tables) and
+tensor, how long each sequence is, where its K/V pages are (page tables) and
 which cache slot each new token's K/V goes to (slot mapping).
 
 The two attention implementations read it differently, and each derives what
@@ -10,27 +10,28 @@ it needs only on first use, once per step, shared by every layer:
 
 * the pure-torch reference (:mod:`kvpage.ops.attention`) gathers whole pages
   and masks them, so it wants per-part index tensors and boolean masks
-  (:class:`ReferencePlan`);
+  (:class:`ReferenceWork`);
 * the Triton kernels (:mod:`kvpage.ops.triton_attention`) walk the block
   tables themselves, so they want a few int32 arrays: where each sequence's
   queries start, its length, which sequences decode, and how prefill queries
-  are cut into tiles (:class:`KernelPlan`). These travel to the GPU in one
+  are cut into tiles (:class:`KernelWork`). These travel to the GPU in one
   pinned, asynchronous copy.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import torch
 
 from kvpage.config import ATTENTION_BACKENDS
 from kvpage.ops.transfer import to_device_segments
 
-__all__ = ["ATTENTION_BACKENDS", "AttentionMetadata", "KernelPlan", "PrefillSegment", "ReferencePlan", "StepMasks",
+__all__ = ["ATTENTION_BACKENDS", "AttentionMetadata", "KernelWork", "PrefillSegment", "ReferenceWork", "StepMasks",
            "wants_kernels"]
 
 # Query tokens per prefill program; the tile table is cut to this size.
@@ -66,13 +67,13 @@ class AttentionMetadata:
 
     ``T = sum(query_lens)``.  New token ``j`` of sequence ``i`` is at position
     ``seq_lens[i] - query_lens[i] + j`` and attends to positions ``0..`` that
-    position.  Use :meth:`build` to derive ``block_tables`` and
+    position.  Use :meth:`build` to derive ``page_tables`` and
     ``slot_mapping`` from per-sequence page lists.
     """
 
     query_lens: list[int]
     seq_lens: list[int]
-    block_tables: torch.Tensor  # [S, max_pages] int32; entries past a sequence's pages are padding
+    page_tables: torch.Tensor  # [S, max_pages] int32; entries past a sequence's pages are padding
     slot_mapping: torch.Tensor  # [T] int64; -1 means "do not write"
     block_size: int
     backend: str = "auto"
@@ -109,12 +110,12 @@ class AttentionMetadata:
                 f"seq_lens has {len(self.seq_lens)} entries but query_lens has {num_seqs}; "
                 "they must describe the same sequences"
             )
-        if self.block_tables.dim() != 2 or self.block_tables.shape[0] != num_seqs:
+        if self.page_tables.dim() != 2 or self.page_tables.shape[0] != num_seqs:
             raise ValueError(
-                f"block_tables must have shape [num_seqs={num_seqs}, max_pages], "
-                f"got {tuple(self.block_tables.shape)}"
+                f"page_tables must have shape [num_seqs={num_seqs}, max_pages], "
+                f"got {tuple(self.page_tables.shape)}"
             )
-        max_tokens = self.block_tables.shape[1] * self.block_size
+        max_tokens = self.page_tables.shape[1] * self.block_size
         for index, (query_len, seq_len) in enumerate(zip(self.query_lens, self.seq_lens)):
             if not 1 <= query_len <= seq_len:
                 raise ValueError(
@@ -123,8 +124,8 @@ class AttentionMetadata:
                 )
             if seq_len > max_tokens:
                 raise ValueError(
-                    f"seq_lens[{index}]={seq_len} exceeds the block table capacity "
-                    f"{self.block_tables.shape[1]} pages * block_size {self.block_size}"
+                    f"seq_lens[{index}]={seq_len} exceeds the page table capacity "
+                    f"{self.page_tables.shape[1]} pages * block_size {self.block_size}"
                 )
         expected_tokens = sum(self.query_lens)
         if self.slot_mapping.shape != (expected_tokens,):
@@ -169,7 +170,7 @@ class AttentionMetadata:
         return cls(
             query_lens=list(query_lens),
             seq_lens=list(seq_lens),
-            block_tables=torch.tensor(padded_tables, dtype=torch.int32, device=device).view(-1, max_pages),
+            page_tables=torch.tensor(padded_tables, dtype=torch.int32, device=device).view(-1, max_pages),
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
             block_size=block_size,
             backend=backend,
@@ -180,42 +181,42 @@ class AttentionMetadata:
         return wants_kernels(self.backend, query)
 
     @cached_property
-    def reference(self) -> ReferencePlan:
-        return ReferencePlan.build(self)
+    def reference(self) -> ReferenceWork:
+        return ReferenceWork.build(self)
 
     @cached_property
-    def kernel(self) -> KernelPlan:
-        return KernelPlan.build(self)
+    def kernel(self) -> KernelWork:
+        return KernelWork.build(self)
 
-    def use_kernel_plan(self, plan: KernelPlan) -> None:
+    def use_kernel_work(self, work: KernelWork) -> None:
         """Use these device arrays instead of building them (a CUDA graph's static buffers)."""
-        self.__dict__["kernel"] = plan  # where functools.cached_property keeps its value
+        self.__dict__["kernel"] = work  # where functools.cached_property keeps its value
 
     def masks(self, sliding_window: int | None) -> StepMasks:
         """The reference's attention masks, built on first use and shared by all layers."""
         return self.reference.masks(self, sliding_window)
 
     def positions(self) -> torch.Tensor:
-        """Position of every new token, ``[T]`` int64, on the block tables' device."""
+        """Position of every new token, ``[T]`` int64, on the page tables' device."""
         positions: list[int] = []
         for query_len, seq_len in zip(self.query_lens, self.seq_lens):
             positions.extend(range(seq_len - query_len, seq_len))
-        return torch.tensor(positions, dtype=torch.long, device=self.block_tables.device)
+        return torch.tensor(positions, dtype=torch.long, device=self.page_tables.device)
 
 
 @dataclass
-class ReferencePlan:
+class ReferenceWork:
     """Index tensors of the torch reference: decode rows gathered at once, prefill one segment at a time."""
 
     decode_token_rows: torch.Tensor
-    decode_block_tables: torch.Tensor
+    decode_page_tables: torch.Tensor
     decode_seq_lens: torch.Tensor
     prefill_pages: tuple[torch.Tensor, ...]
     _masks_by_window: dict[int | None, StepMasks] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, meta: AttentionMetadata) -> ReferencePlan:
-        device = meta.block_tables.device
+    def build(cls, meta: AttentionMetadata) -> ReferenceWork:
+        device = meta.page_tables.device
         starts = [0]
         for query_len in meta.query_lens:
             starts.append(starts[-1] + query_len)
@@ -226,16 +227,16 @@ class ReferencePlan:
         # index_select, not fancy indexing: with a Python index list, torch's CPU
         # advanced-indexing path was measured at ~12 ms for 256 rows on 2 busy cores.
         if meta.all_decode:
-            decode_tables = meta.block_tables
+            decode_tables = meta.page_tables
         else:
-            decode_tables = meta.block_tables.index_select(0, torch.tensor(decode_seqs, dtype=torch.long,
+            decode_tables = meta.page_tables.index_select(0, torch.tensor(decode_seqs, dtype=torch.long,
                                                                            device=device))
         return cls(
             decode_token_rows=torch.tensor([starts[i] for i in decode_seqs], dtype=torch.long, device=device),
-            decode_block_tables=decode_tables[:, :decode_pages].long(),
+            decode_page_tables=decode_tables[:, :decode_pages].long(),
             decode_seq_lens=torch.tensor([meta.seq_lens[i] for i in decode_seqs], device=device),
             prefill_pages=tuple(
-                meta.block_tables[seg.sequence_index, : math.ceil(seg.seq_len / meta.block_size)].long()
+                meta.page_tables[seg.sequence_index, : math.ceil(seg.seq_len / meta.block_size)].long()
                 for seg in meta.prefill_segments
             ),
         )
@@ -248,8 +249,8 @@ class ReferencePlan:
         return cached
 
     def _build_masks(self, meta: AttentionMetadata, sliding_window: int | None) -> StepMasks:
-        device = meta.block_tables.device
-        decode_keys = torch.arange(self.decode_block_tables.shape[1] * meta.block_size, device=device)
+        device = meta.page_tables.device
+        decode_keys = torch.arange(self.decode_page_tables.shape[1] * meta.block_size, device=device)
         seq_lens = self.decode_seq_lens[:, None]
         decode_hidden = decode_keys[None, :] >= seq_lens
         if sliding_window is not None:
@@ -269,7 +270,7 @@ class ReferencePlan:
 
 
 @dataclass
-class KernelPlan:
+class KernelWork:
     """The int32 arrays the Triton kernels index, all on the cache's device.
 
     ``prefill_tiles[k] = (sequence, first query of the tile)``: prefill
@@ -290,7 +291,7 @@ class KernelPlan:
         return self.prefill_tiles.shape[0]
 
     @classmethod
-    def build(cls, meta: AttentionMetadata) -> KernelPlan:
+    def build(cls, meta: AttentionMetadata) -> KernelWork:
         query_start = [0]
         for query_len in meta.query_lens:
             query_start.append(query_start[-1] + query_len)
@@ -300,6 +301,6 @@ class KernelPlan:
                 tiles += (segment.sequence_index, first)
         # One asynchronous copy instead of four blocking ones.
         query_start_t, seq_lens, decode_seqs, tiles_t = to_device_segments(
-            [query_start, meta.seq_lens, meta.decode_seqs, tiles], torch.int32, meta.block_tables.device)
+            [query_start, meta.seq_lens, meta.decode_seqs, tiles], torch.int32, meta.page_tables.device)
         return cls(query_start=query_start_t, seq_lens=seq_lens, decode_seqs=decode_seqs,
                    prefill_tiles=tiles_t.view(-1, 2))

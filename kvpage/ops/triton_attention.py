@@ -2,7 +2,7 @@
 
 They compute what :mod:`kvpage.ops.attention` specifies (that module is the
 reference they are tested against), reading K/V straight out of the pages
-through the block tables instead of gathering them first.
+through the page tables instead of gathering them first.
 
 **Decode** (one new token per sequence) is bound by memory bandwidth: every
 step reads each sequence's whole K/V once. Two choices keep the GPU busy:
@@ -80,11 +80,11 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 @triton.jit
 def _decode_kernel(
-    query_ptr, key_cache_ptr, value_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr, decode_seqs_ptr,
+    query_ptr, key_cache_ptr, value_cache_ptr, page_tables_ptr, seq_lens_ptr, query_start_ptr, decode_seqs_ptr,
     out_ptr, partial_out_ptr, partial_lse_ptr,
     scale_log2, sliding_window,
     stride_query_token, stride_query_head, stride_out_token, stride_out_head,
-    stride_cache_page, stride_cache_slot, stride_cache_head, stride_block_table,
+    stride_cache_page, stride_cache_slot, stride_cache_head, stride_page_table,
     GROUP: tl.constexpr, BLOCK_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr,
 ):
@@ -112,7 +112,7 @@ def _decode_kernel(
     running_max = tl.full([BLOCK_GROUP], float("-inf"), tl.float32)
     running_sum = tl.zeros([BLOCK_GROUP], tl.float32)
     acc = tl.zeros([BLOCK_GROUP, BLOCK_DIM], tl.float32)
-    table = block_tables_ptr + seq.to(tl.int64) * stride_block_table
+    table = page_tables_ptr + seq.to(tl.int64) * stride_page_table
     for start in range(lo, hi, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
         valid = keys < hi
@@ -170,10 +170,10 @@ def _merge_kernel(
 
 @triton.jit
 def _prefill_kernel(
-    query_ptr, key_cache_ptr, value_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr, tiles_ptr, out_ptr,
+    query_ptr, key_cache_ptr, value_cache_ptr, page_tables_ptr, seq_lens_ptr, query_start_ptr, tiles_ptr, out_ptr,
     scale_log2, sliding_window,
     stride_query_token, stride_query_head, stride_out_token, stride_out_head,
-    stride_cache_page, stride_cache_slot, stride_cache_head, stride_block_table,
+    stride_cache_page, stride_cache_slot, stride_cache_head, stride_page_table,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
 ):
@@ -206,7 +206,7 @@ def _prefill_kernel(
     running_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     running_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DIM], tl.float32)
-    table = block_tables_ptr + seq.to(tl.int64) * stride_block_table
+    table = page_tables_ptr + seq.to(tl.int64) * stride_page_table
     for start in range(first_key, last_position + 1, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
         key_valid = keys <= last_position
@@ -250,39 +250,39 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     num_tokens, num_q_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = key_cache.shape
     group = num_q_heads // num_kv_heads
-    plan = meta.kernel
+    work = meta.kernel
     output = torch.empty_like(query)
     ieee = query.dtype == torch.float32
     block_dim = max(16, triton.next_power_of_2(head_dim))
     window = sliding_window or 0
     common = (scale * LOG2E, window, query.stride(0), query.stride(1), output.stride(0), output.stride(1),
-              key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), meta.block_tables.stride(0))
-    if plan.num_decode:
+              key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), meta.page_tables.stride(0))
+    if work.num_decode:
         if num_splits is None:
-            num_splits = decode_num_splits(plan.num_decode, num_kv_heads, query.device)
+            num_splits = decode_num_splits(work.num_decode, num_kv_heads, query.device)
         if num_splits > 1:
-            partial_out = torch.empty((plan.num_decode, num_q_heads, num_splits, head_dim), dtype=torch.float32,
+            partial_out = torch.empty((work.num_decode, num_q_heads, num_splits, head_dim), dtype=torch.float32,
                                       device=query.device)
-            partial_lse = torch.empty((plan.num_decode, num_q_heads, num_splits), dtype=torch.float32,
+            partial_lse = torch.empty((work.num_decode, num_q_heads, num_splits), dtype=torch.float32,
                                       device=query.device)
         else:
             partial_out = partial_lse = output  # unused
-        _decode_kernel[(plan.num_decode, num_kv_heads, num_splits)](
-            query, key_cache, value_cache, meta.block_tables, plan.seq_lens, plan.query_start, plan.decode_seqs,
+        _decode_kernel[(work.num_decode, num_kv_heads, num_splits)](
+            query, key_cache, value_cache, meta.page_tables, work.seq_lens, work.query_start, work.decode_seqs,
             output, partial_out, partial_lse, *common,
             GROUP=group, BLOCK_GROUP=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
             BLOCK_DIM=block_dim, BLOCK_SIZE=block_size, BLOCK_N=_decode_tile(block_size, query.dtype),
             NUM_SPLITS=num_splits, IEEE=ieee, num_warps=4,
         )
         if num_splits > 1:
-            _merge_kernel[(plan.num_decode, num_q_heads)](
-                partial_out, partial_lse, plan.query_start, plan.decode_seqs, output,
+            _merge_kernel[(work.num_decode, num_q_heads)](
+                partial_out, partial_lse, work.query_start, work.decode_seqs, output,
                 output.stride(0), output.stride(1),
                 HEAD_DIM=head_dim, BLOCK_DIM=block_dim, NUM_SPLITS=num_splits,
             )
-    if plan.num_prefill_tiles:
-        _prefill_kernel[(plan.num_prefill_tiles, num_q_heads)](
-            query, key_cache, value_cache, meta.block_tables, plan.seq_lens, plan.query_start, plan.prefill_tiles,
+    if work.num_prefill_tiles:
+        _prefill_kernel[(work.num_prefill_tiles, num_q_heads)](
+            query, key_cache, value_cache, meta.page_tables, work.seq_lens, work.query_start, work.prefill_tiles,
             output, *common,
             GROUP=group, HEAD_DIM=head_dim, BLOCK_DIM=block_dim, BLOCK_SIZE=block_size,
             BLOCK_M=PREFILL_TILE, BLOCK_N=32 if ieee else 64, IEEE=ieee, num_warps=4,

@@ -85,7 +85,8 @@ def _qkv_norm_rope_cache_kernel(
     slot = tl.load(slot_mapping_ptr + token)
     if is_value:
         if slot >= 0:
-            destination = value_cache_ptr + slot * (NUM_KV_HEADS * head_dim) + (head - NUM_Q_HEADS - NUM_KV_HEADS) * head_dim
+            value_head = head - NUM_Q_HEADS - NUM_KV_HEADS
+            destination = value_cache_ptr + slot * (NUM_KV_HEADS * head_dim) + value_head * head_dim
             tl.store(destination + dims, x1.to(value_cache_ptr.dtype.element_ty), mask=mask)
             tl.store(destination + HALF + dims, x2.to(value_cache_ptr.dtype.element_ty), mask=mask)
     else:

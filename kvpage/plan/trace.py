@@ -193,7 +193,8 @@ def dump_trace(workload: Workload) -> str:
     """The workload as JSONL, with its prompt token ids, so that it parses back to the same requests."""
     lines = []
     for r in workload.requests:
-        obj: dict[str, object] = {"arrival_time": round(r.arrival_time, 6), "prompt_token_ids": list(r.prompt_token_ids),
+        obj: dict[str, object] = {"arrival_time": round(r.arrival_time, 6),
+                                  "prompt_token_ids": list(r.prompt_token_ids),
                                   "output_tokens": r.output_tokens}
         for key, default in (("n", 1), ("beam_width", 0), ("priority", 0)):
             if getattr(r, key) != default:

@@ -91,24 +91,23 @@ class AdmissionController:
         """What ``seq`` asks of the KV manager at admission: its prefix hit, its largest size, its samples."""
         return Claim(self.full_tokens(seq.num_prompt_tokens, max_new_tokens), group_size(seq), hit)
 
-    def admission_pages(self, num_tokens: int, num_prompt_tokens: int, max_new_tokens: int, n: int,
-                        num_hit_tokens: int = 0) -> int:
+    def admission_pages(self, num_tokens: int, claim: Claim) -> int:
         """Pages a sequence group holds once admitted, for the cap (and, conservative, its promise).
 
         ``num_tokens`` is what must be computed now: the prompt, or prompt and
         output so far for a preempted sequence.
         """
         pages = self.kv.pages_for_tokens
-        reservation = self.reservation_tokens(num_prompt_tokens, max_new_tokens)
+        reservation = self.kv.reservation_tokens(claim.full_tokens)
         if reservation is not None:
-            return pages(reservation) * n
+            return pages(reservation) * claim.num_samples
         if self.config.headroom_policy == "conservative":
-            return pages(self.full_tokens(num_prompt_tokens, max_new_tokens)) * n
-        return pages(num_tokens) - num_hit_tokens // self.kv.block_size
+            return pages(claim.full_tokens) * claim.num_samples
+        return pages(num_tokens) - claim.hit.num_tokens // self.kv.block_size
 
     def check_fits(self, num_prompt_tokens: int, max_new_tokens: int, n: int) -> None:
         """Refuse at submission what the cap or the layout would never admit."""
-        needed = self.admission_pages(num_prompt_tokens, num_prompt_tokens, max_new_tokens, n)
+        needed = self.admission_pages(num_prompt_tokens, Claim(self.full_tokens(num_prompt_tokens, max_new_tokens), n))
         if needed > self.cap_pages:
             what = ("its reservations" if self.reservation_tokens(1, 1) is not None
                     or self.config.headroom_policy == "conservative" else "its prompt")
@@ -124,9 +123,7 @@ class AdmissionController:
         if not num_running:
             return None
         kv = self.kv
-        max_new_tokens = claim.full_tokens + 1 - seq.num_prompt_tokens
-        wanted = self.admission_pages(len(seq.token_ids), seq.num_prompt_tokens, max_new_tokens, claim.num_samples,
-                                      claim.hit.num_tokens)
+        wanted = self.admission_pages(len(seq.token_ids), claim)
         policy = self.config.headroom_policy
         committed = max(kv.num_pages_in_use, self.promised_pages) if policy == "conservative" \
             else kv.num_pages_in_use

@@ -26,8 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
-from kvpage.sched.beam import BeamGroup
 from kvpage.sampling_params import SamplingParams
+from kvpage.sched.beam import BeamGroup
 
 
 class SequenceStatus(Enum):

@@ -119,9 +119,7 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     _install_error_handlers(app)
 
     def check_model(name: str | None) -> None:
-        if name is not None and name != config.model_name:
-            raise RequestError(f"the model {name!r} does not exist; this server serves {config.model_name!r}",
-                               "model", status=404, code="model_not_found")
+        _check_model(config, name)
 
     def log_unknown(body: Any) -> None:
         unknown = body.unknown_fields()
@@ -154,9 +152,25 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        values = await engine.call(lambda e: e.get_metrics())
-        return PlainTextResponse(engine.telemetry.render(values),
+        return PlainTextResponse(engine.telemetry.render(await engine.snapshot()),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    _add_tokenizer_routes(app, engine, config)
+    return app
+
+
+def _check_model(config: ServerConfig, name: str | None) -> None:
+    if name is not None and name != config.model_name:
+        raise RequestError(f"the model {name!r} does not exist; this server serves {config.model_name!r}",
+                           "model", status=404, code="model_not_found")
+
+
+def _add_tokenizer_routes(app: FastAPI, engine: AsyncEngine, config: ServerConfig) -> None:
+    """``/tokenize`` and ``/detokenize``, vLLM's routes beside the OpenAI API."""
+    llm: LLMEngine = engine.engine
+
+    def check_model(name: str | None) -> None:
+        _check_model(config, name)
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
@@ -167,7 +181,8 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
         def run(e: LLMEngine) -> list[int]:
             if body.messages is not None:
                 return render_chat(e, ChatCompletionRequest(messages=body.messages))
-            return list(e.tokenizer(body.prompt, add_special_tokens=body.add_special_tokens)["input_ids"])
+            tokenizer = _tokenizer(e, "prompt")
+            return list(tokenizer(body.prompt, add_special_tokens=body.add_special_tokens)["input_ids"])
 
         tokens = await engine.call(run)
         return {"tokens": tokens, "count": len(tokens), "max_model_len": llm.max_model_len}
@@ -179,9 +194,15 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
         bad = [t for t in body.tokens if t >= vocab]
         if bad:
             raise RequestError(f"tokens contains {bad[0]}; token ids must be in [0, {vocab})", "tokens")
-        return {"prompt": await engine.call(lambda e: e.tokenizer.decode(body.tokens))}
+        return {"prompt": await engine.call(lambda e: _tokenizer(e, "tokens").decode(body.tokens))}
 
-    return app
+
+
+def _tokenizer(engine: LLMEngine, param: str) -> Any:
+    """The engine's tokenizer, for a request whose ``param`` needs one (a 400 if the model has none)."""
+    if engine.tokenizer is None:
+        raise RequestError("this model has no tokenizer; send and receive token ids instead", param)
+    return engine.tokenizer
 
 
 def _install_error_handlers(app: FastAPI) -> None:

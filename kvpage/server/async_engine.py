@@ -27,7 +27,7 @@ import traceback
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from kvpage.engine import LLMEngine, PromptInput
 from kvpage.outputs import RequestOutput
@@ -146,6 +146,8 @@ class AsyncEngine:
 
     async def submit(self, prompt: PromptInput, params: SamplingParams, *, priority: int = 0) -> RequestHandle:
         """Queue a request; invalid ones raise ValueError here, before any output."""
+        if params.logprobs is not None and self.engine.tokenizer is None:
+            raise ValueError("logprobs need a tokenizer to name the tokens, and this model has none")
         request_id = f"req-{next(self._ids)}"
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(),
                          hold_back=max((len(s) for s in params.stop_strings), default=1) - 1,
@@ -259,10 +261,12 @@ class AsyncEngine:
                            output.num_cached_tokens, num_generated)
 
     def _token_logprob(self, token_id: int, entry: dict[int, float], k: int) -> TokenLogprob:
-        decode = self.engine.tokenizer.decode
+        tokenizer = self.engine.tokenizer
+        assert tokenizer is not None, "submit refuses logprobs without a tokenizer"
+        decode = tokenizer.decode
         top = sorted(entry.items(), key=lambda kv: -kv[1])[:k]
         return TokenLogprob(decode([token_id]), entry[token_id], [(decode([t]), lp) for t, lp in top])
 
-    def snapshot(self) -> dict[str, Any]:
-        """Latest engine metrics (refreshed by the loop every step; safe from any thread)."""
-        return self.telemetry.latest
+    async def snapshot(self) -> dict[str, float | int]:
+        """The engine's current ``get_metrics()``, read on the engine loop between steps."""
+        return await self.call(lambda engine: engine.get_metrics())

@@ -30,7 +30,7 @@ class ServeOptions:
     api_key: str | None = None
     served_model_name: str | None = None
     log_level: str = "info"
-    graceful_shutdown_s: float = 5.0
+    graceful_shutdown_s: int = 5  # whole seconds, as uvicorn takes it
     limits: ServerLimits = ServerLimits()
 
 

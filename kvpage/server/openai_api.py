@@ -15,7 +15,7 @@ import json
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,10 +56,10 @@ def engine_error_param(message: str) -> str | None:
     first = message.split(" ", 1)[0]
     if first in ("prompt", "prompt_token_ids"):
         return "prompt"
-    return first if first in ("n", "stop", "stop_token_ids", "priority") else None
+    return first if first in ("n", "stop", "stop_token_ids", "priority", "logprobs") else None
 
 
-async def submit_all(ctx: ApiContext, prompts: list[PromptInput], params: SamplingParams,
+async def submit_all(ctx: ApiContext, prompts: Sequence[PromptInput], params: SamplingParams,
                      priority: int) -> list[RequestHandle]:
     handles: list[RequestHandle] = []
     try:
@@ -172,14 +172,19 @@ def chat_logprobs(entries: list[TokenLogprob]) -> dict[str, Any]:
 
 
 # ----- /v1/completions ---------------------------------------------------------------
-def completion_prompts(request: CompletionRequest, limits: ServerLimits) -> list[PromptInput]:
+def completion_prompts(request: CompletionRequest, limits: ServerLimits) -> list[str | dict[str, Any]]:
     prompt = request.prompt
+    prompts: list[str | dict[str, Any]] = []
     if isinstance(prompt, str):
-        prompts: list[PromptInput] = [prompt]
+        prompts = [prompt]
     elif prompt and all(isinstance(p, int) for p in prompt):
         prompts = [{"prompt_token_ids": list(prompt)}]
     else:
-        prompts = [p if isinstance(p, str) else {"prompt_token_ids": list(p)} for p in prompt]
+        for p in prompt:
+            if isinstance(p, int):  # the schema admits no list mixing token ids with prompts
+                raise RequestError("prompt must be a string, a list of strings, a list of token ids, or a list "
+                                   "of token id lists", "prompt")
+            prompts.append(p if isinstance(p, str) else {"prompt_token_ids": list(p)})
     if not prompts:
         raise RequestError("prompt must not be empty", "prompt")
     if len(prompts) > limits.max_prompts:
@@ -274,7 +279,7 @@ async def create_chat_completion(ctx: ApiContext, request: ChatCompletionRequest
     if request.stream:
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
 
-        def chunks(i: int, delta: StreamDelta, first: set[tuple[int, int]], offsets: Any) -> list[dict[str, Any]]:
+        def chunks(i: int, delta: StreamDelta, first: set[int], offsets: Any) -> list[dict[str, Any]]:
             out = []
             for c in delta.completions:
                 if c.index not in first:

@@ -11,7 +11,7 @@ tensor addresses. So:
   smallest graph of at least ``B`` rows; the spare rows are padding, with
   cache slot -1 (nothing is written) and sequence length 0 (nothing is read);
 * every input lives in a static buffer that a step overwrites in place:
-  token ids, positions, slot mapping, block tables and sequence lengths;
+  token ids, positions, slot mapping, page tables and sequence lengths;
 * the attention kernels choose their split-KV factor from the batch size
   alone (see :mod:`kvpage.ops.triton_attention`), so one graph serves
   every mix of sequence lengths.
@@ -27,7 +27,7 @@ import torch
 
 from kvpage.model import CausalLM
 from kvpage.ops import AttentionMetadata
-from kvpage.ops.metadata import KernelPlan
+from kvpage.ops.metadata import KernelWork
 
 __all__ = ["DecodeGraphs", "capture_sizes"]
 
@@ -53,7 +53,7 @@ class DecodeGraphs:
         self.input_ids = torch.zeros(rows, dtype=torch.long, device=device)
         self.positions = torch.zeros(rows, dtype=torch.long, device=device)
         self.slot_mapping = torch.full((rows,), -1, dtype=torch.long, device=device)
-        self.block_tables = torch.zeros(rows, max_pages_per_seq, dtype=torch.int32, device=device)
+        self.page_tables = torch.zeros(rows, max_pages_per_seq, dtype=torch.int32, device=device)
         self.seq_lens = torch.zeros(rows, dtype=torch.int32, device=device)
         # Row i is sequence i and decodes: these never change.
         self.query_start = torch.arange(rows + 1, dtype=torch.int32, device=device)
@@ -67,10 +67,10 @@ class DecodeGraphs:
         self._turn = 0
 
     def _metadata(self, size: int) -> AttentionMetadata:
-        meta = AttentionMetadata(query_lens=[1] * size, seq_lens=[1] * size, block_tables=self.block_tables[:size],
+        meta = AttentionMetadata(query_lens=[1] * size, seq_lens=[1] * size, page_tables=self.page_tables[:size],
                                  slot_mapping=self.slot_mapping[:size], block_size=self.block_size,
                                  backend="triton")
-        meta.use_kernel_plan(KernelPlan(self.query_start[: size + 1], self.seq_lens[:size], self.decode_seqs[:size],
+        meta.use_kernel_work(KernelWork(self.query_start[: size + 1], self.seq_lens[:size], self.decode_seqs[:size],
                                         torch.zeros(0, 2, dtype=torch.int32, device=self.device)))
         return meta
 
@@ -97,7 +97,7 @@ class DecodeGraphs:
         return None
 
     def run(self, input_ids: list[int], positions: list[int], slots: list[int], seq_lens: list[int],
-            block_tables: torch.Tensor, inflight_rows: list[int], inflight_sources: list[int],
+            page_tables: torch.Tensor, inflight_rows: list[int], inflight_sources: list[int],
             previous_tokens: torch.Tensor | None) -> torch.Tensor:
         """Replay the graph for this batch; returns hidden states ``[B, hidden]`` (a view, valid until the next run).
 
@@ -124,6 +124,6 @@ class DecodeGraphs:
             assert previous_tokens is not None
             rows, sources = on_device[4 * size: 4 * size + num_inflight], on_device[4 * size + num_inflight:]
             self.input_ids.index_copy_(0, rows, previous_tokens.index_select(0, sources))
-        self.block_tables[:batch, : block_tables.shape[1]] = block_tables
+        self.page_tables[:batch, : page_tables.shape[1]] = page_tables
         self.graphs[size].replay()
         return self.hidden[:batch]

@@ -3,7 +3,7 @@
 On a GPU the KV cache gets ``gpu_memory_utilization`` of the device's total
 memory, less everything else the engine will need: the weights (already
 loaded), memory other processes hold, and the peak *activation* memory of
-the largest step the scheduler can plan. That peak is not guessed: a
+the largest step the scheduler can schedule. That peak is not guessed: a
 profiling run pushes a worst-case batch through the model (a prefill of
 ``max_num_batched_tokens`` tokens, then logits and sampling for
 ``max_num_seqs`` rows) and reads the allocator's high-water mark. When decode

@@ -5,7 +5,7 @@ It owns the model, the KV cache tensors and the sampler. For each step it
 1. performs the step's page operations (swaps, copy-on-write copies), in order;
 2. flattens the scheduled sequences into one token batch: input ids,
    positions, the *slot mapping* (the flat cache slot each new token's K/V is
-   written to: ``page_id * block_size + offset``) and the block tables
+   written to: ``page_id * block_size + offset``) and the page tables
    through which attention reads the context. On a GPU these go to the
    device in one pinned, asynchronous copy;
 3. runs the model (a decode-only step replays a CUDA graph when one was
@@ -38,9 +38,9 @@ from kvpage.model import CausalLM
 from kvpage.ops import AttentionMetadata
 from kvpage.ops.transfer import to_device, to_device_segments
 from kvpage.step_io import INFLIGHT_TOKEN, PageOpKind, PageOps, SampledToken, ScheduledSequence, SchedulerOutput
-from kvpage.worker.block_table_buffer import BlockTableBuffer
 from kvpage.worker.cuda_graphs import DecodeGraphs
 from kvpage.worker.kv_cache import KVCache, KVCacheShape
+from kvpage.worker.page_table_buffer import PageTableBuffer
 from kvpage.worker.sampler import PendingSamples, Sampler
 
 
@@ -65,7 +65,7 @@ class StepInputs:
     slots: list[int]
     query_lens: list[int]
     seq_lens: list[int]
-    block_tables: torch.Tensor
+    page_tables: torch.Tensor
     # Row of each sampling sequence's last token in the flattened batch.
     sample_rows: list[int]
     sample_seqs: list[ScheduledSequence]
@@ -104,19 +104,19 @@ class ModelRunner:
         self.device = device
         self.cache_shape = cache_shape
         self.block_size = cache_shape.block_size
-        self.kv = KVCache(cache_shape, device, num_host_pages, self.options.attention_backend)
-        self.sampler = Sampler(device, seed, eos_token_ids, use_kernels=self.kv.use_kernels)
-        self.block_tables = BlockTableBuffer(max_num_seqs, max_pages_per_seq, device)
+        self.kv_cache = KVCache(cache_shape, device, num_host_pages, self.options.attention_backend)
+        self.sampler = Sampler(device, seed, eos_token_ids, use_kernels=self.kv_cache.use_kernels)
+        self.page_tables = PageTableBuffer(max_num_seqs, max_pages_per_seq, device)
         self.graphs: DecodeGraphs | None = None
         if self.options.captures_graphs(device):
-            self.graphs = DecodeGraphs(model, self.kv.layers, max_num_seqs, max_pages_per_seq, self.block_size,
+            self.graphs = DecodeGraphs(model, self.kv_cache.layers, max_num_seqs, max_pages_per_seq, self.block_size,
                                        device)
             self.graphs.capture()
 
     @property
     def kv_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer, the (key cache, value cache) views ``[num_pages, block_size, num_kv_heads, head_dim]``."""
-        return self.kv.layers
+        return self.kv_cache.layers
 
     def prepare_inputs(self, seqs: list[ScheduledSequence]) -> StepInputs:
         bs = self.block_size
@@ -149,16 +149,16 @@ class ModelRunner:
             if seq.sample:
                 sample_rows.append(len(input_ids) - 1)
                 sample_seqs.append(seq)
-        block_tables = self.block_tables.gather([s.seq_id for s in seqs], [s.page_ids for s in seqs])
-        return StepInputs(input_ids, positions, slots, query_lens, seq_lens, block_tables, sample_rows, sample_seqs,
+        page_tables = self.page_tables.gather([s.seq_id for s in seqs], [s.page_ids for s in seqs])
+        return StepInputs(input_ids, positions, slots, query_lens, seq_lens, page_tables, sample_rows, sample_seqs,
                           inflight_rows, inflight_seq_ids)
 
     def prepare(self, out: SchedulerOutput) -> StepInputs | None:
         """Drop state of ended sequences and build the step's inputs (None if nothing runs)."""
         # Preempted sequences keep their generators: their random stream resumes after recompute.
         self.sampler.forget(out.finished_seq_ids)
-        self.block_tables.release(out.finished_seq_ids)
-        self.block_tables.release(out.preempted_seq_ids)
+        self.page_tables.release(out.finished_seq_ids)
+        self.page_tables.release(out.preempted_seq_ids)
         return self.prepare_inputs(out.sequences) if out.sequences else None
 
     @torch.inference_mode()
@@ -167,32 +167,33 @@ class ModelRunner:
         for ops in page_ops:
             kind = ops.kind
             if kind is PageOpKind.COPY:
-                self.kv.copy(ops.pairs)
+                self.kv_cache.copy(ops.pairs)
             elif kind is PageOpKind.SWAP_OUT:
-                self.kv.swap_out(ops.pairs)
+                self.kv_cache.swap_out(ops.pairs)
             elif kind is PageOpKind.SWAP_IN:
-                self.kv.swap_in(ops.pairs)
+                self.kv_cache.swap_in(ops.pairs)
             else:
                 assert_never(kind)
 
-    def _inflight_sources(self, inputs: StepInputs, previous: LaunchedStep | None) -> list[int]:
-        """For each in-flight input, its row in the previous step's sampled tokens."""
+    def _inflight_sources(self, inputs: StepInputs,
+                          previous: LaunchedStep | None) -> tuple[list[int], torch.Tensor | None]:
+        """For each in-flight input, its row in the previous step's sampled tokens; and those tokens."""
         if not inputs.inflight_rows:
-            return []
+            return [], None
+        samples = previous.samples if previous is not None else None
         rows = previous.row_of_seq if previous is not None else {}
-        if any(seq_id not in rows for seq_id in inputs.inflight_seq_ids):
+        if samples is None or any(seq_id not in rows for seq_id in inputs.inflight_seq_ids):
             raise RuntimeError("a step's input is a token no running step samples; the engine must launch "
                                "steps with in-flight inputs right after the step that samples them")
-        return [rows[seq_id] for seq_id in inputs.inflight_seq_ids]
+        return [rows[seq_id] for seq_id in inputs.inflight_seq_ids], samples.tokens
 
     def _forward(self, inputs: StepInputs, previous: LaunchedStep | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Hidden states of the batch, and the rows to sample (None: the first ``len(sample_rows)`` rows)."""
-        sources = self._inflight_sources(inputs, previous)
-        previous_tokens = previous.samples.tokens if sources else None  # type: ignore[union-attr]
+        sources, previous_tokens = self._inflight_sources(inputs, previous)
         graphs = self.graphs
         if graphs is not None and inputs.is_decode and graphs.padded_size(len(inputs.input_ids)) is not None:
             hidden = graphs.run(inputs.input_ids, inputs.positions, inputs.slots, inputs.seq_lens,
-                                inputs.block_tables, inputs.inflight_rows, sources, previous_tokens)
+                                inputs.page_tables, inputs.inflight_rows, sources, previous_tokens)
             # Usually every row samples; a one-token prefill chunk that ends mid-prompt does not.
             rows = None if len(inputs.sample_rows) == len(inputs.input_ids) else to_device(
                 inputs.sample_rows, torch.long, self.device)
@@ -200,12 +201,12 @@ class ModelRunner:
         input_ids, positions, slots, sample_rows, fill_rows, fill_sources = to_device_segments(
             [inputs.input_ids, inputs.positions, inputs.slots, inputs.sample_rows, inputs.inflight_rows, sources],
             torch.long, self.device)
-        if sources:
-            input_ids.index_copy_(0, fill_rows, previous_tokens.index_select(0, fill_sources))  # type: ignore[union-attr]
+        if previous_tokens is not None:
+            input_ids.index_copy_(0, fill_rows, previous_tokens.index_select(0, fill_sources))
         metadata = AttentionMetadata(query_lens=inputs.query_lens, seq_lens=inputs.seq_lens,
-                                     block_tables=inputs.block_tables, slot_mapping=slots,
+                                     page_tables=inputs.page_tables, slot_mapping=slots,
                                      block_size=self.block_size, backend=self.options.attention_backend)
-        return self.model(input_ids, positions, self.kv.layers, metadata), sample_rows
+        return self.model(input_ids, positions, self.kv_cache.layers, metadata), sample_rows
 
     @torch.inference_mode()
     def launch(self, out: SchedulerOutput, inputs: StepInputs | None,

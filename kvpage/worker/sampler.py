@@ -32,9 +32,9 @@ from collections.abc import Iterable
 
 import torch
 
-from kvpage.step_io import SampledToken, ScheduledSequence
 from kvpage.ops.transfer import to_device
 from kvpage.sampling_params import SamplingParams
+from kvpage.step_io import SampledToken, ScheduledSequence
 
 
 class Sampler:
@@ -129,7 +129,8 @@ class Sampler:
         beams = [i for i, p in enumerate(params) if p.use_beam_search]
         if beams:
             logprobs = torch.log_softmax(logits[beams], dim=-1)
-            k = min(logprobs.shape[-1], max(2, 1 + len(self.eos_token_ids)) * max(params[i].beam_width for i in beams))
+            width = max(_beam_width(params[i]) for i in beams)
+            k = min(logprobs.shape[-1], max(2, 1 + len(self.eos_token_ids)) * width)
             pending.add_beam_candidates(beams, *torch.topk(logprobs, k, dim=-1))
         pending.start_copy()
         return pending
@@ -213,6 +214,12 @@ class Sampler:
             if seq.sampling_params.seed is not None:
                 noise[i].exponential_(generator=self._generator_for(seq))
         return (probs / noise).argmax(dim=-1)
+
+
+def _beam_width(params: SamplingParams) -> int:
+    """The beam width of a beam-search row; ``SamplingParams`` sets it (default ``n``) when validated."""
+    assert params.beam_width is not None, "beam search params have a beam_width once validated"
+    return params.beam_width
 
 
 def _plain_temperature(params: SamplingParams) -> bool:

@@ -125,7 +125,7 @@ def test_logprobs(client: openai.OpenAI) -> None:
     logprobs = response.choices[0].logprobs
     assert len(logprobs.tokens) == len(logprobs.token_logprobs) == 6
     assert "".join(logprobs.tokens) == response.choices[0].text
-    for token, logprob, top in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs):
+    for _token, logprob, top in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs):
         assert len(top) <= 3 and logprob <= 0
         assert max(top.values()) == pytest.approx(logprob)  # greedy: the chosen token is the most likely
     assert logprobs.text_offset[0] == 0 and logprobs.text_offset[1] == len(logprobs.tokens[0])

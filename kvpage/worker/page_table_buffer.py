@@ -1,8 +1,8 @@
-"""A persistent tensor of block tables, updated by difference each step.
+"""A persistent tensor of page tables, updated by difference each step.
 
 Building a ``[num_seqs, max_pages]`` tensor from Python lists every step costs
 O(sequences × pages), which at long contexts dominates the step's input
-preparation. A block table only ever changes at its end, though: pages are
+preparation. A page table only ever changes at its end, though: pages are
 appended, and copy-on-write replaces the page being written into, which is
 always the last one a sequence holds. So each sequence keeps a row here, and
 a step rewrites only the entries from its last known page onward, then
@@ -21,7 +21,7 @@ import torch
 from kvpage.ops.transfer import to_device
 
 
-class BlockTableBuffer:
+class PageTableBuffer:
     """Rows of page ids, one per live sequence, on the model's device."""
 
     def __init__(self, max_rows: int, initial_width: int, device: torch.device) -> None:
@@ -46,7 +46,7 @@ class BlockTableBuffer:
         self.table = bigger
 
     def gather(self, seq_ids: list[int], page_lists: list[list[int]]) -> torch.Tensor:
-        """``[len(seq_ids), max pages]`` block tables of these sequences (zero-padded)."""
+        """``[len(seq_ids), max pages]`` page tables of these sequences (zero-padded)."""
         width = max(len(pages) for pages in page_lists)
         new_rows = sum(1 for s in seq_ids if s not in self._row_of)
         if width > self.table.shape[1] or new_rows > len(self._free_rows):

@@ -6,12 +6,12 @@ import random
 
 import torch
 
-from kvpage.worker.block_table_buffer import BlockTableBuffer
+from kvpage.worker.page_table_buffer import PageTableBuffer
 
 
 def test_buffer_tracks_appends_copy_on_write_and_reuse() -> None:
     rng = random.Random(0)
-    buf = BlockTableBuffer(max_rows=2, initial_width=2, device=torch.device("cpu"))
+    buf = PageTableBuffer(max_rows=2, initial_width=2, device=torch.device("cpu"))
     tables: dict[int, list[int]] = {}
     next_id = 0
     for _ in range(400):
