@@ -15,6 +15,12 @@ from kvpage.plan.cost import (
     PhysicsCostModel,
     StepShape,
 )
+from kvpage.plan.onset import (
+    fast_thrashing_onset,
+    no_rate_can_preempt,
+    replay_until_thrashing,
+    scale_rate,
+)
 from kvpage.plan.replay import ReplaySettings, replay
 from kvpage.plan.sweep import (
     layout_savings,
@@ -249,6 +255,67 @@ def test_overcommitment_thrashes_and_a_hard_cap_prevents_it() -> None:
     rows, onset = thrashing_onset(workload, capped, CPU, MODEL, factors=(1.0, 4.0, 16.0))
     assert onset is None and rows[2]["recompute_share"] < 0.05
     assert rows[2]["goodput_tokens_per_s"] > 0.8 * flooded["goodput_tokens_per_s"]
+
+
+def _same_onset(workload: Workload, config: ReplaySettings, factors: tuple[float, ...],
+                prefixes: tuple[int, ...]) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
+    """The fast search's answer is the exhaustive one; returns both searches' rows."""
+    base = replay(workload, config, CPU, MODEL)
+    rows, onset = thrashing_onset(workload, config, CPU, MODEL, factors)
+    fast = fast_thrashing_onset(workload, config, CPU, MODEL, factors, base=base, prefixes=prefixes)
+    assert fast.onset_rate == onset
+    exhaustive = {r["factor"]: r for r in rows}
+    for row in fast.rows:
+        if row["requests_replayed"] == len(workload.requests):
+            assert row == exhaustive[row["factor"]]  # a whole replay is the exhaustive search's
+        else:  # a prefix proves thrashing from the very instant the whole trace starts
+            assert row["thrashing"] and row["thrashing_onset_s"] == exhaustive[row["factor"]]["thrashing_onset_s"]
+    evaluated = [r["factor"] for r in fast.rows]
+    assert evaluated + fast.skipped == list(factors) and fast.to_json()["evaluated"] == evaluated
+    return rows, fast.rows
+
+
+def test_the_fast_onset_search_finds_the_exhaustive_onset() -> None:
+    """Same onset rate, thrashing or not; it stops at the onset, and proves a thrashing rate on a prefix."""
+    workload = synthetic_trace("sharegpt", 150, 1.0, LIMITS)
+    overcommitted = settings(2048, headroom_policy="none")
+    # At x4 the first 48 requests thrash only after the 49th would have arrived (and not from the same
+    # instant as all 150): that proves nothing; the first 64 thrash before the 65th, as all 150 do.
+    rows, fast = _same_onset(workload, overcommitted, (0.5, 1.0, 2.0, 4.0, 16.0), (48, 64))
+    assert [r["thrashing"] for r in rows] == [0.0, 0.0, 0.0, 1.0, 1.0]
+    assert [r["factor"] for r in fast] == [0.5, 1.0, 2.0, 4.0]  # nothing after the onset
+    assert fast[-1]["requests_replayed"] == 64  # the onset proved on a prefix
+    flooded = scale_rate(workload, 16.0)
+    whole = rows[-1]["thrashing_onset_s"]
+    # The first 24 thrash after the 25th would have arrived, and sooner than all 150: that proves nothing;
+    # the first 96 thrash before the 97th arrives.
+    for prefixes, proved_by in (((24,), 150), ((24, 96), 96)):
+        result, replayed = replay_until_thrashing(flooded, overcommitted, CPU, MODEL, prefixes)
+        assert result.thrashing_onset_s == whole is not None and replayed == proved_by
+    rows, fast = _same_onset(workload, settings(2048, headroom_policy="none", admission_cap=0.5), (1.0, 4.0),
+                             (16, 64))
+    assert not any(r["thrashing"] for r in rows) and fast == rows  # no onset: every factor, in full
+
+
+def test_no_rate_thrashes_a_cache_that_holds_the_largest_requests() -> None:
+    """The fast search replays nothing when no arrival pattern can preempt; replays agree at any rate."""
+    workload = synthetic_trace("sharegpt", 200, 2.0, LIMITS)
+    seqs = 8
+    largest = sorted(-(-(len(r.prompt_token_ids) + r.output_tokens) // 16) + 1 for r in workload.requests)
+    enough = sum(largest[-seqs:]) * 16
+    config = settings(enough, max_num_seqs=seqs)
+    assert no_rate_can_preempt(workload, config, MODEL)
+    for factor in (1.0, 8.0, 1000.0):
+        assert replay(scale_rate(workload, factor), config, CPU, MODEL).summary()["num_preemptions"] == 0
+    fast = fast_thrashing_onset(workload, config, CPU, MODEL, (0.5, 1.0, 8.0))
+    assert fast.rows == [] and fast.skipped == [0.5, 1.0, 8.0] and fast.onset_rate is None
+    assert not no_rate_can_preempt(workload, settings(enough - 16, max_num_seqs=seqs), MODEL)
+    assert not no_rate_can_preempt(workload, settings(enough, max_num_seqs=seqs, kv_layout="contiguous-max"), MODEL)
+    beams = replace(workload, requests=(replace(workload.requests[0], beam_width=2), *workload.requests[1:]))
+    assert not no_rate_can_preempt(beams, config, MODEL)
+    # With half that memory the same trace does preempt, at a high enough rate.
+    tight = settings(sum(largest[-seqs // 2:]) * 16, max_num_seqs=seqs)
+    assert replay(scale_rate(workload, 1000.0), tight, CPU, MODEL).summary()["num_preemptions"] > 0
 
 
 def test_a_single_long_request_gains_nothing_from_paging() -> None:

@@ -6,10 +6,13 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from kvpage.plan.cost import HARDWARE, CalibratedCostModel, ModelShape, PhysicsCostModel
+from kvpage.plan.onset import OnsetSearch, fast_thrashing_onset
 from kvpage.plan.replay import CostModel, ReplaySettings, replay
 from kvpage.plan.report import PlanReport, table, to_json, write_report
 from kvpage.plan.sweep import (
@@ -22,7 +25,7 @@ from kvpage.plan.sweep import (
     thrashing_onset,
 )
 from kvpage.plan.trace import TraceLimits, load_trace, synthetic_trace
-from kvpage.workloads import WORKLOAD_NAMES
+from kvpage.workloads import WORKLOAD_NAMES, Workload
 
 ENGINE_FLAGS = ("block_size", "max_num_seqs", "max_num_batched_tokens", "admission_cap", "headroom_policy",
                 "watermark", "preemption_mode", "swap_space", "kv_layout", "enable_prefix_caching", "async_scheduling")
@@ -65,6 +68,9 @@ def add_plan_parser(commands: argparse._SubParsersAction) -> None:  # type: igno
     plan.add_argument("--slo", default="", help="e.g. ttft_p99=2s,tpot_p99=100ms: the recommendation must meet it")
     plan.add_argument("--rate-factors", default="0.5,1,2,4,8",
                       help="replay at these multiples of the trace's rate to find where thrashing starts ('' skips)")
+    plan.add_argument("--onset-search", choices=("fast", "all"), default="fast",
+                      help="fast (default): replay only the factors and the part of the trace that decide where "
+                           "thrashing starts (the same answer); all: replay every factor in full")
     plan.add_argument("--no-layouts", dest="layouts", action="store_false",
                       help="skip the paged-versus-contiguous comparison")
     plan.add_argument("--out", default="plan-report", help="folder for plan.md, plan.json and plots")
@@ -77,7 +83,22 @@ def _model_dir(model: str | None) -> Path:
     return Path(model)
 
 
-def run_plan(args: argparse.Namespace) -> int:
+@dataclass
+class PlanInputs:
+    """What the command line describes: the trace, the engine settings, the cost model and the rate factors."""
+
+    model_dir: Path
+    model: ModelShape
+    cost: CostModel
+    workload: Workload
+    settings: ReplaySettings
+    factors: tuple[float, ...]
+    sweep: dict[str, list[Any]]
+    slo: dict[str, float]
+
+
+def plan_inputs(args: argparse.Namespace) -> PlanInputs:
+    """Parse and check ``kvpage plan``'s arguments into what the replays need."""
     model_dir = _model_dir(args.model)
     config_path = model_dir / "config.json"
     if not config_path.is_file():
@@ -113,18 +134,37 @@ def run_plan(args: argparse.Namespace) -> int:
         raise ValueError(f"--rate-factors must be numbers separated by commas, got {args.rate_factors!r}") from None
     if any(f <= 0 for f in factors):
         raise ValueError(f"--rate-factors must be positive, got {args.rate_factors!r}")
+    return PlanInputs(model_dir, model, cost, workload, settings, factors, sweep, slo)
 
+
+def run_plan(args: argparse.Namespace) -> int:
+    inputs = plan_inputs(args)
+    model_dir, model, cost, workload, settings = (inputs.model_dir, inputs.model, inputs.cost, inputs.workload,
+                                                  inputs.settings)
+    factors, sweep, slo = inputs.factors, inputs.sweep, inputs.slo
     start = time.perf_counter()
     base = replay(workload, settings, cost, model)
     seconds = time.perf_counter() - start
     report = PlanReport(args.trace or f"synthetic {args.synthetic}", len(workload.requests), offered_rate(workload),
                         str(model_dir), cost.describe(), base, slo, replay_seconds=seconds)
+    report.phase_seconds["replay"] = seconds
     if sweep or slo:
+        start = time.perf_counter()
         report.sweep, report.recommended = run_sweep(workload, settings, sweep, slo, cost, model)
+        report.phase_seconds["sweep"] = time.perf_counter() - start
     if factors and report.offered_rate != float("inf"):
-        report.onset_rows, report.onset_rate = thrashing_onset(workload, settings, cost, model, factors)
+        start = time.perf_counter()
+        if args.onset_search == "all":
+            rows, onset = thrashing_onset(workload, settings, cost, model, factors, base=base)
+            report.onset_search = OnsetSearch(rows, onset, "all", list(factors))
+        else:
+            report.onset_search = fast_thrashing_onset(workload, settings, cost, model, factors, base=base)
+        report.onset_rows, report.onset_rate = report.onset_search.rows, report.onset_search.onset_rate
+        report.phase_seconds["rate_search"] = time.perf_counter() - start
     if args.layouts:
-        report.layouts = layout_savings(workload, settings, cost, model)
+        start = time.perf_counter()
+        report.layouts = layout_savings(workload, settings, cost, model, base=base)
+        report.phase_seconds["layouts"] = time.perf_counter() - start
     write_report(report, Path(args.out), "kvpage " + " ".join(sys.argv[1:]))
     print(json.dumps(to_json(report), indent=1, default=str) if args.json else table(report))
     if not args.json:

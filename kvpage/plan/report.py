@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvpage.plan.onset import OnsetSearch
 from kvpage.plan.replay import ReplayResult
 from kvpage.plan.sweep import SweepPoint
 
@@ -31,8 +32,10 @@ class PlanReport:
     recommended: SweepPoint | None = None
     onset_rows: list[dict[str, float]] = field(default_factory=list)
     onset_rate: float | None = None
+    onset_search: OnsetSearch | None = None  # which rate factors were replayed, and why the others were not
     layouts: dict[str, dict[str, float]] = field(default_factory=dict)
     replay_seconds: float = 0.0
+    phase_seconds: dict[str, float] = field(default_factory=dict)  # wall time of each part of the plan
 
 
 def _row(summary: dict[str, float]) -> list[str]:
@@ -66,14 +69,22 @@ def table(report: PlanReport) -> str:
             lines.append(f"recommended ({slo}, most goodput): {setting}")
         else:
             lines.append(f"no setting meets the SLO ({slo})")
-    if report.onset_rows:
+    search = report.onset_search
+    if report.onset_rows or search is not None:
         lines += ["", "request rate sweep (arrivals compressed):"]
-        lines += _grid(["req/s", "out tok/s", "model tok/s", "recomputed", "preempt", "TTFT p99", "thrashing"], [
-            [f"{r['request_rate']:.2f}", f"{r['goodput_tokens_per_s']:.0f}", f"{r['model_tokens_per_s']:.0f}",
-             f"{r['recompute_share']:.1%}", f"{r['num_preemptions']:.0f}", f"{r['ttft_p99_s']:.2f}",
-             "yes" if r["thrashing"] else "no"] for r in report.onset_rows])
-        lines.append(f"thrashing starts at {report.onset_rate:.2f} req/s" if report.onset_rate is not None
-                     else "no thrashing at any rate tried")
+        if report.onset_rows:
+            lines += _grid(["req/s", "out tok/s", "model tok/s", "recomputed", "preempt", "TTFT p99", "thrashing"], [
+                [f"{r['request_rate']:.2f}", f"{r['goodput_tokens_per_s']:.0f}", f"{r['model_tokens_per_s']:.0f}",
+                 f"{r['recompute_share']:.1%}", f"{r['num_preemptions']:.0f}", f"{r['ttft_p99_s']:.2f}",
+                 _thrash_cell(r, report.num_requests)] for r in report.onset_rows])
+        if search is not None and search.skipped:
+            lines.append(f"not replayed: x{', x'.join(f'{f:g}' for f in search.skipped)} the trace's rate "
+                         f"({search.reason})")
+        if report.onset_rate is not None:
+            lines.append(f"thrashing starts at {report.onset_rate:.2f} req/s")
+        else:
+            lines.append("no thrashing at any rate" if search is not None and search.skipped
+                         else "no thrashing at any rate tried")
     if report.layouts:
         paged = report.layouts["paged"]
         lines += ["", "layouts, same KV memory:"]
@@ -89,15 +100,25 @@ def table(report: PlanReport) -> str:
     return "\n".join(lines)
 
 
+def _thrash_cell(row: dict[str, float], num_requests: int) -> str:
+    if not row["thrashing"]:
+        return "no"
+    replayed = int(row.get("requests_replayed", num_requests))
+    return "yes" if replayed >= num_requests else f"yes (first {replayed} requests)"
+
+
 def to_json(report: PlanReport) -> dict[str, Any]:
     return {"trace": report.trace, "num_requests": report.num_requests, "offered_rate": report.offered_rate,
             "model": report.model, "cost_model": report.cost_model, "num_pages": report.base.num_pages,
             "block_size": report.base.block_size, "replay_seconds": report.replay_seconds,
+            "phase_seconds": report.phase_seconds,
             "base": report.base.summary(), "series": report.base.series, "slo": report.slo,
             "sweep": [{"setting": p.setting, "meets_slo": p.meets_slo, "misses": p.misses,
                        **p.result.summary()} for p in report.sweep],
             "recommended": None if report.recommended is None else report.recommended.setting,
-            "rates": report.onset_rows, "thrashing_onset_rate": report.onset_rate, "layouts": report.layouts}
+            "rates": report.onset_rows, "thrashing_onset_rate": report.onset_rate,
+            "rate_search": None if report.onset_search is None else report.onset_search.to_json(),
+            "layouts": report.layouts}
 
 
 def write_report(report: PlanReport, out_dir: Path, command: str) -> list[Path]:

@@ -6,7 +6,8 @@
   (``ttft_p99=2s,tpot_p99=100ms``), the lowest TTFT p99 breaking near-ties;
 * :func:`thrashing_onset` replays the trace with its arrivals compressed
   to higher request rates and reports the first rate at which the
-  recomputed share of computed tokens passes the thrashing threshold;
+  recomputed share of computed tokens passes the thrashing threshold
+  (:mod:`kvpage.plan.onset` finds the same rate with fewer replays);
 * :func:`layout_savings` replays it under the paged layout and the
   contiguous ones with the same KV memory, and reports the batch and the
   memory each needs.
@@ -21,6 +22,7 @@ from typing import Any
 
 from kvpage.config import GIB, KV_LAYOUTS, PREEMPTION_MODES
 from kvpage.plan.cost import ModelShape
+from kvpage.plan.onset import offered_rate, rate_row, scale_rate
 from kvpage.plan.replay import CostModel, ReplayResult, ReplaySettings, replay
 from kvpage.workloads import Workload
 
@@ -126,47 +128,42 @@ def run_sweep(workload: Workload, base: ReplaySettings, sweep: dict[str, list[An
     return points, best
 
 
-def scale_rate(workload: Workload, factor: float) -> Workload:
-    """The same requests arriving ``factor`` times as fast."""
-    requests = tuple(replace(r, arrival_time=r.arrival_time / factor) for r in workload.requests)
-    return replace(workload, requests=requests)
-
-
-def offered_rate(workload: Workload) -> float:
-    """Mean arrival rate (requests/s); inf when they all arrive at once."""
-    span = workload.requests[-1].arrival_time - workload.requests[0].arrival_time
-    return (len(workload.requests) - 1) / span if span > 0 else float("inf")
-
-
 def thrashing_onset(workload: Workload, settings: ReplaySettings, cost: CostModel, model: ModelShape,
                     factors: tuple[float, ...] = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0),
-                    ) -> tuple[list[dict[str, float]], float | None]:
-    """Replay at each rate factor; returns per-rate figures and the first rate that thrashes (or None)."""
+                    base: ReplayResult | None = None) -> tuple[list[dict[str, float]], float | None]:
+    """Replay at each rate factor; returns per-rate figures and the first rate that thrashes (or None).
+
+    The exhaustive search: every factor, the whole trace each time (``base``,
+    the replay at factor 1 when already run, stands in for that one).
+    :func:`kvpage.plan.onset.fast_thrashing_onset` finds the same onset
+    with far fewer replays.
+    """
     rows = []
     onset = None
     base_rate = offered_rate(workload)
     for factor in factors:
-        result = replay(scale_rate(workload, factor), settings, cost, model)
-        summary = result.summary()
-        rate = base_rate * factor
-        thrashing = result.thrashing_onset_s is not None
-        rows.append({"request_rate": rate, "factor": factor, "thrashing": float(thrashing),
-                     "goodput_tokens_per_s": summary["goodput_tokens_per_s"],
-                     "model_tokens_per_s": summary["model_tokens_per_s"],
-                     "recompute_share": summary["num_recomputed_tokens"] / max(summary["num_tokens_computed"], 1),
-                     "num_preemptions": summary["num_preemptions"], "ttft_p99_s": summary["ttft_p99_s"]})
-        if thrashing and onset is None:
-            onset = rate
+        result = base if factor == 1.0 and base is not None else replay(scale_rate(workload, factor), settings,
+                                                                          cost, model)
+        rows.append(rate_row(result, base_rate * factor, factor, len(workload.requests)))
+        if result.thrashing_onset_s is not None and onset is None:
+            onset = base_rate * factor
     return rows, onset
 
 
-def layout_savings(workload: Workload, settings: ReplaySettings, cost: CostModel,
-                   model: ModelShape) -> dict[str, dict[str, float]]:
-    """Each layout with the same KV memory: batch, waste, throughput, and the memory the trace held."""
+def layout_savings(workload: Workload, settings: ReplaySettings, cost: CostModel, model: ModelShape,
+                   base: ReplayResult | None = None) -> dict[str, dict[str, float]]:
+    """Each layout with the same KV memory: batch, waste, throughput, and the memory the trace held.
+
+    ``base`` is the replay of ``workload`` under ``settings`` when already
+    run: it is the replay of the settings' own layout, so that one is not
+    run again.
+    """
     out = {}
+    own = settings.options.get("kv_layout", "paged")
     for layout in KV_LAYOUTS:
         options = {**settings.options, "kv_layout": layout}
-        result = replay(workload, replace(settings, options=options), cost, model)
+        result = base if base is not None and layout == own else replay(
+            workload, replace(settings, options=options), cost, model)
         s = result.summary()
         held = 1.0 - s["kv_free_mean"]
         out[layout] = {"batch_size_mean": s["batch_size_mean"], "batch_size_mean_loaded": s["batch_size_mean_loaded"],
