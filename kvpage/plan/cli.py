@@ -31,7 +31,7 @@ ENGINE_FLAGS = ("block_size", "max_num_seqs", "max_num_batched_tokens", "admissi
                 "watermark", "preemption_mode", "swap_space", "kv_layout", "enable_prefix_caching", "async_scheduling")
 
 
-def add_plan_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_plan_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     plan = commands.add_parser("plan", help="replay a traffic trace through the scheduler to size a deployment")
     plan.add_argument("trace", nargs="?", help="JSONL trace, one request a line (or --synthetic)")
     plan.add_argument("--synthetic", choices=WORKLOAD_NAMES, help="generate a seeded synthetic trace instead")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -27,7 +28,7 @@ from kvpage.plan.replay import CostModel, ReplayResult, ReplaySettings, replay
 from kvpage.workloads import Workload
 
 # Sweepable settings: name -> parser of one value.
-SWEEP_KEYS = {
+SWEEP_KEYS: dict[str, Callable[[str], Any]] = {
     "block_size": int, "admission_cap": float, "max_num_seqs": int, "max_num_batched_tokens": int,
     "kv_memory": lambda v: parse_bytes(v), "kv_tokens": int, "preemption_mode": str, "headroom_policy": str,
     "watermark": float, "kv_layout": str,
@@ -158,7 +159,7 @@ def layout_savings(workload: Workload, settings: ReplaySettings, cost: CostModel
     run: it is the replay of the settings' own layout, so that one is not
     run again.
     """
-    out = {}
+    out: dict[str, dict[str, float]] = {}
     own = settings.options.get("kv_layout", "paged")
     for layout in KV_LAYOUTS:
         options = {**settings.options, "kv_layout": layout}
