@@ -10,7 +10,10 @@
 #   final: the fused-kernel and CUDA-engine tests, kvpage's throughput and host overhead, and
 #        hf-generate with batches capped at 256 new tokens;
 #   core: the scheduling core (issue #14) on the GPU: the kernel, async and CUDA-engine tests, then kvpage's
-#        offline throughput and host overhead against the commit before, carried as .base/kvpage (alternated).
+#        offline throughput and host overhead against the commit before, carried as .base/kvpage (alternated);
+#   replay: the planner's speed on the host's CPU cores, all at once, one core a run: the 100,000-request
+#        replay three times for this tree and for .base (the commit before #14, kvpage and benchmarks), the
+#        default planner command for this tree and for .prev (an earlier checkout, kvpage and benchmarks).
 # Wheels for what the device lacks (pytest, hypothesis, fastapi stack, openai) come from .whl/.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -103,5 +106,23 @@ if [ "$STAGE" = core ]; then  # three files come back: versions.txt, pytest.txt,
       echo "host $name $round rc=$?" >> "$OUT/log.txt"
     done
   done
+fi
+if [ "$STAGE" = replay ]; then  # one file a run, plus versions.txt
+  export PYTHONUNBUFFERED=1
+  for round in 1 2 3; do
+    PYTHONPATH=$PWD/.base taskset -c "$round" timeout 560 python .base/benchmarks/plan_speed.py --num 100000 \
+      > "$OUT/plan_speed_base_$round.txt" 2>&1 &
+    PYTHONPATH=$PWD taskset -c "$((round + 3))" timeout 560 python benchmarks/plan_speed.py --num 100000 \
+      > "$OUT/plan_speed_this_$round.txt" 2>&1 &
+  done
+  PYTHONPATH=$PWD taskset -c 8 python benchmarks/plan_default.py --num 5000 20000 100000 --timeout 500 \
+    > "$OUT/plan_default_this.txt" 2>&1 &
+  PYTHONPATH=$PWD/.prev taskset -c 9 python .prev/benchmarks/plan_default.py --code "$PWD/.prev" --num 5000 20000 \
+    --timeout 500 > "$OUT/plan_default_prev.txt" 2>&1 &
+  PYTHONPATH=$PWD taskset -c 10 python benchmarks/plan_default.py --num 5000 20000 --timeout 500 -- --kv-tokens 8192 \
+    > "$OUT/plan_default_this_tight.txt" 2>&1 &
+  PYTHONPATH=$PWD/.prev taskset -c 11 python .prev/benchmarks/plan_default.py --code "$PWD/.prev" --num 5000 20000 \
+    --timeout 500 -- --kv-tokens 8192 > "$OUT/plan_default_prev_tight.txt" 2>&1 &
+  wait
 fi
 echo "$STAGE done" >> "$OUT/log.txt"

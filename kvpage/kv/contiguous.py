@@ -67,6 +67,7 @@ class ContiguousKVCacheManager:
         self._spare: dict[int, list[_Reservation]] = {}  # reservations waiting for a parent's forks
         self._pending_copies: dict[int, list[PageCopy]] = {}
         self._pages_in_use = 0
+        self._tokens_stored = 0  # the sum of every table's num_computed_tokens, kept as they change
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
 
@@ -85,11 +86,11 @@ class ContiguousKVCacheManager:
 
     @property
     def num_tokens_stored(self) -> int:
-        return sum(t.num_computed_tokens for t in self._tables.values())
+        return self._tokens_stored
 
-    def writes_shared_page(self, seq_id: int) -> bool:
-        """Never: a reservation is private (a forked sample gets a copy of its parent's K/V)."""
-        return False
+    def copies_before_write(self, seq_id: int) -> bool:
+        """Whether a forked sample still waits for its copy of the parent's K/V (a reservation is private)."""
+        return seq_id in self._pending_copies
 
     def reservation_tokens(self, full_tokens: int) -> int:
         """The run reserved at admission: the sequence's whole possible length, or ``max_model_len``."""
@@ -174,7 +175,9 @@ class ContiguousKVCacheManager:
         return self._pending_copies.pop(seq_id, [])
 
     def commit(self, seq_id: int, token_ids: Sequence[int], num_computed_tokens: int) -> None:
-        self._tables[seq_id].num_computed_tokens = num_computed_tokens
+        table = self._tables[seq_id]
+        self._tokens_stored += num_computed_tokens - table.num_computed_tokens
+        table.num_computed_tokens = num_computed_tokens
 
     def index_full_pages(self, seq_id: int, token_ids: Sequence[int]) -> None:
         """No prefix cache in a contiguous layout: nothing to index."""
@@ -197,6 +200,7 @@ class ContiguousKVCacheManager:
         if spare == []:
             del self._spare[parent_id]
         child.num_computed_tokens = parent.num_computed_tokens
+        self._tokens_stored += child.num_computed_tokens
         self._tables[child_id] = child
         used = self.pages_for_tokens(parent.num_computed_tokens)
         self._pending_copies[child_id] = [(parent.start + i, child.start + i) for i in range(used)]
@@ -214,6 +218,8 @@ class ContiguousKVCacheManager:
 
     def free(self, seq_id: int) -> None:
         table = self._tables.pop(seq_id, None)
+        if table is not None:
+            self._tokens_stored -= table.num_computed_tokens
         self._pending_copies.pop(seq_id, None)
         for reservation in self._spare.pop(seq_id, []) + ([table] if table is not None else []):
             self._give_back(reservation)
@@ -227,16 +233,21 @@ class ContiguousKVCacheManager:
                        num_prefix_cache_queries=0, num_prefix_cache_hits=0, num_evictions=0)
 
     def waste(self, reserved_pages: int = 0, min_pending_pages: int | None = None) -> KVWaste:
-        """Snapshot by kind. ``min_pending_pages``: the smallest reservation a waiting request needs."""
-        bs = self.block_size
-        stored = internal = 0
-        for table in self._tables.values():
-            stored += table.num_computed_tokens
-            internal += self.pages_for_tokens(table.num_computed_tokens) * bs - table.num_computed_tokens
-        held = self._pages_in_use * bs
+        """Snapshot by kind. ``min_pending_pages``: the smallest reservation a waiting request needs.
+
+        A contiguous reservation holds back its own slots, so ``reserved_pages`` (admission's) adds nothing.
+        """
+        touched = sum([-(-t.num_computed_tokens // self.block_size) for t in self._tables.values()])
         external = 0
         if min_pending_pages is not None:
-            external = sum(length for _, length in self._holes if length < min_pending_pages) * bs
-        return KVWaste(total_slots=self.num_pages * bs, stored_slots=stored, internal_slots=internal,
-                       reserved_slots=held - stored - internal, external_slots=external,
+            external = sum(length for _, length in self._holes if length < min_pending_pages) * self.block_size
+        return self.waste_given(self._tokens_stored, touched, reserved_pages, external)
+
+    def waste_given(self, stored_slots: int, touched_pages: int, reserved_pages: int = 0,
+                    external_slots: int = 0) -> KVWaste:
+        """The snapshot from its sums: the last touched page of a run is internal fragmentation, the rest reserved."""
+        bs = self.block_size
+        return KVWaste(total_slots=self.num_pages * bs, stored_slots=stored_slots,
+                       internal_slots=touched_pages * bs - stored_slots,
+                       reserved_slots=(self._pages_in_use - touched_pages) * bs, external_slots=external_slots,
                        pages_in_use=self._pages_in_use, pages_without_sharing=self._pages_in_use)

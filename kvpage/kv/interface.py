@@ -133,8 +133,8 @@ class KVManager(Protocol):
     def index_full_pages(self, seq_id: int, token_ids: Sequence[int]) -> None: ...
 
     # ----- sharing -----
-    def writes_shared_page(self, seq_id: int) -> bool:
-        """Whether the sequence's next token lands in a partly filled page another sequence shares."""
+    def copies_before_write(self, seq_id: int) -> bool:
+        """Whether the sequence's next token must wait for a page copy (copy-on-write, or a fork's copy)."""
 
     def can_fork(self, parent_id: int) -> bool: ...
 
@@ -155,3 +155,12 @@ class KVManager(Protocol):
     def usage(self) -> KVUsage: ...
 
     def waste(self, reserved_pages: int = 0, min_pending_pages: int | None = None) -> KVWaste: ...
+
+    def waste_given(self, stored_slots: int, touched_pages: int, reserved_pages: int = 0,
+                    external_slots: int = 0) -> KVWaste:
+        """:meth:`waste` from its two sums, for a caller that keeps them (the planner's decode fast-forward).
+
+        ``stored_slots`` is :attr:`num_tokens_stored`; ``touched_pages`` the
+        pages the sequences' tokens occupy, each sequence counted alone
+        (``pages_for_tokens`` of its computed tokens, summed).
+        """

@@ -89,7 +89,7 @@ class KVCacheManager:
         """Token slots holding K/V in pages in use (a shared page counts once)."""
         return self.pool.counters.filled_slots_in_use
 
-    def writes_shared_page(self, seq_id: int) -> bool:
+    def copies_before_write(self, seq_id: int) -> bool:
         """Whether the sequence's next token lands in a partly filled page another sequence shares."""
         table = self._tables[seq_id]
         done = table.num_computed_tokens
@@ -339,13 +339,17 @@ class KVCacheManager:
 
         Paging has no external fragmentation: any free page serves any request.
         """
+        touched = sum([-(-t.num_computed_tokens // self.block_size) for t in self._tables.values()])
+        return self.waste_given(self.pool.counters.filled_slots_in_use, touched, reserved_pages)
+
+    def waste_given(self, stored_slots: int, touched_pages: int, reserved_pages: int = 0,
+                    external_slots: int = 0) -> KVWaste:
+        """The snapshot from its sums: every slot of a page in use that stores nothing is internal fragmentation."""
         bs = self.block_size
-        pool = self.pool
-        stored = pool.counters.filled_slots_in_use
-        unshared = sum([-(-t.num_computed_tokens // bs) for t in self._tables.values()])  # pages_for_tokens
-        return KVWaste(total_slots=pool.num_pages * bs, stored_slots=stored,
-                       internal_slots=pool.num_used_pages * bs - stored, reserved_slots=reserved_pages * bs,
-                       external_slots=0, pages_in_use=pool.num_used_pages, pages_without_sharing=unshared)
+        used = self.pool.num_used_pages
+        return KVWaste(total_slots=self.pool.num_pages * bs, stored_slots=stored_slots,
+                       internal_slots=used * bs - stored_slots, reserved_slots=reserved_pages * bs,
+                       external_slots=external_slots, pages_in_use=used, pages_without_sharing=touched_pages)
 
     def usage(self) -> KVUsage:
         pool = self.pool

@@ -23,13 +23,13 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 FEATURES = ("num_seqs", "num_prefill_seqs", "num_tokens", "num_sampled", "kv_tokens_read", "padded_kv_tokens",
             "attention_pairs")
 
 
-@dataclass(frozen=True)
-class StepShape:
+class StepShape(NamedTuple):  # a tuple: the planner makes one every virtual step, cheaper than a frozen dataclass
     num_seqs: int
     num_prefill_seqs: int  # sequences computing more than one token (prefill chunks)
     num_tokens: int  # every token computed, prefill and decode
@@ -42,7 +42,12 @@ class StepShape:
     swap_bytes: int = 0
 
     def features(self) -> tuple[float, ...]:
-        return (1.0, *(float(getattr(self, name)) for name in FEATURES))
+        """1 (the intercept), then the FEATURES, in order: the fields before ``swap_bytes``."""
+        return (1.0, *map(float, self[:-1]))
+
+
+if StepShape._fields[:-1] != FEATURES:
+    raise RuntimeError("StepShape's fields must start with FEATURES, in order")  # features() relies on it
 
 
 @dataclass(frozen=True)

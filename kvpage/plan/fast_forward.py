@@ -17,7 +17,8 @@ such a run paying only for its *events*, and for O(1) bookkeeping a step:
 * each step's time comes from the same cost model, called with the step's
   :class:`~kvpage.plan.cost.StepShape` (kept as running sums), so the
   virtual clock adds exactly the same floats in the same order;
-* page allocations (with any eviction), full-page commits (with their
+* page allocations (with any eviction; a contiguous layout has none, as
+  each sequence's reservation covers its run), full-page commits (with their
   prefix-cache registration) and finishes (with their page releases) run
   through the real KV manager and the scheduler's own results and
   lifecycle (:meth:`~kvpage.sched.results.StepResults.commit_decodes`,
@@ -102,34 +103,38 @@ class _Run:
     fills: list[list[Sequence]]  # by the residue of the step at which they fill a page: (p + j) % bs == 0
     finishing: dict[int, list[Sequence]]  # by the step after which they finish by length
     start: dict[int, int]  # tokens each had computed when the run began
+    on_demand: bool  # pages come as tokens do (paging); else each sequence's reservation already covers its run
     base_kv: int = 0  # K/V tokens read in step j: base_kv + batch * j
     longest: int = 0  # the longest context in step j: longest + j
+    touched: int = 0  # pages the sequences' tokens occupy, each counted alone (KVManager.waste_given)
 
 
 def _start_run(sched: Scheduler, now: float, next_arrival: float) -> _Run | None:
     """The run that starts from this state, or None if stepping could do more than decode."""
     kv = sched.kv
     running = sched.running
-    # Only paging allocates page by page, as this accounting assumes; a contiguous reservation steps.
-    if (now >= next_arrival or not running or sched.waiting or sched.swapped or kv.layout != "paged"
+    if (now >= next_arrival or not running or sched.waiting or sched.swapped
             or len(running) > sched.config.max_num_batched_tokens):
         return None
     bs = kv.block_size
-    run = _Run([[] for _ in range(bs)], {}, {})
+    on_demand = kv.reservation_tokens(1) is None
+    run = _Run([[] for _ in range(bs)], {}, {}, on_demand)
     for seq in running:
         left = steps_left(sched, seq)
-        if left is None:
+        if left is None or kv.copies_before_write(seq.seq_id):
             return None
         p = seq.num_computed_tokens
-        # It holds exactly the pages its tokens fill, and writes its next token in place or in a fresh page:
-        # no copy-on-write, so the first step allocates exactly when p is a page boundary.
-        if len(kv.page_ids(seq.seq_id)) != -(-p // bs) or (p % bs and kv.writes_shared_page(seq.seq_id)):
+        held = len(kv.page_ids(seq.seq_id))
+        # Paging: it holds exactly the pages its tokens fill, so the first step allocates exactly when p is a
+        # page boundary. A reservation: it holds every slot the run can write.
+        if (held != -(-p // bs)) if on_demand else (held * bs < p + left):
             return None
         run.start[seq.seq_id] = p
         run.fills[-p % bs].append(seq)
         run.finishing.setdefault(left, []).append(seq)
         run.base_kv += p
         run.longest = max(run.longest, p)
+        run.touched += -(-p // bs)
     return run
 
 
@@ -147,28 +152,28 @@ def fast_forward(sched: Scheduler, now: float, next_arrival: float, cost: StepCo
         return now, 0
     kv = sched.kv
     bs = kv.block_size
-    fills, finishing, start, base_kv, longest = run.fills, run.finishing, run.start, run.base_kv, run.longest
+    fills, finishing, start, base_kv, longest, touched = (run.fills, run.finishing, run.start, run.base_kv,
+                                                          run.longest, run.touched)
     running = sched.running
     alive = list(running)  # sched.running shrinks as sequences finish
     batch = len(alive)
-    first = kv.waste(sched.admission.reserved_pages())
-    stored, unshared = first.stored_slots, first.pages_without_sharing
-    total_slots = first.total_slots
-    counters, results, life = sched.counters, sched.results, sched.life
+    stored = kv.num_tokens_stored
+    counters, results, life, admission = sched.counters, sched.results, sched.life, sched.admission
     step = 0
     while now < next_arrival and batch:
-        allocating = fills[step % bs]  # filled a page in the step before: the next token needs a fresh one
-        if len(allocating) > kv.num_available_pages:
-            break  # the stepped scheduler would preempt
+        allocating = fills[step % bs]  # filled a page in the step before: the next token starts a new one
+        if run.on_demand:
+            if len(allocating) > kv.num_available_pages:
+                break  # the stepped scheduler would preempt
+            for seq in allocating:  # its table is committed up to the page boundary: one fresh page
+                kv.allocate(seq.seq_id, 1)
         step += 1
-        for seq in allocating:  # its table is committed up to the page boundary: one fresh page
-            kv.allocate(seq.seq_id, 1)
         kv_read = base_kv + batch * step
         now += cost.step_time(StepShape(batch, 0, batch, batch, kv_read, batch * (longest + step), kv_read))
         counters.num_tokens_computed += batch
         counters.num_generated_tokens += batch
         stored += batch
-        unshared += len(allocating)
+        touched += len(allocating)
         done = finishing.pop(step, None)
         events = fills[step % bs]
         if done:  # finishes interleave with commits in running order, as in the stepped results
@@ -184,7 +189,7 @@ def fast_forward(sched: Scheduler, now: float, next_arrival: float, cost: StepCo
                 held = kv.num_tokens_stored
                 life.finish(seq, SequenceStatus.FINISHED_LENGTH)
                 stored -= held - kv.num_tokens_stored
-                unshared -= -(-computed // bs)
+                touched -= -(-computed // bs)
                 fills[-p % bs].remove(seq)
                 alive.remove(seq)
                 base_kv -= p
@@ -198,10 +203,7 @@ def fast_forward(sched: Scheduler, now: float, next_arrival: float, cost: StepCo
             batch = len(alive)
             if longest < 0 and alive:
                 longest = max(start[seq.seq_id] for seq in alive)
-        used = kv.num_pages_in_use
-        reserved = sched.admission.reserved_pages()
-        recorder.step(now, step_batch, KVWaste(total_slots, stored, used * bs - stored, reserved * bs, 0, used,
-                                               unshared))
+        recorder.step(now, step_batch, kv.waste_given(stored, touched, admission.reserved_pages()))
     for seq in alive if step else ():  # commit what each sequence computed since its last event
         tokens = seq.token_ids
         computed = start[seq.seq_id] + step

@@ -61,6 +61,7 @@ class Lifecycle:
         self.beam_requests: dict[str, Request] = {}  # admitted beam searches, holding their seats
         self.finished_since_last_step: list[int] = []
         self._next_admit = 0
+        self._min_pending = (-1, 0)  # (queues.waiting_version, smallest pending reservation in pages)
 
     # ----- submission ---------------------------------------------------------
     def check_fits(self, num_prompt_tokens: int, max_tokens: int | None, n: int) -> None:
@@ -215,10 +216,15 @@ class Lifecycle:
 
     def kv_waste(self) -> KVWaste:
         """The cache by kind of waste now; external fragmentation is judged against the waiting requests."""
-        admission, waiting = self.admission, self.queues.waiting
+        admission, queues = self.admission, self.queues
         min_pending = None
-        if waiting and self.kv.reservation_tokens(1) is not None:
-            reservations = (admission.reservation_tokens(seq.num_prompt_tokens, self.limit.max_new_tokens(
-                seq.num_prompt_tokens, seq.request.sampling_params.max_tokens)) for seq in waiting)
-            min_pending = min(self.kv.pages_for_tokens(r or 0) for r in reservations)
+        if queues.waiting and self.kv.reservation_tokens(1) is not None:
+            # A waiting sequence's reservation never changes, so the minimum holds until the queue does
+            # (a walk of the whole queue every step was most of a contiguous replay under pressure).
+            if self._min_pending[0] != queues.waiting_version:
+                reservations = (admission.reservation_tokens(seq.num_prompt_tokens, self.limit.max_new_tokens(
+                    seq.num_prompt_tokens, seq.request.sampling_params.max_tokens)) for seq in queues.waiting)
+                self._min_pending = (queues.waiting_version,
+                                     min(self.kv.pages_for_tokens(r or 0) for r in reservations))
+            min_pending = self._min_pending[1]
         return self.kv.waste(admission.reserved_pages(), min_pending)

@@ -45,15 +45,23 @@ class WasteStats:
         if requests_waiting:
             self.loaded_batch_size_sum += batch_size
             self.num_loaded_samples += 1
-        for kind, value in waste.fractions().items():
-            self.sums[kind] += value
-        self.sharing_saving_sum += waste.sharing_saving
-        not_free = waste.total_slots - waste.free_slots
-        if not_free:
-            self.waste_of_used_sum += (not_free - waste.stored_slots) / not_free
+        # waste.fractions() and waste.sharing_saving, written out: this runs for every step the planner replays.
+        total, stored = waste.total_slots, waste.stored_slots
+        held = stored + waste.internal_slots + waste.reserved_slots + waste.external_slots
+        sums = self.sums
+        sums["stored"] += stored / total
+        sums["internal_fragmentation"] += waste.internal_slots / total
+        sums["reservation_waste"] += waste.reserved_slots / total
+        sums["external_fragmentation"] += waste.external_slots / total
+        sums["free"] += (total - held) / total
+        if waste.pages_without_sharing:
+            self.sharing_saving_sum += 1.0 - waste.pages_in_use / waste.pages_without_sharing
+        if held:  # the memory that is not free
+            self.waste_of_used_sum += (held - stored) / held
             self.num_used_samples += 1
         self.batch_size_sum += batch_size
-        self.max_batch_size = max(self.max_batch_size, batch_size)
+        if batch_size > self.max_batch_size:
+            self.max_batch_size = batch_size
         self.last = waste
 
     def means(self) -> dict[str, float]:

@@ -40,6 +40,9 @@ class SequenceQueues:
         self.swapped: list[Sequence] = []  # preempted to host memory, resumed before any admission
         self.requests: dict[str, Request] = {}  # unfinished requests by id
         self.live: dict[int, Sequence] = {}  # unfinished sequences by id, in any queue
+        # Bumped whenever a sequence joins or leaves the waiting queue: what is computed from that queue
+        # (the smallest pending reservation, for external fragmentation) stays valid while it holds.
+        self.waiting_version = 0
         self._next_seq_id = 0
 
     def has_unfinished(self) -> bool:
@@ -81,6 +84,8 @@ class SequenceQueues:
         if current.is_finished:  # a finish restated (a stop string wins over EOS or length): no queue
             seq.status = to
             return
+        if current is SequenceStatus.WAITING:
+            self.waiting_version += 1
         self._queue(current).remove(seq)
         seq.status = to
         if not to.is_finished:
@@ -102,5 +107,8 @@ class SequenceQueues:
         raise RuntimeError(f"a {status.value} sequence is in no queue")
 
     def _insert(self, seq: Sequence) -> None:
-        key = waiting_key if seq.status is SequenceStatus.WAITING else running_key
-        bisect.insort(self._queue(seq.status), seq, key=key)
+        if seq.status is SequenceStatus.WAITING:
+            self.waiting_version += 1
+            bisect.insort(self.waiting, seq, key=waiting_key)
+        else:
+            bisect.insort(self._queue(seq.status), seq, key=running_key)
