@@ -110,19 +110,21 @@ fi
 if [ "$STAGE" = replay ]; then  # one file a run, plus versions.txt
   export PYTHONUNBUFFERED=1
   for round in 1 2 3; do
-    PYTHONPATH=$PWD/.base taskset -c "$round" timeout 560 python .base/benchmarks/plan_speed.py --num 100000 \
+    PYTHONPATH=$PWD/.base taskset -c "$round" timeout 300 python .base/benchmarks/plan_speed.py --num 100000 \
       > "$OUT/plan_speed_base_$round.txt" 2>&1 &
-    PYTHONPATH=$PWD taskset -c "$((round + 3))" timeout 560 python benchmarks/plan_speed.py --num 100000 \
+    PYTHONPATH=$PWD taskset -c "$((round + 3))" timeout 300 python benchmarks/plan_speed.py --num 100000 \
       > "$OUT/plan_speed_this_$round.txt" 2>&1 &
   done
-  PYTHONPATH=$PWD taskset -c 8 python benchmarks/plan_default.py --num 5000 20000 100000 --timeout 500 \
+  PYTHONPATH=$PWD taskset -c 8 python benchmarks/plan_default.py --num 5000 20000 --timeout 300 \
     > "$OUT/plan_default_this.txt" 2>&1 &
+  PYTHONPATH=$PWD taskset -c 12 python benchmarks/plan_default.py --num 100000 --timeout 320 \
+    > "$OUT/plan_default_this_100k.txt" 2>&1 &
   PYTHONPATH=$PWD/.prev taskset -c 9 python .prev/benchmarks/plan_default.py --code "$PWD/.prev" --num 5000 20000 \
-    --timeout 500 > "$OUT/plan_default_prev.txt" 2>&1 &
-  PYTHONPATH=$PWD taskset -c 10 python benchmarks/plan_default.py --num 5000 20000 --timeout 500 -- --kv-tokens 8192 \
+    --timeout 300 > "$OUT/plan_default_prev.txt" 2>&1 &
+  PYTHONPATH=$PWD taskset -c 10 python benchmarks/plan_default.py --num 5000 --timeout 300 -- --kv-tokens 8192 \
     > "$OUT/plan_default_this_tight.txt" 2>&1 &
-  PYTHONPATH=$PWD/.prev taskset -c 11 python .prev/benchmarks/plan_default.py --code "$PWD/.prev" --num 5000 20000 \
-    --timeout 500 -- --kv-tokens 8192 > "$OUT/plan_default_prev_tight.txt" 2>&1 &
+  PYTHONPATH=$PWD/.prev taskset -c 11 python .prev/benchmarks/plan_default.py --code "$PWD/.prev" --num 5000 \
+    --timeout 300 -- --kv-tokens 8192 > "$OUT/plan_default_prev_tight.txt" 2>&1 &
   wait
 fi
 echo "$STAGE done" >> "$OUT/log.txt"
