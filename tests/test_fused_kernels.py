@@ -106,11 +106,13 @@ def test_gumbel_max_sampling_draws_from_the_softmax() -> None:
     assert counts[5] == 0  # probability ~1e-18
     chi2 = (((counts[:5] - expected[:5]) ** 2) / expected[:5]).sum().item()
     assert chi2 < 20.5, chi2  # 4 degrees of freedom: p < 0.0005 if the sampler were right
-    # A row's draw depends only on its seed: the same seeds give the same tokens, others differ.
-    again = gumbel_max_sample(logits, torch.full((rows,), temperature, device=DEVICE), seeds).cpu()
-    assert torch.equal(again, tokens)
-    other = gumbel_max_sample(logits, torch.full((rows,), temperature, device=DEVICE), seeds + 1).cpu()
-    assert (other != tokens).float().mean() > 0.3
+    # A row's draw depends only on its seed: the same seeds give the same tokens, in a batch of another
+    # size too, and other seeds differ. (A fifth of the rows: the interpreter runs every row in Python.)
+    few = rows // 5
+    again = gumbel_max_sample(logits[:few], torch.full((few,), temperature, device=DEVICE), seeds[:few]).cpu()
+    assert torch.equal(again, tokens[:few])
+    other = gumbel_max_sample(logits[:few], torch.full((few,), temperature, device=DEVICE), seeds[:few] + 1).cpu()
+    assert (other != tokens[:few]).float().mean() > 0.3
 
 
 def test_gumbel_max_across_blocks_and_chunks_at_a_cold_temperature() -> None:

@@ -55,6 +55,25 @@ def test_a_scheduler_over_a_contiguous_manager_needs_no_layout_argument(layout: 
     assert reserved[0] == 2 * (run - 4) and kv.num_pages_in_use == 0
 
 
+def test_external_fragmentation_follows_the_waiting_queue_as_it_changes() -> None:
+    """The smallest pending reservation is kept between steps; it must follow every join and admission."""
+    sched = scheduler("contiguous-request", num_pages=24, block_size=4, max_model_len=64)
+    for i, (prompt, out) in enumerate([(20, 20), (6, 4), (30, 20), (3, 2), (12, 30), (5, 5), (40, 20), (4, 3)]):
+        submit(sched, f"r{i}", prompt, out, arrival=float(i))
+    seen = set()
+    while sched.has_unfinished():
+        step(sched)
+        kv, waiting = sched.kv, sched.waiting
+        fresh = None
+        if waiting:  # computed from scratch, as the cache must have it
+            fresh = min(kv.pages_for_tokens(s.num_prompt_tokens + s.request.sampling_params.max_tokens - 1)
+                        for s in waiting)
+        expected = kv.waste(sched.admission.reserved_pages(), fresh)
+        assert sched.kv_waste() == expected
+        seen.add((len(waiting), expected.external_slots))
+    assert len({n for n, _ in seen if n}) > 2 and any(external for _, external in seen)  # the queue changed
+
+
 # ----- waste accounting on hand-built cases ---------------------------------------------------
 def test_paged_waste_is_the_last_page_slack_and_sharing_is_counted_once() -> None:
     kv = KVCacheManager(10, 4)

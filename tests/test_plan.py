@@ -163,16 +163,23 @@ def test_calibrated_plan_predicts_the_cpu_engine_within_15_percent() -> None:
 
     Calibration and real runs are interleaved, so that a shared machine's drift in speed reaches
     both (calibrating first, then running, put a TPOT ratio at 1.162 in one CI run and between
-    1.03 and 1.31 in four local ones). What noise is left is met by a second attempt, with a fresh
+    1.03 and 1.31 in four local ones). The engine runs on one thread: on a busy 2-core machine a
+    two-thread matrix product waits for whichever core another tenant holds, and that straggling
+    differs between the calibration's steps and the workloads' (two-thread TPOT ratios of 0.87 to
+    1.35 for the same code here, one CI run at 1.17 and 1.18 in both attempts; one thread: within
+    6% when the other core was free). What noise is left is met by a second attempt, with a fresh
     calibration, after an out-of-band first; the second must pass. A planner that is wrong fails both.
     """
+    import os
     import subprocess
     import sys
     import warnings
 
     attempts = []
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for _ in range(2):
-        done = subprocess.run([sys.executable, "-c", ACCURACY_SCRIPT], capture_output=True, text=True, check=True)
+        done = subprocess.run([sys.executable, "-c", ACCURACY_SCRIPT], capture_output=True, text=True, check=True,
+                              env=env)
         rows = json.loads(done.stdout.strip().splitlines()[-1])
         attempts.append([(name, key, round(planned / real, 3)) for name, key, planned, real in rows])
         if all(planned == pytest.approx(real, rel=0.15) for _, _, planned, real in rows):
