@@ -175,7 +175,9 @@ def fast_forward(sched: Scheduler, now: float, next_arrival: float, cost: StepCo
         stored += batch
         touched += len(allocating)
         done = finishing.pop(step, None)
-        events = fills[step % bs]
+        # A filled page is committed at once where it may join the prefix cache and the next allocation
+        # reads the table; a contiguous reservation needs neither, so its tokens wait for the finish.
+        events: Seq[Sequence] = fills[step % bs] if run.on_demand else ()
         if done:  # finishes interleave with commits in running order, as in the stepped results
             events = sorted({*events, *done}, key=alive.index)
             ending = set(done)
