@@ -23,10 +23,11 @@ from tests.checkpoints import hf_greedy, make_checkpoint  # noqa: E402
 VOCAB = 256
 
 
-def prompts_and_lengths(seed: int, num: int, shared: int = 0) -> tuple[list[list[int]], list[int]]:
+def prompts_and_lengths(seed: int, num: int, shared: int = 0, longest_tail: int = 90
+                        ) -> tuple[list[list[int]], list[int]]:
     rng = random.Random(seed)
     prefix = [rng.randrange(3, VOCAB) for _ in range(shared)]
-    prompts = [prefix + [rng.randrange(3, VOCAB) for _ in range(rng.randint(2, 90))] for _ in range(num)]
+    prompts = [prefix + [rng.randrange(3, VOCAB) for _ in range(rng.randint(2, longest_tail))] for _ in range(num)]
     return prompts, [rng.randint(1, 10) for _ in range(num)]
 
 
@@ -57,7 +58,8 @@ def test_prefix_hits_and_forks_on_kernels(tmp_path: Path, monkeypatch: pytest.Mo
 
     monkeypatch.setattr(triton_cache, "copy_pages", counting_copy)
     model_dir = make_checkpoint(tmp_path / "qwen3", "qwen3", seed=11, vocab_size=VOCAB)
-    prompts, max_tokens = prompts_and_lengths(seed=1, num=8, shared=40)
+    # Short tails: the interpreter runs the fused qk-norm/RoPE/cache kernel once a token, at ~20 ms each.
+    prompts, max_tokens = prompts_and_lengths(seed=1, num=8, shared=40, longest_tail=30)
     # Four sequences at a time: later prompts prefill only their tails over the cached shared
     # prefix; n=2 siblings share the prompt's last page until they write into it (copy-on-write).
     llm = run_and_compare(model_dir, prompts, max_tokens, n=2, block_size=16, max_num_seqs=4)
