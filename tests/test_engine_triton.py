@@ -86,7 +86,7 @@ def test_seeded_sampling_on_the_one_pass_kernel_is_batch_independent(tmp_path: P
     model_dir = make_checkpoint(tmp_path / "llama", "llama", seed=14, vocab_size=VOCAB)
     llm = LLM(model=str(model_dir), attention_backend="triton", dtype="float32", seed=0)
     assert llm.engine.runner.sampler.use_kernels
-    prompts, _ = prompts_and_lengths(seed=4, num=5)
+    prompts, _ = prompts_and_lengths(seed=4, num=5, longest_tail=24)
     params = [SamplingParams(temperature=0.8, max_tokens=12, ignore_eos=True, seed=100 + i) for i in range(5)]
     together = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     alone = llm.generate({"prompt_token_ids": prompts[3]}, params[3], use_tqdm=False)[0]
