@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+KINDS = ("stored", "internal_fragmentation", "reservation_waste", "external_fragmentation", "free")
+
 
 class KVWaste(NamedTuple):  # a tuple: the planner makes one every virtual step, and a frozen dataclass costs 4x
     """One snapshot of the cache, in token slots."""
@@ -41,10 +43,14 @@ class KVWaste(NamedTuple):  # a tuple: the planner makes one every virtual step,
         return self.total_slots - self.stored_slots - self.internal_slots - self.reserved_slots - self.external_slots
 
     def fractions(self) -> dict[str, float]:
+        """Each of the five states' share of the cache, by name (KINDS)."""
+        return dict(zip(KINDS, self.fraction_values()))
+
+    def fraction_values(self) -> tuple[float, float, float, float, float]:
+        """The same shares as a tuple in KINDS's order: what a per-step accumulator wants, without a dict."""
         total = self.total_slots
-        return {"stored": self.stored_slots / total, "internal_fragmentation": self.internal_slots / total,
-                "reservation_waste": self.reserved_slots / total, "external_fragmentation": self.external_slots / total,
-                "free": self.free_slots / total}
+        return (self.stored_slots / total, self.internal_slots / total, self.reserved_slots / total,
+                self.external_slots / total, self.free_slots / total)
 
     @property
     def waste_fraction(self) -> float:

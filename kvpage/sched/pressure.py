@@ -20,15 +20,15 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from kvpage.kv import KVWaste
+from kvpage.kv.waste import KINDS
 
 logger = logging.getLogger("kvpage.engine")
-WASTE_KINDS = ("stored", "internal_fragmentation", "reservation_waste", "external_fragmentation", "free")
 
 
 @dataclass
 class WasteStats:
     num_samples: int = 0
-    sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(WASTE_KINDS, 0.0))
+    sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(KINDS, 0.0))
     sharing_saving_sum: float = 0.0
     # Waste as a share of the memory that is not free (held or unusable), over steps where any is.
     waste_of_used_sum: float = 0.0
@@ -45,19 +45,13 @@ class WasteStats:
         if requests_waiting:
             self.loaded_batch_size_sum += batch_size
             self.num_loaded_samples += 1
-        # waste.fractions() and waste.sharing_saving, written out: this runs for every step the planner replays.
-        total, stored = waste.total_slots, waste.stored_slots
-        held = stored + waste.internal_slots + waste.reserved_slots + waste.external_slots
         sums = self.sums
-        sums["stored"] += stored / total
-        sums["internal_fragmentation"] += waste.internal_slots / total
-        sums["reservation_waste"] += waste.reserved_slots / total
-        sums["external_fragmentation"] += waste.external_slots / total
-        sums["free"] += (total - held) / total
-        if waste.pages_without_sharing:
-            self.sharing_saving_sum += 1.0 - waste.pages_in_use / waste.pages_without_sharing
-        if held:  # the memory that is not free
-            self.waste_of_used_sum += (held - stored) / held
+        for kind, value in zip(KINDS, waste.fraction_values()):  # fractions() without its dict, every step
+            sums[kind] += value
+        self.sharing_saving_sum += waste.sharing_saving
+        not_free = waste.total_slots - waste.free_slots
+        if not_free:
+            self.waste_of_used_sum += (not_free - waste.stored_slots) / not_free
             self.num_used_samples += 1
         self.batch_size_sum += batch_size
         if batch_size > self.max_batch_size:
@@ -67,7 +61,7 @@ class WasteStats:
     def means(self) -> dict[str, float]:
         n = max(self.num_samples, 1)
         out = {f"kv_{kind}_mean": value / n for kind, value in self.sums.items()}
-        out["kv_waste_mean"] = sum(out[f"kv_{k}_mean"] for k in WASTE_KINDS[1:4])
+        out["kv_waste_mean"] = sum(out[f"kv_{k}_mean"] for k in KINDS[1:4])
         out["kv_sharing_saving_mean"] = self.sharing_saving_sum / n
         out["kv_waste_of_used_mean"] = self.waste_of_used_sum / max(self.num_used_samples, 1)
         out["batch_size_mean"] = self.batch_size_sum / n
