@@ -1,6 +1,6 @@
 """The ``kvpage`` command line.
 
-``kvpage generate [--model DIR] [--max-tokens N] [--temperature T] PROMPT...``
+``kvpage generate [--model DIR|FILE.gguf] [--max-tokens N] [--temperature T] PROMPT...``
 prints one completion per prompt; ``kvpage serve [--model DIR] [--host H]
 [--port P] [--api-key KEY]`` runs the OpenAI-compatible HTTP server. Without
 ``--model`` both use the built-in demo model. Any error is one line on stderr and a non-zero exit, never a
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -22,8 +23,10 @@ EXIT_ERROR = 1
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     """Engine options, with vLLM's flag names where the concept is the same."""
     group = parser.add_argument_group("engine")
-    group.add_argument("--model", default=None, help="Hugging Face model directory (default: the built-in demo model)")
-    group.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
+    group.add_argument("--model", default=None, help="Hugging Face model directory or .gguf file (default: the "
+                       "built-in demo model)")
+    group.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's, or the GGUF "
+                       "file's)")
     group.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     group.add_argument("--device", default="auto", help="auto | cpu | cuda")
     group.add_argument("--seed", type=int, default=0)
@@ -196,15 +199,29 @@ def run_serve(args: argparse.Namespace) -> int:
     return serve(engine_options(args), options)
 
 
+def log_to_stderr() -> None:
+    """Let the engine's start-up facts (a GGUF file's dequantization) and warnings reach the terminal."""
+    log = logging.getLogger("kvpage")
+    if any(h.get_name() == "kvpage-cli" for h in log.handlers):
+        return  # main() called again in one process (tests)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.set_name("kvpage-cli")
+    handler.setFormatter(logging.Formatter("kvpage: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         if args.command == "generate":
+            log_to_stderr()
             return run_generate(args)
         if args.command == "serve":
             return run_serve(args)
         if args.command == "bench":
+            log_to_stderr()
             return run_bench(args)
         if args.command == "plan":
             from kvpage.plan.cli import run_plan

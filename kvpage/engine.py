@@ -29,17 +29,15 @@ N, which is discarded.
 from __future__ import annotations
 
 import itertools
-import json
 import time
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from kvpage.config import EngineConfig
 from kvpage.metrics import RequestCounters, StepTimings
-from kvpage.model import ModelConfig, demo_model_dir, load_model, resolve_dtype
+from kvpage.model.source import open_model_source
 from kvpage.output_builder import OutputBuilder
 from kvpage.outputs import RequestOutput
 from kvpage.sampling_params import SamplingParams
@@ -69,28 +67,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} was asked for but CUDA is not available; use 'cpu' or 'auto'")
     return device
-
-
-def load_tokenizer(path: Path) -> Any | None:
-    """The directory's Hugging Face tokenizer, or None if it ships none."""
-    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-    if not any((path / name).is_file() for name in names):
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)  # never run code from a model dir
-
-
-def read_eos_token_ids(model_dir: Path, config: ModelConfig) -> tuple[int, ...]:
-    """EOS ids as generation_config.json gives them (what HF's generate stops on), else config.json's."""
-    path = model_dir / "generation_config.json"
-    if path.is_file():
-        eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
-        if isinstance(eos, int):
-            return (eos,)
-        if isinstance(eos, list):
-            return tuple(int(t) for t in eos)
-    return config.eos_token_ids
 
 
 class RunnerExecutor:
@@ -124,18 +100,12 @@ class LLMEngine:
         self.config = config
         load = config.load
         self.device = resolve_device(load.device)
-        if load.model is None:
-            self.model_dir = demo_model_dir()
-        else:
-            self.model_dir = Path(load.model).expanduser()
-            if not self.model_dir.is_dir():
-                raise FileNotFoundError(f"model directory {str(self.model_dir)!r} does not exist")
-        self.model_config = ModelConfig.from_model_dir(self.model_dir)
-        self.dtype = resolve_dtype(load.dtype, self.model_config, self.device)
+        source = open_model_source(load.model)  # a Hugging Face directory or a GGUF file
+        self.model_dir = source.path  # the directory, or the .gguf file
         torch.manual_seed(load.seed)
-        self.model = load_model(self.model_dir, self.dtype, self.device)
-        self.tokenizer = load_tokenizer(Path(load.tokenizer) if load.tokenizer else self.model_dir)
-        self.eos_token_ids = read_eos_token_ids(self.model_dir, self.model_config)
+        loaded = source.load(load.dtype, self.device, load.tokenizer)
+        self.model_config, self.model, self.dtype = loaded.config, loaded.model, loaded.dtype
+        self.tokenizer, self.eos_token_ids = loaded.tokenizer, loaded.eos_token_ids
 
         max_positions = self.model_config.max_position_embeddings
         self.max_model_len = config.scheduler.max_model_len or max_positions

@@ -22,3 +22,11 @@ def _default_model_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
 def _one_torch_thread() -> None:
     # The tests run tiny tensors: on a 2-core machine torch's thread pool costs more than it gives.
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def real_model(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """SmolLM2-135M-Instruct dequantized once a session: GGUF path, HF directory and transformers oracle."""
+    from tests.real_model import build_real_model
+
+    return build_real_model(tmp_path_factory.mktemp("smollm2"))

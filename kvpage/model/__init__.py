@@ -1,7 +1,8 @@
 """Llama-family causal language models that run over the paged KV cache.
 
 ``config`` parses Hugging Face ``config.json`` files, ``loader`` builds a
-:class:`CausalLM` from a safetensors checkpoint, ``demo_model`` locates the
+:class:`CausalLM` from a safetensors checkpoint (or from tensors in memory),
+``source`` opens what ``--model`` names (a directory or a GGUF file), ``demo_model`` locates the
 trained demo model that is the default, and ``random_model`` builds small
 random checkpoints for tests and benchmarks.
 """

@@ -17,15 +17,16 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from kvpage.model.config import ModelConfig
-from kvpage.model.llama import CausalLM
+from kvpage.model.llama import CausalLM, CheckpointSlice
 
-__all__ = ["SUPPORTED_DTYPES", "find_safetensors_files", "load_model", "resolve_dtype"]
+__all__ = ["SUPPORTED_DTYPES", "find_safetensors_files", "load_model", "load_model_from_tensors", "resolve_dtype"]
 
 SUPPORTED_DTYPES = {
     "float32": torch.float32,
@@ -103,48 +104,67 @@ def load_model(
         raise FileNotFoundError(f"model_dir {str(model_dir)!r} does not exist or is not a directory")
     config = ModelConfig.from_model_dir(directory)
     files = find_safetensors_files(directory)
-    model_dtype = resolve_dtype(dtype, config, device)
-    model = CausalLM(config, dtype=model_dtype, device=torch.device(device))
+    model = CausalLM(config, dtype=resolve_dtype(dtype, config, device), device=torch.device(device))
     slices = model.checkpoint_slices()
 
-    names_by_file: dict[Path, list[str]] = {}
     seen: dict[str, Path] = {}
-    unexpected: list[str] = []
     for path in files:
         with safe_open(str(path), framework="pt", device="cpu") as reader:
             names = list(reader.keys())
-        names_by_file[path] = []
         for name in names:
             if name in seen:
                 raise ValueError(f"weight {name!r} appears in both {seen[name].name} and {path.name}")
             seen[name] = path
-            if name in slices:
-                names_by_file[path].append(name)
-            elif name == "lm_head.weight" and config.tie_word_embeddings:
-                # Tied models use the embedding matrix, as transformers does.
-                continue
-            elif not name.endswith(_IGNORED_SUFFIXES):
-                unexpected.append(name)
-    missing = sorted(set(slices) - set(seen))
+    loaded = set(_loaded_names(config, slices, list(seen), f"checkpoint in {str(directory)!r}"))
+    for path in files:
+        with safe_open(str(path), framework="pt", device="cpu") as reader:
+            for name in reader.keys():
+                if name in loaded:
+                    _copy_weight(slices[name], name, reader.get_tensor(name), path.name)
+    return model
+
+
+def load_model_from_tensors(
+    config: ModelConfig, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype, device: torch.device | str,
+    where: str,
+) -> CausalLM:
+    """Build a :class:`CausalLM` from tensors in memory under Hugging Face names (a GGUF file's, dequantized
+    by transformers), as strictly as :func:`load_model` reads a directory."""
+    model = CausalLM(config, dtype=dtype, device=torch.device(device))
+    slices = model.checkpoint_slices()
+    for name in _loaded_names(config, slices, list(tensors), where):
+        _copy_weight(slices[name], name, tensors[name], where)
+    return model
+
+
+def _loaded_names(
+    config: ModelConfig, slices: Mapping[str, CheckpointSlice], names: list[str], where: str
+) -> list[str]:
+    """The checkpoint's names the model loads; raises if a weight is missing or a tensor would be ignored."""
+    loaded, unexpected = [], []
+    for name in names:
+        if name in slices:
+            loaded.append(name)
+        elif name == "lm_head.weight" and config.tie_word_embeddings:
+            continue  # tied models use the embedding matrix, as transformers does
+        elif not name.endswith(_IGNORED_SUFFIXES):
+            unexpected.append(name)
+    missing = sorted(set(slices) - set(loaded))
     if missing or unexpected:
         raise ValueError(
-            f"checkpoint in {str(directory)!r} does not match {config.architecture}: "
+            f"{where} does not match {config.architecture}: "
             f"missing weights {_preview(missing)}; unexpected weights {_preview(sorted(unexpected))}"
         )
+    return loaded
 
-    for path, names in names_by_file.items():
-        with safe_open(str(path), framework="pt", device="cpu") as reader:
-            for name in names:
-                target = slices[name]
-                tensor = reader.get_tensor(name)
-                expected_shape = (target.rows, *target.parameter.shape[1:])
-                if tuple(tensor.shape) != expected_shape:
-                    raise ValueError(
-                        f"weight {name!r} in {path.name} has shape {tuple(tensor.shape)}, "
-                        f"expected {expected_shape} for this config"
-                    )
-                target.parameter.data[target.row_start : target.row_start + target.rows].copy_(tensor)
-    return model
+
+def _copy_weight(target: CheckpointSlice, name: str, tensor: torch.Tensor, where: str) -> None:
+    expected_shape = (target.rows, *target.parameter.shape[1:])
+    if tuple(tensor.shape) != expected_shape:
+        raise ValueError(
+            f"weight {name!r} in {where} has shape {tuple(tensor.shape)}, expected {expected_shape} for this config"
+        )
+    target.parameter.data[target.row_start : target.row_start + target.rows].copy_(tensor)
 
 
 def _preview(names: list[str], limit: int = 8) -> str:

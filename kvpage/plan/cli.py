@@ -11,6 +11,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from kvpage.gguf_metadata import is_gguf_path, read_gguf_metadata
 from kvpage.plan.cost import HARDWARE, CalibratedCostModel, ModelShape, PhysicsCostModel
 from kvpage.plan.onset import OnsetSearch, fast_thrashing_onset
 from kvpage.plan.replay import CostModel, ReplaySettings, replay
@@ -39,7 +40,8 @@ def add_plan_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser
     plan.add_argument("--num", type=int, default=1000, help="synthetic: number of requests")
     plan.add_argument("--burstiness", type=float, default=1.0, help="synthetic: gamma shape; 1 = Poisson, < 1 burstier")
     plan.add_argument("--seed", type=int, default=0)
-    plan.add_argument("--model", default=None, help="Hugging Face model directory (its config.json; default: demo)")
+    plan.add_argument("--model", default=None, help="Hugging Face model directory (its config.json) or .gguf file (its "
+                      "metadata); default: the demo model")
     plan.add_argument("--max-model-len", type=int, default=None)
     plan.add_argument("--hardware", default="h100", choices=sorted(HARDWARE), help="physics cost model preset")
     plan.add_argument("--cost-model", default=None, help="calibration JSON from kvpage bench --calibrate")
@@ -77,10 +79,23 @@ def add_plan_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser
     plan.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")
 
 
-def _model_dir(model: str | None) -> Path:
+def _model_path(model: str | None) -> Path:
     if model is None:
         return Path(str(resources.files("kvpage").joinpath("assets", "demo-model")))
     return Path(model)
+
+
+def model_config_dict(path: Path) -> dict[str, Any]:
+    """The model's Hugging Face config: a directory's config.json, or a GGUF file's metadata (no torch either way)."""
+    if is_gguf_path(path):
+        return read_gguf_metadata(path).config
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise ValueError(f"--model {str(path)!r} has no config.json (give a Hugging Face directory or a .gguf file)")
+    config = json.loads(config_path.read_text())
+    if not isinstance(config, dict):
+        raise ValueError(f"{str(config_path)!r} must hold a JSON object")
+    return config
 
 
 @dataclass
@@ -99,15 +114,12 @@ class PlanInputs:
 
 def plan_inputs(args: argparse.Namespace) -> PlanInputs:
     """Parse and check ``kvpage plan``'s arguments into what the replays need."""
-    model_dir = _model_dir(args.model)
-    config_path = model_dir / "config.json"
-    if not config_path.is_file():
-        raise ValueError(f"--model {str(model_dir)!r} has no config.json")
-    config = json.loads(config_path.read_text())
+    model_dir = _model_path(args.model)
+    config = model_config_dict(model_dir)
     calibrated = CalibratedCostModel.load(args.cost_model) if args.cost_model is not None else None
     device = calibrated.device if calibrated is not None else args.hardware
     device_type = "cpu" if device.startswith("cpu") else "cuda"
-    model = ModelShape.from_config(config_path, args.dtype_bytes or (4 if device_type == "cpu" else 2))
+    model = ModelShape.from_dict(config, args.dtype_bytes or (4 if device_type == "cpu" else 2))
     cost: CostModel = calibrated or PhysicsCostModel(HARDWARE[args.hardware], model)
     max_len = args.max_model_len or config.get("max_position_embeddings", 4096)
     limits = TraceLimits(max_model_len=max_len, vocab_size=config.get("vocab_size", 32000))

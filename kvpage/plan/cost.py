@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 FEATURES = ("num_seqs", "num_prefill_seqs", "num_tokens", "num_sampled", "kv_tokens_read", "padded_kv_tokens",
             "attention_pairs")
@@ -71,8 +71,12 @@ class ModelShape:
 
     @classmethod
     def from_config(cls, config_path: str | Path, dtype_bytes: int = 2) -> ModelShape:
-        c = json.loads(Path(config_path).read_text())
-        c = c.get("text_config", c)
+        return cls.from_dict(json.loads(Path(config_path).read_text()), dtype_bytes)
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any], dtype_bytes: int = 2) -> ModelShape:
+        """The shape a Hugging Face config dict describes (``config.json``'s, or a GGUF file's metadata)."""
+        c = config.get("text_config", config)
         hidden, layers = c["hidden_size"], c["num_hidden_layers"]
         heads = c["num_attention_heads"]
         kv_heads = c.get("num_key_value_heads") or heads
