@@ -1,17 +1,18 @@
 """Turns the last position's logits of each sampled sequence into a token.
 
-Order of operations, per row (vLLM's semantics):
+Order of operations, per row (vLLM's semantics; docs/sampling.md states each knob exactly):
 
-1. logprobs, when asked for, come from the raw logits (before penalties and
-   temperature), so they describe the model, not the sampler;
-2. repetition penalty over prompt and output tokens (HF's rule: positive
-   logits divided, negative multiplied), then frequency and presence
-   penalties over output tokens;
-3. while fewer than ``min_tokens`` were generated, EOS and ``stop_token_ids``
-   are masked out;
-4. greedy rows take the argmax; the others divide by the temperature, apply
-   top-k, top-p and min-p, and draw with the exponential-race trick
-   (argmax of p / Exp(1)), which equals sampling from p.
+1. logprobs, when asked for, come from the raw logits (before any of what
+   follows), so they describe the model, not the sampler;
+2. while fewer than ``min_tokens`` were generated, EOS and ``stop_token_ids``
+   are masked out (set to -inf);
+3. repetition penalty over prompt and output tokens (positive logits
+   divided, negative multiplied), then frequency and presence penalties over
+   output tokens only (:meth:`Sampler.processed_logits` is steps 2 and 3);
+4. greedy rows take the argmax; the others divide by the temperature, cut by
+   min-p, then top-k, then top-p (each on what the one before kept), and draw
+   with the exponential-race trick (argmax of p / Exp(1)), which equals
+   sampling from p.
 
 A request with a ``seed`` draws from its own generator, seeded from
 ``seed + sample_index``, so its tokens do not depend on what else is batched.
@@ -20,6 +21,8 @@ Where the Triton kernels run, plain temperature rows (no top-k, top-p,
 min-p) instead draw in one pass over the logits by the Gumbel-max trick
 (:mod:`kvpage.ops.triton_sampling`), keyed per row the same batch-independent
 way: a different random stream from the torch path, the same distribution.
+Which of the three rules a row takes depends on its own parameters only,
+never on its batch: that is what keeps a seeded row's tokens batch-independent.
 
 ``sample`` only enqueues the device work and starts copying the results to
 the host; :meth:`PendingSamples.result` waits for them. The engine plans the
@@ -28,13 +31,18 @@ next step in between.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Callable, Iterable
+from typing import Literal
 
 import torch
 
 from kvpage.ops.transfer import to_device
 from kvpage.sampling_params import SamplingParams
 from kvpage.step_io import SampledToken, ScheduledSequence
+
+# How a row's token is picked: the argmax, the one-pass kernel, or the filtered draw of the torch path.
+Rule = Literal["greedy", "one_pass", "filtered"]
 
 
 class Sampler:
@@ -72,6 +80,12 @@ class Sampler:
         """``logits``: float32 ``[len(seqs), vocab]``, one row per sampled sequence."""
         return self.sample(logits, seqs).result()
 
+    def rule(self, params: SamplingParams) -> Rule:
+        """How this row's token is picked; it depends on the row alone, never on its batch."""
+        if params.is_greedy:
+            return "greedy"
+        return "one_pass" if self.use_kernels and _plain_temperature(params) else "filtered"
+
     def needs_float32(self, seqs: list[ScheduledSequence]) -> bool:
         """Whether these rows need float32 logits; the kernel path reads them in the model dtype.
 
@@ -84,7 +98,7 @@ class Sampler:
         for seq in seqs:
             p = seq.sampling_params
             if (p.logprobs is not None or p.has_penalties or p.min_tokens or p.use_beam_search
-                    or not (p.is_greedy or _plain_temperature(p))):
+                    or self.rule(p) == "filtered"):
                 return True
         return False
 
@@ -97,32 +111,9 @@ class Sampler:
         if logits.dtype != torch.float32 and self.needs_float32(seqs):
             logits = logits.float()
         params = [s.sampling_params for s in seqs]
-        want_logprobs = [p.logprobs is not None for p in params]
-        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
-        logits = logits.clone() if any(p.has_penalties or p.min_tokens for p in params) else logits
-        for row, seq in enumerate(seqs):
-            p = seq.sampling_params
-            if p.has_penalties:
-                self._apply_penalties(logits[row], seq)
-            if p.min_tokens and len(seq.all_token_ids) - seq.num_prompt_tokens < p.min_tokens:
-                banned = self.eos_token_ids + list(p.stop_token_ids or [])
-                if banned:
-                    logits[row, banned] = float("-inf")
-
-        greedy = [i for i, p in enumerate(params) if p.is_greedy]
-        if len(greedy) == len(params):  # one kind of row: no gathering and scattering of rows
-            tokens = logits.argmax(dim=-1)
-        elif self.use_kernels and all(p.is_greedy or _plain_temperature(p) for p in params):
-            tokens = self._gumbel_max(logits, seqs, greedy)
-        elif not greedy:
-            tokens = self._draw(self._filtered_probs(logits, params), seqs)
-        else:
-            tokens = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
-            sampled = [i for i, p in enumerate(params) if not p.is_greedy]
-            greedy_rows, sampled_rows = (to_device(rows, torch.long, logits.device) for rows in (greedy, sampled))
-            tokens.index_copy_(0, greedy_rows, logits.index_select(0, greedy_rows).argmax(dim=-1))
-            probs = self._filtered_probs(logits.index_select(0, sampled_rows), [params[i] for i in sampled])
-            tokens.index_copy_(0, sampled_rows, self._draw(probs, [seqs[i] for i in sampled]))
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(p.logprobs is not None for p in params) else None
+        logits = self.processed_logits(logits, seqs)
+        tokens = self._pick(logits, seqs)
         pending = PendingSamples(tokens, seqs)
         if raw_logprobs is not None:
             pending.add_logprobs(raw_logprobs, tokens)
@@ -135,8 +126,56 @@ class Sampler:
         pending.start_copy()
         return pending
 
-    def _gumbel_max(self, logits: torch.Tensor, seqs: list[ScheduledSequence], greedy: list[int]) -> torch.Tensor:
-        """Plain temperature sampling in one kernel pass; greedy rows take the argmax.
+    def held_back_tokens(self, seq: ScheduledSequence) -> list[int]:
+        """The tokens masked out for this row now: EOS and ``stop_token_ids`` until ``min_tokens`` were generated.
+
+        EOS is held back even with ``ignore_eos``, as vLLM does (it counts EOS among the stop tokens there).
+        """
+        p = seq.sampling_params
+        if not p.min_tokens or len(seq.all_token_ids) - seq.num_prompt_tokens >= p.min_tokens:
+            return []
+        return self.eos_token_ids + list(p.stop_token_ids or [])
+
+    def processed_logits(self, logits: torch.Tensor, seqs: list[ScheduledSequence]) -> torch.Tensor:
+        """Steps 2 and 3 of the module docstring: ``min_tokens`` masking and penalties (a copy where they apply).
+
+        Greedy rows take the argmax of these; sampled rows start from them.
+        """
+        held_back = [self.held_back_tokens(seq) for seq in seqs]
+        changed = [row for row, seq in enumerate(seqs) if held_back[row] or seq.sampling_params.has_penalties]
+        if not changed:
+            return logits
+        logits = logits.clone()
+        for row in changed:
+            if held_back[row]:
+                logits[row, held_back[row]] = float("-inf")
+            if seqs[row].sampling_params.has_penalties:
+                _apply_penalties(logits[row], seqs[row])
+        return logits
+
+    def _pick(self, logits: torch.Tensor, seqs: list[ScheduledSequence]) -> torch.Tensor:
+        """One token per row, each by its own :meth:`rule`; a batch of one rule runs without gathering rows."""
+        rules = [self.rule(s.sampling_params) for s in seqs]
+        kinds = set(rules)
+        if kinds == {"greedy", "one_pass"}:  # the kernel draws every row; greedy ones then take the argmax
+            return self._gumbel_max(logits, seqs)
+        pickers: dict[Rule, Callable[[torch.Tensor, list[ScheduledSequence]], torch.Tensor]] = {
+            "greedy": lambda rows_logits, _: rows_logits.argmax(dim=-1),
+            "one_pass": self._gumbel_max,
+            "filtered": lambda rows_logits, rows: self._draw(
+                self._filtered_probs(rows_logits, [s.sampling_params for s in rows]), rows),
+        }
+        if len(kinds) == 1:
+            return pickers[rules[0]](logits, seqs)
+        tokens = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
+        for kind in sorted(kinds):  # a fixed order, so the shared generator's stream is reproducible
+            rows = [i for i, r in enumerate(rules) if r == kind]
+            index = to_device(rows, torch.long, logits.device)
+            tokens.index_copy_(0, index, pickers[kind](logits.index_select(0, index), [seqs[i] for i in rows]))
+        return tokens
+
+    def _gumbel_max(self, logits: torch.Tensor, seqs: list[ScheduledSequence]) -> torch.Tensor:
+        """Plain temperature sampling in one kernel pass; greedy rows among them take the argmax.
 
         A seeded row's Philox key mixes its seed, sample index and the position
         it samples, so its draw is the same in any batch; other rows mix the
@@ -156,50 +195,41 @@ class Sampler:
         device = logits.device
         tokens = gumbel_max_sample(logits, to_device(temperatures, torch.float32, device),
                                    to_device(seeds, torch.long, device))
-        if greedy:
-            is_greedy = to_device([p.sampling_params.is_greedy for p in seqs], torch.bool, device)
-            tokens = torch.where(is_greedy, logits.argmax(dim=-1), tokens)
+        is_greedy = [seq.sampling_params.is_greedy for seq in seqs]
+        if any(is_greedy):
+            tokens = torch.where(to_device(is_greedy, torch.bool, device), logits.argmax(dim=-1), tokens)
         return tokens
 
     @staticmethod
-    def _apply_penalties(row: torch.Tensor, seq: ScheduledSequence) -> None:
-        p = seq.sampling_params
-        ids = to_device(seq.all_token_ids, torch.long, row.device)
-        if p.repetition_penalty != 1:
-            seen = torch.unique(ids)
-            values = row[seen]
-            row[seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
-        output_ids = ids[seq.num_prompt_tokens :]
-        if output_ids.numel() and (p.frequency_penalty or p.presence_penalty):
-            counts = torch.bincount(output_ids, minlength=row.numel()).to(row.dtype)
-            row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
-
-    @staticmethod
-    def _filtered_probs(logits: torch.Tensor, params: list) -> torch.Tensor:
-        temps = to_device([p.temperature for p in params], logits.dtype, logits.device)
-        logits = logits / temps.unsqueeze(1)
-        top_ks = [p.effective_top_k for p in params]
-        if any(top_ks):
-            vocab = logits.shape[-1]
-            k = to_device([min(k, vocab) if k else vocab for k in top_ks], torch.long, logits.device)
-            sorted_desc = logits.sort(dim=-1, descending=True).values
-            kth = sorted_desc.gather(1, (k - 1).unsqueeze(1))
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        top_ps = [p.top_p for p in params]
-        if any(tp < 1 for tp in top_ps):
-            sorted_probs, order = probs.sort(dim=-1, descending=True)
-            mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-            limit = to_device(top_ps, probs.dtype, probs.device).unsqueeze(1)
-            # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-            drop_sorted = mass_before >= limit
-            drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
-            probs = probs.masked_fill(drop, 0.0)
+    def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+        """``softmax(logits / T)`` cut by min-p, then top-k, then top-p (vLLM's order), renormalized."""
+        device = logits.device
+        logits = logits / to_device([p.temperature for p in params], logits.dtype, device).unsqueeze(1)
         min_ps = [p.min_p for p in params]
         if any(min_ps):
-            floor = to_device(min_ps, probs.dtype, probs.device).unsqueeze(1)
-            probs = probs.masked_fill(probs < floor * probs.max(dim=-1, keepdim=True).values, 0.0)
-        return probs / probs.sum(dim=-1, keepdim=True)
+            # p_i >= min_p * p_max exactly when logit_i >= max logit + log(min_p): no softmax needed.
+            log_min_p = to_device([math.log(m) if m else -math.inf for m in min_ps], logits.dtype, device)
+            floor = logits.max(dim=-1, keepdim=True).values + log_min_p.unsqueeze(1)
+            logits = logits.masked_fill(logits < floor, float("-inf"))
+        top_ks = [p.effective_top_k for p in params]
+        top_ps = [p.top_p for p in params]
+        if any(top_ks) or any(tp < 1 for tp in top_ps):
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            if any(top_ks):
+                vocab = logits.shape[-1]
+                k = to_device([min(k, vocab) if k else vocab for k in top_ks], torch.long, device)
+                kth = sorted_logits.gather(1, (k - 1).unsqueeze(1))
+                # Tokens tied with the k-th stay, as in transformers and vLLM.
+                sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
+            if any(tp < 1 for tp in top_ps):
+                sorted_probs = sorted_logits.softmax(dim=-1)
+                mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+                # Keep the smallest prefix whose mass reaches top_p (the first token always stays);
+                # a row with top_p == 1 keeps everything, even where rounding lifts the sum past 1.
+                limit = to_device([tp if tp < 1 else math.inf for tp in top_ps], logits.dtype, device)
+                sorted_logits = sorted_logits.masked_fill(mass_before >= limit.unsqueeze(1), float("-inf"))
+            logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
+        return logits.softmax(dim=-1)
 
     def _draw(self, probs: torch.Tensor, seqs: list[ScheduledSequence]) -> torch.Tensor:
         noise = torch.empty_like(probs)
@@ -214,6 +244,20 @@ class Sampler:
             if seq.sampling_params.seed is not None:
                 noise[i].exponential_(generator=self._generator_for(seq))
         return (probs / noise).argmax(dim=-1)
+
+
+def _apply_penalties(row: torch.Tensor, seq: ScheduledSequence) -> None:
+    """vLLM's penalties, in place on one row of logits (docs/sampling.md gives the formulas)."""
+    p = seq.sampling_params
+    ids = to_device(seq.all_token_ids, torch.long, row.device)
+    if p.repetition_penalty != 1:
+        seen = torch.unique(ids)  # prompt and output tokens alike
+        values = row[seen]
+        row[seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+    output_ids = ids[seq.num_prompt_tokens :]
+    if output_ids.numel() and (p.frequency_penalty or p.presence_penalty):
+        counts = torch.bincount(output_ids, minlength=row.numel()).to(row.dtype)
+        row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
 
 
 def _beam_width(params: SamplingParams) -> int:
