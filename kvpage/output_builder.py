@@ -5,7 +5,10 @@ The scheduler stops sequences on tokens (EOS, stop token ids, lengths); stop
 incrementally detokenized output, and a match ends the sequence through the
 sequence's lifecycle. Then every request that got a token is reported, unless it asked
 for its final output only; text is decoded lazily, on first access, until
-the request finishes.
+the request finishes.  A request's prompt logprobs are all in by its first
+token (the step that samples it scores the prompt's last positions); they
+are shaped once, into vLLM's list of ``{token id: Logprob}``, and that list
+is reported with each of its outputs.
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ from typing import Any
 
 from kvpage.detokenizer import IncrementalDetokenizer, find_stop_string
 from kvpage.metrics import RequestCounters
-from kvpage.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from kvpage.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestMetrics, RequestOutput
 from kvpage.sampling_params import RequestOutputKind
 from kvpage.sched.lifecycle import Lifecycle
+from kvpage.sched.prompt_logprobs import is_scored
 from kvpage.sched.sequence import Request, Sequence, SequenceStatus
 
 __all__ = ["OutputBuilder"]
@@ -31,11 +35,44 @@ class OutputBuilder:
         self.life = life
         self.request_counters = request_counters
         self._detokenizers: dict[int, IncrementalDetokenizer] = {}
+        self._prompt_logprobs: dict[str, PromptLogprobs] = {}  # request_id -> its prompt logprobs, shaped
 
     def forget(self, request: Request) -> None:
-        """Drop the detokenizers of a request that ended (finished or aborted)."""
+        """Drop the detokenizers and prompt logprobs of a request that ended (finished or aborted)."""
         for seq in request.sequences:
             self._detokenizers.pop(seq.seq_id, None)
+        self._prompt_logprobs.pop(request.request_id, None)
+
+    def prompt_logprobs(self, request: Request) -> PromptLogprobs | None:
+        """vLLM's ``prompt_logprobs`` of a request that asked for them: entry 0 None, then per prompt token
+        ``{token id: Logprob}`` of the token and the top-k, the token first (shaped once per request)."""
+        if request.sampling_params.prompt_logprobs is None:
+            return None
+        shaped = self._prompt_logprobs.get(request.request_id)
+        if shaped is not None:
+            return shaped
+        scores = request.prompt_scores
+        if not is_scored(request):
+            raise RuntimeError(f"request {request.request_id!r} is reported before its prompt logprobs arrived")
+        prompt = request.prompt_token_ids
+        shaped = [None]
+        if scores is not None:
+            names = self._token_names({t for ids in scores.top_ids for t in ids} | set(prompt[1:]))
+            for i, position in enumerate(scores.positions):
+                token = prompt[position + 1]
+                entry = {token: Logprob(scores.token_logprobs[i], scores.ranks[i], names.get(token))}
+                for rank, (tid, value) in enumerate(zip(scores.top_ids[i], scores.top_logprobs[i]), start=1):
+                    entry.setdefault(tid, Logprob(value, rank, names.get(tid)))
+                shaped.append(entry)
+        self._prompt_logprobs[request.request_id] = shaped
+        return shaped
+
+    def _token_names(self, token_ids: set[int]) -> dict[int, str]:
+        """Each token decoded alone (what ``Logprob.decoded_token`` holds); empty without a tokenizer."""
+        if self.tokenizer is None:
+            return {}
+        ids = sorted(token_ids)
+        return dict(zip(ids, self.tokenizer.batch_decode([[t] for t in ids])))
 
     def _detokenizer(self, seq: Sequence) -> IncrementalDetokenizer:
         detok = self._detokenizers.get(seq.seq_id)
@@ -100,6 +137,7 @@ class OutputBuilder:
     def _request_output(self, request: Request) -> RequestOutput:
         completions = []
         finished = request.is_finished
+        prompt_logprobs = self.prompt_logprobs(request)  # before forget(): a finished request's are dropped
         if request.beam is not None:  # the best finished hypotheses, not the sequences that carried them
             skip = request.sampling_params.skip_special_tokens
             completions = [CompletionOutput(
@@ -125,4 +163,5 @@ class OutputBuilder:
                 e2e_latency=None if times.finished is None else times.finished - times.arrival)
         return RequestOutput(request_id=request.request_id, prompt=request.prompt,
                              prompt_token_ids=request.prompt_token_ids, outputs=completions, finished=finished,
-                             num_cached_tokens=request.sequences[0].num_cached_prompt_tokens, metrics=metrics)
+                             num_cached_tokens=request.sequences[0].num_cached_prompt_tokens,
+                             prompt_logprobs=prompt_logprobs, metrics=metrics)

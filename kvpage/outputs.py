@@ -1,9 +1,55 @@
-"""What the engine returns: one :class:`RequestOutput` per request, vLLM's shape."""
+"""What the engine returns: one :class:`RequestOutput` per request, vLLM's shape.
+
+Logprobs, of sampled tokens (``CompletionOutput.logprobs``) and of prompt
+tokens (``RequestOutput.prompt_logprobs``), are one shape: per position a
+dict ``{token id: logprob}`` holding the position's actual token and the
+top-k alternatives, its actual token first.  The prompt's values are
+:class:`Logprob` objects: floats that also carry vLLM's ``logprob``,
+``rank`` and ``decoded_token`` attributes, so code written for either reads
+them.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
+
+
+class Logprob(float):
+    """A token's log-probability (the float itself), its rank and its text: vLLM's ``Logprob`` record.
+
+    ``rank`` is 1 for the most likely token (1 + the number of tokens more
+    likely than it); ``decoded_token`` is the token alone, decoded (None
+    without a tokenizer).
+    """
+
+    __slots__ = ("rank", "decoded_token")
+    rank: int | None
+    decoded_token: str | None
+
+    def __new__(cls, logprob: float, rank: int | None = None, decoded_token: str | None = None) -> Logprob:
+        record = super().__new__(cls, logprob)
+        record.rank = rank
+        record.decoded_token = decoded_token
+        return record
+
+    @property
+    def logprob(self) -> float:
+        return float(self)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return Logprob, (float(self), self.rank, self.decoded_token)
+
+    def __str__(self) -> str:
+        return float.__repr__(self)  # printed as the number it is
+
+    def __repr__(self) -> str:
+        return f"Logprob(logprob={float(self)!r}, rank={self.rank!r}, decoded_token={self.decoded_token!r})"
+
+
+# vLLM's PromptLogprobs: one entry per prompt token; the first is None (nothing precedes it).
+PromptLogprobs = list[dict[int, Logprob] | None]
 
 
 class CompletionOutput:
@@ -65,4 +111,6 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0
+    # With SamplingParams.prompt_logprobs: per prompt token, {token id: Logprob} of the token and the top-k.
+    prompt_logprobs: PromptLogprobs | None = None
     metrics: RequestMetrics | None = field(default=None, repr=False)

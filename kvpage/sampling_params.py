@@ -48,6 +48,9 @@ class SamplingParams:
     max_tokens: int | None = 16
     min_tokens: int = 0
     logprobs: int | None = None
+    # The logprob of every prompt token after the first and of the top-k alternatives at its
+    # position (RequestOutput.prompt_logprobs): None (off) or k in [0, MAX_LOGPROBS].
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     # Beam search: keep beam_width beams (default: n), return the best n; scores are
@@ -82,6 +85,9 @@ class SamplingParams:
                     f"<= max_tokens ({self.max_tokens})")
         require(self.logprobs is None or (is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
                 "logprobs", self.logprobs, f"None or an integer in [0, {MAX_LOGPROBS}]")
+        require(self.prompt_logprobs is None or (is_int(self.prompt_logprobs)
+                                                 and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),
+                "prompt_logprobs", self.prompt_logprobs, f"None or an integer in [0, {MAX_LOGPROBS}]")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         for s in stop:
             require(isinstance(s, str) and len(s) > 0, "stop", self.stop, "a non-empty string or a list of them")

@@ -5,7 +5,10 @@ These plain records are the only contract between the pure-Python side
 (:mod:`kvpage.worker`): the runner needs no scheduler object and the
 scheduler no tensor.  The scheduler's answer for a step is a
 :class:`SchedulerOutput`; the runner's, a :class:`SampledToken` per
-sampling sequence.
+sampling sequence and, for the sequences whose prompt positions the step
+scores (``prompt_logprobs``), a :class:`PromptLogprobs` written into their
+:class:`ScheduledSequence` when the step's results are read, before the
+scheduler resolves the step.
 """
 
 from __future__ import annotations
@@ -18,6 +21,35 @@ from kvpage.sampling_params import SamplingParams
 # Stands for a token sampled by the step still running on the device (asynchronous
 # scheduling): the runner substitutes the real id on the device, from that step's output.
 INFLIGHT_TOKEN = -1
+# The prompt positions of a chunk that scores none (a range: immutable, so it can be shared).
+NO_POSITIONS = range(0)
+
+
+@dataclass(slots=True)
+class PromptLogprobs:
+    """The runner's scores of a run of prompt positions: the logits at position p score prompt token p + 1.
+
+    Values are of the raw model distribution (``log_softmax`` of the logits,
+    in float32), like sampled tokens' logprobs.  ``ranks`` are 1-based (1:
+    the most likely token); ``top_ids`` / ``top_logprobs`` hold the k best
+    tokens of each position, best first (empty lists when k is 0).
+    """
+
+    positions: range
+    token_logprobs: list[float]
+    ranks: list[int]
+    top_ids: list[list[int]]
+    top_logprobs: list[list[float]]
+
+    def extend(self, later: PromptLogprobs) -> None:
+        """Append the scores of the positions right after these."""
+        if later.positions.start != self.positions.stop:
+            raise RuntimeError(f"prompt logprobs of positions {later.positions} do not follow {self.positions}")
+        self.positions = range(self.positions.start, later.positions.stop)
+        self.token_logprobs += later.token_logprobs
+        self.ranks += later.ranks
+        self.top_ids += later.top_ids
+        self.top_logprobs += later.top_logprobs
 
 
 @dataclass(slots=True)
@@ -38,6 +70,11 @@ class ScheduledSequence:
     # The whole stream (shared, not copied): penalties read the prompt and the output.
     all_token_ids: list[int]
     num_prompt_tokens: int
+    # Prompt logprobs: the positions of this chunk whose logits score the prompt token after them
+    # (kvpage.sched.prompt_logprobs decides which), and the runner's scores of them, written
+    # when the step's results are read.
+    prompt_logprob_positions: range = NO_POSITIONS
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class PageOpKind(str, Enum):

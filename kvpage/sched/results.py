@@ -15,6 +15,7 @@ Stop *strings* need text; the engine checks them after ``resolve``
 
 from __future__ import annotations
 
+from kvpage.sched import prompt_logprobs
 from kvpage.sched.beam_search import advance_beams
 from kvpage.sched.lifecycle import Lifecycle
 from kvpage.sched.sequence import Request, Sequence, SequenceStatus
@@ -45,6 +46,8 @@ class StepResults:
             if start < seq.num_prompt_tokens:
                 counters.num_prompt_tokens_computed += min(computed, seq.num_prompt_tokens) - start
             commit(seq.seq_id, seq.token_ids, computed)
+            if scheduled.prompt_logprob_positions:  # (checked here: this runs for every sequence of every step)
+                prompt_logprobs.on_commit(seq, scheduled)
             request = seq.request
             if request.num_pending_forks and computed == seq.compute_target:
                 life.fork_samples(seq)
@@ -62,6 +65,10 @@ class StepResults:
         counters, live_seqs, kv = life.counters, life.queues.live, life.kv
         bs = kv.block_size
         for scheduled in out.sequences:
+            if scheduled.prompt_logprob_positions:
+                seq = live_seqs.get(scheduled.seq_id)
+                if seq is not None:  # (an aborted request's scores are dropped)
+                    prompt_logprobs.on_resolve(seq, scheduled)
             if not scheduled.sample:
                 continue
             token = next(samples)

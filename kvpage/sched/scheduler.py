@@ -29,12 +29,13 @@ no set of searches can starve each other of the pages they wait for.
 from __future__ import annotations
 
 from kvpage.config import GIB, CacheConfig, SchedulerConfig
-from kvpage.kv import KVManager, KVWaste, make_kv_manager
+from kvpage.kv import KVManager, KVWaste, PrefixHit, make_kv_manager
 from kvpage.sched.admission import AdmissionController, group_size
 from kvpage.sched.draft import StepDraft
 from kvpage.sched.lifecycle import Lifecycle, SchedulerCounters
 from kvpage.sched.limits import LengthLimit
 from kvpage.sched.preemption import SwapPreference, choose_victim, is_parked, ranks_before
+from kvpage.sched.prompt_logprobs import positions_to_score, reads_prefix_cache
 from kvpage.sched.queues import SequenceQueues
 from kvpage.sched.results import StepResults
 from kvpage.sched.sequence import Request, Sequence, SequenceStatus
@@ -194,7 +195,7 @@ class Scheduler:
                     return
             max_new = life.limit.max_new_tokens(seq.num_prompt_tokens, seq.request.sampling_params.max_tokens)
             while True:
-                hit = self.kv.find_cached_prefix(seq.token_ids)
+                hit = self.kv.find_cached_prefix(seq.token_ids) if reads_prefix_cache(seq) else PrefixHit()
                 num_new = min(seq.compute_target - hit.num_tokens, step.budget)
                 claim = admission.claim(seq, hit, max_new)
                 blocked = admission.blocking_rule(seq, claim, num_new, len(self.running))
@@ -262,12 +263,16 @@ class Scheduler:
         inputs = tokens[start:end]
         if end > len(tokens):  # the last input is the token the running step is sampling
             inputs.append(INFLIGHT_TOKEN)
+        params = seq.request.sampling_params
         # Positional: this runs for every sequence of every step. Fields, in order: seq_id,
         # input_token_ids, start_position, page_ids, sample, sampling_params, sample_index,
         # all_token_ids, num_prompt_tokens.
-        return ScheduledSequence(seq.seq_id, inputs, start, self.kv.page_ids(seq.seq_id),
-                                 end == len(tokens) + seq.num_inflight_tokens, seq.request.sampling_params,
-                                 seq.sample_index, tokens, seq.num_prompt_tokens)
+        scheduled = ScheduledSequence(seq.seq_id, inputs, start, self.kv.page_ids(seq.seq_id),
+                                      end == len(tokens) + seq.num_inflight_tokens, params,
+                                      seq.sample_index, tokens, seq.num_prompt_tokens)
+        if params.prompt_logprobs is not None:
+            scheduled.prompt_logprob_positions = positions_to_score(seq, start, end)
+        return scheduled
 
     def _preempt(self, seq: Sequence, step: StepDraft) -> None:
         # A beam keeps its next-token candidates: they depend on its tokens, not on where its K/V is.

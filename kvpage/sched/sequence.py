@@ -28,6 +28,7 @@ from enum import Enum
 
 from kvpage.sampling_params import SamplingParams
 from kvpage.sched.beam import BeamGroup
+from kvpage.step_io import PromptLogprobs
 
 
 class SequenceStatus(Enum):
@@ -157,6 +158,10 @@ class Request:
     # Order of first admission, kept through preemptions: among equal priorities the
     # request admitted first is the last to yield pages, so the oldest always progresses.
     admit_rank: int | None = None
+    # Prompt logprobs (kvpage.sched.prompt_logprobs): prompt positions scored by committed steps,
+    # and the scores that have arrived, in position order. Per request: n samples share one prompt.
+    num_prompt_positions_scored: int = 0
+    prompt_scores: PromptLogprobs | None = None
 
     @property
     def is_finished(self) -> bool:

@@ -24,13 +24,13 @@ import queue
 import threading
 import time
 import traceback
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 from kvpage.engine import LLMEngine, PromptInput
-from kvpage.outputs import RequestOutput
+from kvpage.outputs import PromptLogprobs, RequestOutput
 from kvpage.sampling_params import SamplingParams
 from kvpage.server.telemetry import Telemetry
 
@@ -45,6 +45,15 @@ class TokenLogprob:
     token: str
     logprob: float
     top: list[tuple[str, float]]
+
+
+@dataclass(frozen=True)
+class PromptDelta:
+    """A prompt's tokens with their logprobs, sent once, with the request's first delta."""
+
+    tokens: list[str]  # every prompt token, as text
+    entries: list[TokenLogprob]  # tokens[1:] with their logprobs and top alternatives (the first has none)
+    raw: PromptLogprobs  # vLLM's shape, RequestOutput.prompt_logprobs
 
 
 @dataclass(frozen=True)
@@ -66,6 +75,7 @@ class StreamDelta:
     num_prompt_tokens: int
     num_cached_tokens: int
     num_generated_tokens: int  # over all samples, so far
+    prompt: PromptDelta | None = None  # with prompt_logprobs: in the request's first delta only
 
 
 @dataclass
@@ -76,6 +86,8 @@ class _Stream:
     deltas: asyncio.Queue[StreamDelta | BaseException]
     hold_back: int  # characters withheld while a stop string could still begin there
     logprobs: int | None
+    prompt_logprobs: int | None = None
+    sent_prompt: bool = False
     sent_tokens: dict[int, int] = field(default_factory=dict)
     sent_chars: dict[int, int] = field(default_factory=dict)
     last_token_time: float | None = None
@@ -146,12 +158,12 @@ class AsyncEngine:
 
     async def submit(self, prompt: PromptInput, params: SamplingParams, *, priority: int = 0) -> RequestHandle:
         """Queue a request; invalid ones raise ValueError here, before any output."""
-        if params.logprobs is not None and self.engine.tokenizer is None:
+        if (params.logprobs is not None or params.prompt_logprobs is not None) and self.engine.tokenizer is None:
             raise ValueError("logprobs need a tokenizer to name the tokens, and this model has none")
         request_id = f"req-{next(self._ids)}"
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(),
                          hold_back=max((len(s) for s in params.stop_strings), default=1) - 1,
-                         logprobs=params.logprobs)
+                         logprobs=params.logprobs, prompt_logprobs=params.prompt_logprobs)
 
         def add(engine: LLMEngine) -> None:
             engine.add_request(request_id, prompt, params, priority=priority)
@@ -257,10 +269,20 @@ class AsyncEngine:
             stream.sent_tokens[i] = len(token_ids)
             stream.sent_chars[i] = end
             completions.append(CompletionDelta(i, new_text, token_ids[sent:], logprobs, completion.finish_reason))
+        prompt = None
+        if stream.prompt_logprobs is not None and output.prompt_logprobs is not None and not stream.sent_prompt:
+            prompt = self._prompt_delta(output.prompt_token_ids, output.prompt_logprobs, stream.prompt_logprobs)
+            stream.sent_prompt = True
         return StreamDelta(output.request_id, completions, output.finished, len(output.prompt_token_ids),
-                           output.num_cached_tokens, num_generated)
+                           output.num_cached_tokens, num_generated, prompt)
 
-    def _token_logprob(self, token_id: int, entry: dict[int, float], k: int) -> TokenLogprob:
+    def _prompt_delta(self, token_ids: list[int], raw: PromptLogprobs, k: int) -> PromptDelta:
+        tokenizer = self.engine.tokenizer
+        assert tokenizer is not None, "submit refuses prompt logprobs without a tokenizer"
+        entries = [self._token_logprob(t, entry, k) for t, entry in zip(token_ids[1:], raw[1:]) if entry is not None]
+        return PromptDelta([tokenizer.decode([token_ids[0]])] + [e.token for e in entries], entries, raw)
+
+    def _token_logprob(self, token_id: int, entry: Mapping[int, float], k: int) -> TokenLogprob:
         tokenizer = self.engine.tokenizer
         assert tokenizer is not None, "submit refuses logprobs without a tokenizer"
         decode = tokenizer.decode

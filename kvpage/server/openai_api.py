@@ -26,15 +26,18 @@ from kvpage.sampling_params import SamplingParams
 from kvpage.server.async_engine import (
     AsyncEngine,
     CompletionDelta,
+    PromptDelta,
     RequestHandle,
     StreamDelta,
     TokenLogprob,
 )
+from kvpage.server.logprob_json import chat_logprobs, completion_logprobs, vllm_prompt_logprobs
 from kvpage.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     RequestError,
     ServerLimits,
+    check_logprobs_count,
     error_body,
     message_text,
     to_sampling_params,
@@ -135,15 +138,16 @@ async def collect(handles: list[RequestHandle], is_disconnected: Disconnected, p
 
 
 class _Usage:
-    def __init__(self) -> None:
+    def __init__(self, count_completion: bool = True) -> None:
         self.prompt: dict[int, int] = {}
         self.cached: dict[int, int] = {}
         self.completion: dict[int, int] = {}
+        self.count_completion = count_completion  # False for prompt-only (max_tokens=0) requests
 
     def add(self, i: int, delta: StreamDelta) -> None:
         self.prompt[i] = delta.num_prompt_tokens
         self.cached[i] = delta.num_cached_tokens
-        self.completion[i] = delta.num_generated_tokens
+        self.completion[i] = delta.num_generated_tokens if self.count_completion else 0
 
     def as_dict(self) -> dict[str, Any]:
         prompt, completion = sum(self.prompt.values()), sum(self.completion.values())
@@ -153,22 +157,6 @@ class _Usage:
 
 def _finish_reason(reason: str | None) -> str | None:
     return None if reason is None else ("length" if reason == "length" else "stop")
-
-
-def completion_logprobs(entries: list[TokenLogprob], offset: int) -> dict[str, Any]:
-    offsets, position = [], offset
-    for entry in entries:
-        offsets.append(position)
-        position += len(entry.token)
-    return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [dict(e.top) for e in entries], "text_offset": offsets}
-
-
-def chat_logprobs(entries: list[TokenLogprob]) -> dict[str, Any]:
-    def item(token: str, logprob: float) -> dict[str, Any]:
-        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
-    return {"content": [{**item(e.token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
-                        for e in entries]}
 
 
 # ----- /v1/completions ---------------------------------------------------------------
@@ -193,59 +181,112 @@ def completion_prompts(request: CompletionRequest, limits: ServerLimits) -> list
     return prompts
 
 
+@dataclass(frozen=True)
+class EchoPlan:
+    """What a completion request asks about its prompt: echo, its logprobs, and whether to generate at all."""
+
+    echo: bool
+    legacy_logprobs: int | None  # echo with logprobs: the prompt's logprobs in the legacy object
+    vllm_logprobs: int | None  # vLLM's prompt_logprobs field
+    prompt_only: bool  # echo with max_tokens=0: the prompt's text and logprobs, nothing generated
+
+    @classmethod
+    def of(cls, request: CompletionRequest) -> EchoPlan:
+        if request.max_tokens == 0 and not request.echo:
+            raise RequestError("max_tokens must be at least 1 unless echo is true (max_tokens=0 with echo returns "
+                               "the prompt and its logprobs alone), got 0", "max_tokens")
+        check_logprobs_count("logprobs", request.logprobs)
+        check_logprobs_count("prompt_logprobs", request.prompt_logprobs)
+        legacy = request.logprobs if request.echo else None
+        return cls(request.echo, legacy, request.prompt_logprobs, request.echo and request.max_tokens == 0)
+
+    @property
+    def engine_prompt_logprobs(self) -> int | None:
+        """What the engine computes: enough alternatives for both views."""
+        asks = [k for k in (self.legacy_logprobs, self.vllm_logprobs) if k is not None]
+        return max(asks) if asks else None
+
+
+async def echo_texts(ctx: ApiContext, prompts: Sequence[str | dict[str, Any]]) -> list[str]:
+    """Each prompt's text: as given, or its token ids decoded."""
+    def text(engine: LLMEngine, prompt: str | dict[str, Any]) -> str:
+        if isinstance(prompt, str):
+            return prompt
+        return engine.tokenizer.decode(prompt["prompt_token_ids"]) if engine.tokenizer is not None else ""
+    return await ctx.engine.call(lambda engine: [text(engine, p) for p in prompts])
+
+
 async def create_completion(ctx: ApiContext, request: CompletionRequest, is_disconnected: Disconnected) -> Any:
     if request.suffix is not None:
         raise RequestError("suffix is not supported", "suffix")
     if request.best_of is not None and request.best_of != request.n:
         raise RequestError(f"best_of must equal n ({request.n}) or be omitted, got {request.best_of}", "best_of")
-    if request.echo and request.logprobs is not None:
-        raise RequestError("echo with logprobs (prompt logprobs) is not supported", "echo")
+    plan = EchoPlan.of(request)
     prompts = completion_prompts(request, ctx.limits)
-    params = to_sampling_params(request, ctx.limits, request.max_tokens, request.logprobs)
+    # A prompt-only request samples one token (the prompt's last logits are computed anyway) and drops it.
+    params = to_sampling_params(request, ctx.limits, 1 if plan.prompt_only else request.max_tokens,
+                                None if plan.prompt_only else request.logprobs, plan.engine_prompt_logprobs)
     handles = await submit_all(ctx, prompts, params, request.priority)
-    echo = [p if isinstance(p, str) else p.get("prompt") or "" for p in prompts] if request.echo else None
+    echo = await echo_texts(ctx, prompts) if plan.echo else None
     response_id, created, n = f"cmpl-{uuid.uuid4().hex}", int(time.time()), request.n
     base = {"id": response_id, "object": "text_completion", "created": created, "model": ctx.model_name}
+    prompt_deltas: dict[int, PromptDelta] = {}  # prompt index -> its tokens and logprobs (first delta)
 
-    def choice(i: int, c: CompletionDelta, text: str, offset: int) -> dict[str, Any]:
-        logprobs = completion_logprobs(c.logprobs, offset) if c.logprobs is not None else None
-        return {"index": i * n + c.index, "text": text, "logprobs": logprobs,
+    def choice(i: int, c: CompletionDelta, text: str, offset: int, first: bool) -> dict[str, Any]:
+        """Choice ``c`` of prompt ``i``; ``first``: its first chunk, which echoes; ``offset``: where c's text starts."""
+        prompt = prompt_deltas.get(i) if first else None
+        legacy_prompt = prompt if plan.legacy_logprobs is not None else None
+        logprobs = None
+        if c.logprobs is not None or legacy_prompt is not None:  # (a prompt-only request's c.logprobs is None)
+            logprobs = completion_logprobs(c.logprobs or [], offset, legacy_prompt, plan.legacy_logprobs or 0)
+        body = {"index": i * n + c.index, "text": text, "logprobs": logprobs,
                 "finish_reason": _finish_reason(c.finish_reason), "stop_reason": None}
+        if plan.vllm_logprobs is not None and prompt is not None:
+            body["prompt_logprobs"] = vllm_prompt_logprobs(prompt.raw, plan.vllm_logprobs)
+        return body
+
+    def own_text(c: CompletionDelta) -> str:
+        return "" if plan.prompt_only else c.text
 
     if request.stream:
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
 
         def chunks(i: int, delta: StreamDelta, first: set[tuple[int, int]], offsets: dict[tuple[int, int], int]
                    ) -> list[dict[str, Any]]:
+            if delta.prompt is not None:
+                prompt_deltas[i] = delta.prompt
             out = []
             for c in delta.completions:
                 key = (i, c.index)
-                text = c.text
-                if echo is not None and key not in first:
-                    text = echo[i] + text
+                is_first = key not in first
+                head = echo[i] if echo is not None and is_first else ""
+                text = head + own_text(c)
                 first.add(key)
-                out.append({**base, "choices": [choice(i, c, text, offsets.get(key, 0))]})
-                offsets[key] = offsets.get(key, 0) + len(text)
+                start = offsets.get(key, 0)
+                out.append({**base, "choices": [choice(i, c, text, start + len(head), is_first)]})
+                offsets[key] = start + len(text)
             return out
 
-        return sse_response(handles, chunks, base, include_usage)
+        return sse_response(handles, chunks, base, include_usage, count_completion=not plan.prompt_only)
 
     texts: dict[tuple[int, int], list[str]] = {}
     finals: dict[tuple[int, int], CompletionDelta] = {}
     logprobs: dict[tuple[int, int], list[TokenLogprob]] = {}
-    usage = _Usage()
+    usage = _Usage(count_completion=not plan.prompt_only)
     for i, delta in await collect(handles, is_disconnected):
         usage.add(i, delta)
+        if delta.prompt is not None:
+            prompt_deltas[i] = delta.prompt
         for c in delta.completions:
-            texts.setdefault((i, c.index), []).append(c.text)
+            texts.setdefault((i, c.index), []).append(own_text(c))
             logprobs.setdefault((i, c.index), []).extend(c.logprobs or [])
             finals[(i, c.index)] = c
     choices = []
     for (i, j), last in sorted(finals.items()):
-        text = (echo[i] if echo is not None else "") + "".join(texts[(i, j)])
-        merged_delta = CompletionDelta(j, text, [], logprobs[(i, j)] if last.logprobs is not None else None,
+        head = echo[i] if echo is not None else ""
+        merged_delta = CompletionDelta(j, "", [], logprobs[(i, j)] if last.logprobs is not None else None,
                                        last.finish_reason)
-        choices.append(choice(i, merged_delta, text, 0))
+        choices.append(choice(i, merged_delta, head + "".join(texts[(i, j)]), len(head), True))
     return JSONResponse({**base, "choices": choices, "usage": usage.as_dict()})
 
 
@@ -316,9 +357,9 @@ ChunkBuilder = Callable[[int, StreamDelta, set, dict], list[dict[str, Any]]]
 
 
 def sse_response(handles: list[RequestHandle], chunks: ChunkBuilder, base: dict[str, Any],
-                 include_usage: bool) -> StreamingResponse:
+                 include_usage: bool, count_completion: bool = True) -> StreamingResponse:
     async def events() -> AsyncIterator[str]:
-        usage = _Usage()
+        usage = _Usage(count_completion)
         first: set = set()
         offsets: dict = {}
         try:

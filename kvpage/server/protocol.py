@@ -78,6 +78,8 @@ class CompletionRequest(_SamplingFields):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
+    # vLLM extra: the prompt tokens' logprobs in vLLM's shape, in each choice's "prompt_logprobs"
+    prompt_logprobs: int | None = None
 
 
 class ChatMessage(_Strict):
@@ -131,16 +133,22 @@ def message_text(message: ChatMessage) -> str:
     return "".join(texts)
 
 
+def check_logprobs_count(name: str, value: int | None) -> None:
+    """A count of logprobs alternatives (``logprobs``, ``prompt_logprobs``): None or in [0, MAX_LOGPROBS]."""
+    if value is not None and not 0 <= value <= MAX_LOGPROBS:
+        raise RequestError(f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {value}", name)
+
+
 def to_sampling_params(request: CompletionRequest | ChatCompletionRequest, limits: ServerLimits,
-                       max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+                       max_tokens: int | None, logprobs: int | None,
+                       prompt_logprobs: int | None = None) -> SamplingParams:
     """Map the request's fields onto SamplingParams; ValueError names the offending field."""
     if not 1 <= request.n <= limits.max_n:
         raise RequestError(f"n must be an integer in [1, {limits.max_n}], got {request.n}", "n")
     stops = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
     if len(stops) > limits.max_stop_strings:
         raise RequestError(f"stop has {len(stops)} strings; at most {limits.max_stop_strings} are allowed", "stop")
-    if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
-        raise RequestError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {logprobs}", "logprobs")
+    check_logprobs_count("logprobs", logprobs)
     if max_tokens is not None and max_tokens < 1:
         raise RequestError(f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
     try:
@@ -151,7 +159,7 @@ def to_sampling_params(request: CompletionRequest | ChatCompletionRequest, limit
             frequency_penalty=request.frequency_penalty, repetition_penalty=request.repetition_penalty,
             stop=stops or None, stop_token_ids=request.stop_token_ids,
             include_stop_str_in_output=request.include_stop_str_in_output, ignore_eos=request.ignore_eos,
-            max_tokens=max_tokens, min_tokens=request.min_tokens, logprobs=logprobs,
+            max_tokens=max_tokens, min_tokens=request.min_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
             skip_special_tokens=request.skip_special_tokens, output_kind=RequestOutputKind.CUMULATIVE)
     except ValueError as exc:
         message = str(exc)

@@ -10,7 +10,8 @@ It owns the model, the KV cache tensors and the sampler. For each step it
    device in one pinned, asynchronous copy;
 3. runs the model (a decode-only step replays a CUDA graph when one was
    captured), takes the hidden state at the last position of every sequence
-   that samples this step, and samples.
+   that samples this step, and samples; the prompt positions a step scores
+   for prompt logprobs get their logits too (:mod:`kvpage.worker.prompt_logprobs`).
 
 :meth:`ModelRunner.launch` only *enqueues* that work and returns a
 :class:`LaunchedStep`; its sampled tokens are read with
@@ -41,6 +42,7 @@ from kvpage.step_io import INFLIGHT_TOKEN, PageOpKind, PageOps, SampledToken, Sc
 from kvpage.worker.cuda_graphs import DecodeGraphs
 from kvpage.worker.kv_cache import KVCache, KVCacheShape
 from kvpage.worker.page_table_buffer import PageTableBuffer
+from kvpage.worker.prompt_logprobs import PendingPromptLogprobs, ScoredRows, score_prompt_rows
 from kvpage.worker.sampler import PendingSamples, Sampler
 
 
@@ -72,6 +74,8 @@ class StepInputs:
     # Rows whose input is the token the previous step is still sampling, and their sequences.
     inflight_rows: list[int] = field(default_factory=list)
     inflight_seq_ids: list[int] = field(default_factory=list)
+    # Prompt positions scored for prompt logprobs (None: none this step).
+    scored: ScoredRows | None = None
 
     @property
     def is_decode(self) -> bool:
@@ -83,6 +87,7 @@ class LaunchedStep:
     """A step whose device work is enqueued; ``result()`` waits for its sampled tokens."""
 
     samples: PendingSamples | None = None
+    prompt_logprobs: PendingPromptLogprobs | None = None
 
     @cached_property
     def row_of_seq(self) -> dict[int, int]:
@@ -90,6 +95,9 @@ class LaunchedStep:
         return {seq.seq_id: row for row, seq in enumerate(self.samples.seqs)} if self.samples is not None else {}
 
     def result(self) -> list[SampledToken]:
+        """The sampled tokens; the scored prompt positions' results go into their ``ScheduledSequence``."""
+        if self.prompt_logprobs is not None:
+            self.prompt_logprobs.deliver()
         return self.samples.result() if self.samples is not None else []
 
 
@@ -129,9 +137,13 @@ class ModelRunner:
         sample_seqs: list[ScheduledSequence] = []
         inflight_rows: list[int] = []
         inflight_seq_ids: list[int] = []
+        scored: ScoredRows | None = None
         for seq in seqs:
             start = seq.start_position
             num = len(seq.input_token_ids)
+            if seq.prompt_logprob_positions:
+                scored = scored or ScoredRows()
+                scored.add(seq, len(input_ids))
             input_ids.extend(seq.input_token_ids)
             if input_ids[-1] == INFLIGHT_TOKEN:
                 inflight_rows.append(len(input_ids) - 1)
@@ -151,7 +163,7 @@ class ModelRunner:
                 sample_seqs.append(seq)
         page_tables = self.page_tables.gather([s.seq_id for s in seqs], [s.page_ids for s in seqs])
         return StepInputs(input_ids, positions, slots, query_lens, seq_lens, page_tables, sample_rows, sample_seqs,
-                          inflight_rows, inflight_seq_ids)
+                          inflight_rows, inflight_seq_ids, scored)
 
     def prepare(self, out: SchedulerOutput) -> StepInputs | None:
         """Drop state of ended sequences and build the step's inputs (None if nothing runs)."""
@@ -219,8 +231,10 @@ class ModelRunner:
         if inputs is None:
             return LaunchedStep()
         hidden, rows = self._forward(inputs, previous)
+        # Enqueued now: a decode graph's hidden states are a view of its buffer, valid until its next replay.
+        scored = score_prompt_rows(self.model, hidden, inputs.scored) if inputs.scored is not None else None
         if not inputs.sample_seqs:
-            return LaunchedStep()
+            return LaunchedStep(prompt_logprobs=scored)
         logits = self.model.compute_logits(hidden if rows is None else hidden[rows],
                                            float32=self.sampler.needs_float32(inputs.sample_seqs))
-        return LaunchedStep(self.sampler.sample(logits, inputs.sample_seqs))
+        return LaunchedStep(self.sampler.sample(logits, inputs.sample_seqs), scored)
