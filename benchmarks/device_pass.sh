@@ -13,7 +13,10 @@
 #        offline throughput and host overhead against the commit before, carried as .base/kvpage (alternated);
 #   replay: the planner's speed on the host's CPU cores, all at once, one core a run: the 100,000-request
 #        replay three times for this tree and for .base (the commit before #14, kvpage and benchmarks), the
-#        default planner command for this tree and for .prev (an earlier checkout, kvpage and benchmarks).
+#        default planner command for this tree and for .prev (an earlier checkout, kvpage and benchmarks);
+#   real: issue #15 on the GPU: a GGUF file (.gpu/smollm2-4l.gguf, the first layers of SmolLM2's, made by
+#        benchmarks/small_gguf.py) against transformers, the prompt-logprob, sampling, kernel, async and CUDA
+#        tests, and host overhead against .base (the commit before, kvpage and benchmarks), alternated.
 # Wheels for what the device lacks (pytest, hypothesis, fastapi stack, openai) come from .whl/.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -126,5 +129,22 @@ if [ "$STAGE" = replay ]; then  # one file a run, plus versions.txt
   PYTHONPATH=$PWD/.prev taskset -c 11 python .prev/benchmarks/plan_default.py --code "$PWD/.prev" --num 5000 \
     --timeout 300 -- --kv-tokens 8192 > "$OUT/plan_default_prev_tight.txt" 2>&1 &
   wait
+fi
+if [ "$STAGE" = real ]; then  # issue #15 on the GPU: GGUF, prompt logprobs, sampling; host overhead vs .base
+  export PYTHONUNBUFFERED=1 KVPAGE_TEST_GGUF=$PWD/.gpu/smollm2-4l.gguf
+  timeout 280 python benchmarks/gguf_gpu_check.py "$KVPAGE_TEST_GGUF" --json "$OUT/gguf_gpu.json" \
+    > "$OUT/log.txt" 2>&1; echo "gguf rc=$?" >> "$OUT/log.txt"
+  timeout 230 python -m pytest -q -p no:cacheprovider -rs tests/test_prompt_logprobs.py tests/test_sampling.py \
+    tests/test_sampling_distributions.py tests/test_sampling_exact.py tests/test_sampling_kernel.py \
+    tests/test_engine_triton.py tests/test_async_scheduling.py tests/gpu tests/test_fused_kernels.py \
+    > "$OUT/pytest.txt" 2>&1; echo "pytest rc=$?" >> "$OUT/pytest.txt"
+  for round in 1 2; do
+    for tree in "$PWD" "$PWD/.base"; do
+      name=$([ "$tree" = "$PWD" ] && echo this || echo base)
+      PYTHONPATH=/tmp/site:$tree timeout 90 python "$tree/benchmarks/host_overhead.py" --model-dir /tmp/qwen3 \
+        --json "$OUT/host_${name}_$round.json" >> "$OUT/log.txt" 2>&1
+      echo "host $name $round rc=$?" >> "$OUT/log.txt"
+    done
+  done
 fi
 echo "$STAGE done" >> "$OUT/log.txt"

@@ -22,7 +22,8 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def llm(model_dir: Path) -> LLM:
-    return LLM(model=str(model_dir), block_size=16, seed=0)
+    # float32 on every device: the test compares logprobs with transformers' float32 ones.
+    return LLM(model=str(model_dir), block_size=16, seed=0, dtype="float32")
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +189,7 @@ def test_max_tokens_none_runs_to_max_model_len(model_dir: Path) -> None:
 def test_diverging_siblings_each_read_their_own_cache(model_dir: Path, block_size: int) -> None:
     """n sampled siblings share the prompt's pages and then diverge: each one's logprobs must be
     what transformers computes for that sibling's own tokens, so no sibling reads another's K/V."""
-    llm = LLM(model=str(model_dir), block_size=block_size, seed=0)
+    llm = LLM(model=str(model_dir), block_size=block_size, seed=0, dtype="float32")
     p = prompt(14, length=37)["prompt_token_ids"]
     out = llm.generate({"prompt_token_ids": p}, SamplingParams(n=4, temperature=1.5, seed=21, max_tokens=12,
                                                                logprobs=0, ignore_eos=True), use_tqdm=False)

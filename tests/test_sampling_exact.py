@@ -123,7 +123,7 @@ def test_min_tokens_holds_back_eos_and_stop_tokens_with_eos_not_ignored(tmp_path
     sampled = SamplingParams(n=4, temperature=1.0, seed=5, min_tokens=min_tokens, max_tokens=min_tokens + 2,
                              stop_token_ids=[stop])
     free_params = SamplingParams(temperature=0, max_tokens=max_tokens, stop_token_ids=[stop])
-    llm = LLM(model=str(model_dir), seed=0)
+    llm = LLM(model=str(model_dir), seed=0, dtype="float32")  # float32 on a GPU too: compared with transformers
     outs = llm.generate([{"prompt_token_ids": prompt}] * 3, [held, sampled, free_params], use_tqdm=False)
     tokens = outs[0].outputs[0].token_ids
     assert eos not in tokens[:min_tokens] and stop not in tokens[:min_tokens]
