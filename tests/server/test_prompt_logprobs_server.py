@@ -11,7 +11,6 @@ vLLM's ``prompt_logprobs`` extra returns vLLM's shape.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -22,26 +21,10 @@ import openai
 
 from kvpage import LLM, SamplingParams
 from kvpage.outputs import RequestOutput
-from tests.server.live_server import LiveServer, live_server
+from tests.server.live_server import LiveServer
 
 PROMPT = "And God said, Let there be light: and there was"
 MODEL = "kvpage-demo"
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[LiveServer]:
-    with live_server({"max_model_len": 256}) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def client(server: LiveServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def offline() -> LLM:
-    return LLM(device="cpu", max_model_len=256)
 
 
 def reference(offline: LLM, prompt: Any, max_tokens: int, k: int) -> RequestOutput:

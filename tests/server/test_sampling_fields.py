@@ -7,7 +7,6 @@ the logprobs: at temperature 1 they must be the sampled token's, not the likelie
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -20,27 +19,11 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from kvpage import LLM, SamplingParams
 from kvpage.model.demo_model import demo_model_dir
-from tests.server.live_server import LiveServer, live_server
+from tests.server.live_server import LiveServer
 
 PROMPT = "And God said"
 MODEL = "kvpage-demo"
 SEED = 1234
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[LiveServer]:
-    with live_server({"max_model_len": 256}) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def client(server: LiveServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def offline() -> LLM:
-    return LLM(device="cpu", max_model_len=256)
 
 
 @pytest.fixture(scope="module")
