@@ -138,7 +138,7 @@ class ModelConfig:
         config = cls.from_dict(_read_json_object(config_path))
         generation_path = Path(model_dir) / "generation_config.json"
         if generation_path.is_file():
-            extra_eos = _parse_token_ids(_read_json_object(generation_path).get("eos_token_id"))
+            extra_eos = parse_token_ids(_read_json_object(generation_path).get("eos_token_id"))
             merged = config.eos_token_ids + tuple(t for t in extra_eos if t not in config.eos_token_ids)
             config = dataclasses.replace(config, eos_token_ids=merged)
         return config
@@ -186,7 +186,7 @@ class ModelConfig:
             qk_norm=architecture == "Qwen3ForCausalLM",
             sliding_windows=_parse_sliding_windows(raw, architecture, num_layers, max_positions),
             bos_token_id=None if raw.get("bos_token_id") is None else int(raw["bos_token_id"]),
-            eos_token_ids=_parse_token_ids(raw.get("eos_token_id")),
+            eos_token_ids=parse_token_ids(raw.get("eos_token_id")),
             torch_dtype=_parse_dtype(raw),
         )
 
@@ -199,7 +199,7 @@ def _read_json_object(path: Path) -> dict[str, Any]:
     return raw
 
 
-def _parse_token_ids(value: int | list[int] | None) -> tuple[int, ...]:
+def parse_token_ids(value: int | list[int] | None) -> tuple[int, ...]:
     if value is None:
         return ()
     return tuple(int(t) for t in value) if isinstance(value, list) else (int(value),)

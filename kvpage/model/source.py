@@ -20,6 +20,7 @@ tokenizer (``tokenizer`` overrides where it comes from, as vLLM's
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ from typing import Any, Protocol
 import torch
 
 from kvpage.gguf_metadata import is_gguf_path, read_gguf_metadata
-from kvpage.model.config import ModelConfig
+from kvpage.model.config import ModelConfig, parse_token_ids
 from kvpage.model.demo_model import demo_model_dir
 from kvpage.model.llama import CausalLM
 from kvpage.model.loader import load_model, load_model_from_tensors, resolve_dtype
@@ -120,7 +121,7 @@ class GGUFFile:
         raw = hf_model.config.to_dict()
         raw.pop("quantization_config", None)
         config = ModelConfig.from_dict(raw)
-        eos = _token_ids(hf_model.generation_config.eos_token_id) or config.eos_token_ids
+        eos = parse_token_ids(hf_model.generation_config.eos_token_id) or config.eos_token_ids
         model = load_model_from_tensors(config, hf_model.state_dict(), model_dtype, device,
                                         f"GGUF file {str(self.path)!r}")
         del hf_model
@@ -132,19 +133,9 @@ class GGUFFile:
 
 def read_eos_token_ids(model_dir: Path, config: ModelConfig) -> tuple[int, ...]:
     """EOS ids as generation_config.json gives them (what HF's generate stops on), else config.json's."""
-    import json
-
     path = model_dir / "generation_config.json"
     if path.is_file():
-        ids = _token_ids(json.loads(path.read_text(encoding="utf-8")).get("eos_token_id"))
+        ids = parse_token_ids(json.loads(path.read_text(encoding="utf-8")).get("eos_token_id"))
         if ids:
             return ids
     return config.eos_token_ids
-
-
-def _token_ids(value: Any) -> tuple[int, ...]:
-    if isinstance(value, int):
-        return (value,)
-    if isinstance(value, list):
-        return tuple(int(t) for t in value)
-    return ()
