@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from kvpage.bench.calibrate import CalibrationGrid, fit_steps, measure_steps
+from kvpage.bench.clock import StepClock
 from kvpage.bench.trace_run import TraceRunResult, run_trace
 from kvpage.llm import LLM
 from kvpage.plan.cost import CalibratedCostModel, ModelShape
@@ -42,9 +43,12 @@ class AccuracyRow:
 
 
 def measure_accuracy(new_llm: Callable[[], LLM], workloads: list[tuple[str, Workload]], settings: ReplaySettings,
-                     model: ModelShape, grid: CalibrationGrid | None = None
+                     model: ModelShape, grid: CalibrationGrid | None = None, clock: StepClock | None = None
                      ) -> tuple[CalibratedCostModel, list[AccuracyRow]]:
-    """Calibrate and run every workload ``grid.repeats`` times, interleaved; then replay each one."""
+    """Calibrate and run every workload ``grid.repeats`` times, interleaved; then replay each one.
+
+    Steps are timed by the wall clock, or by ``clock`` (a stand-in device, for tests).
+    """
     grid = grid or CalibrationGrid()
     if grid.repeats < 1:
         raise ValueError(f"grid.repeats must be at least 1, got {grid.repeats}")
@@ -54,9 +58,9 @@ def measure_accuracy(new_llm: Callable[[], LLM], workloads: list[tuple[str, Work
     calibrated = None
     for repeat in range(grid.repeats):
         calibrated = new_llm()  # a fresh engine, as `kvpage bench --calibrate` starts one
-        samples += measure_steps(calibrated, one_repeat, seed=repeat)
+        samples += measure_steps(calibrated, one_repeat, seed=repeat, clock=clock)
         for name, workload in workloads:
-            runs[name].append(run_trace(new_llm(), workload))
+            runs[name].append(run_trace(new_llm(), workload, clock))
     assert calibrated is not None  # grid.repeats >= 1, checked above
     cost = fit_steps(calibrated, samples)
     rows = []

@@ -16,6 +16,7 @@ import random
 import time
 from dataclasses import dataclass
 
+from kvpage.bench.clock import StepClock
 from kvpage.llm import LLM
 from kvpage.plan.cost import CalibratedCostModel, StepShape
 from kvpage.plan.replay import step_shape
@@ -47,8 +48,9 @@ class CalibrationGrid:
         return rounds
 
 
-def measure_steps(llm: LLM, grid: CalibrationGrid, seed: int = 0) -> list[tuple[StepShape, float]]:
-    """Run the grid; returns (shape, seconds) for every step."""
+def measure_steps(llm: LLM, grid: CalibrationGrid, seed: int = 0,
+                  clock: StepClock | None = None) -> list[tuple[StepShape, float]]:
+    """Run the grid; returns (shape, seconds) for every step: wall-clock seconds, or ``clock``'s."""
     engine = llm.engine
     bytes_per_page = engine.cache_shape.bytes_per_page
     vocab = engine.model_config.vocab_size
@@ -78,7 +80,8 @@ def measure_steps(llm: LLM, grid: CalibrationGrid, seed: int = 0) -> list[tuple[
                 # launching this step while waiting for that one.
                 ran = engine.last_step
                 if repeat and ran is not before and ran is not None and ran.sequences:
-                    samples.append((step_shape(ran, bytes_per_page), elapsed))
+                    samples.append((step_shape(ran, bytes_per_page),
+                                    elapsed if clock is None else clock.step_seconds(ran)))
             engine.kv.reset_prefix_cache()  # the next round computes its prompts again
     return samples
 
