@@ -167,8 +167,9 @@ def accuracy_ratios(device: LinearDevice) -> dict[tuple[str, str], float]:
     workloads = [(name, synthetic_trace(name, num, rate, TraceLimits(1024, 4096)))
                  for name, num, rate in (("alpaca", 24, None), ("uniform", 16, 40.0),
                                          ("shared-prefix-chat", 16, 60.0))]
-    grid = CalibrationGrid(batch_sizes=(1, 4, 8, 16), contexts=(16, 64, 256), repeats=1)
-    _, rows = measure_accuracy(new_llm, workloads, settings, model, grid, clock=device)
+    # kvpage bench --calibrate's grid, once (smaller grids fit the curved device worse: 1.17 off with
+    # batch 1, 4, 8, 16 x context 16, 64, 256).
+    _, rows = measure_accuracy(new_llm, workloads, settings, model, CalibrationGrid(repeats=1), clock=device)
     return {(row.workload, key): row.ratio(key) for row in rows for key in row.real}
 
 
@@ -186,10 +187,13 @@ def test_calibrated_plan_predicts_the_engine_on_a_linear_device() -> None:
     assert ratios and all(r == pytest.approx(1.0, rel=1e-3) for r in ratios.values()), ratios
 
 
-def test_calibrated_plan_predicts_a_curved_device_within_15_percent() -> None:
-    """A device no linear fit holds (a token's cost falls with the step's size): still within 15%."""
-    ratios = accuracy_ratios(LinearDevice(curve=0.8))
-    assert all(r == pytest.approx(1.0, rel=0.15) for r in ratios.values()), ratios
+def test_calibrated_plan_predicts_a_curved_device_within_3_percent() -> None:
+    """A device no linear fit holds (a token's cost falls with the step's size): within 3% (the target is 15%).
+
+    It comes within 1.7% (shared-prefix-chat's TPOT, 0.983).
+    """
+    ratios = accuracy_ratios(LinearDevice(curve=0.75))
+    assert all(r == pytest.approx(1.0, rel=0.03) for r in ratios.values()), ratios
     assert any(abs(r - 1.0) > 1e-3 for r in ratios.values()), ratios  # the curve is not fitted exactly
 
 
