@@ -133,14 +133,15 @@ def test_replayed_memory_figures_equal_the_engines(options: dict[str, object]) -
     assert planned["num_evictions"] == real["kv_evictions"]
 
 
-class LinearDevice:
-    """A stand-in device whose step time is linear in what the step computes (the test's ground truth).
+class StandInDevice:
+    """A stand-in device whose step time is a known law of what the step computes (the test's ground truth).
 
     Written from the scheduled sequences directly, not through the planner's
     ``step_shape``: a step costs 3 ms, 0.4 ms a sequence, 0.15 ms a token and
-    2 us a K/V token read (each sequence's context after the step).
-    ``curve`` bends it the way a CPU's matrix products do: a token's cost
-    falls as the step grows (tokens ** curve), which no linear fit holds exactly.
+    2 us a K/V token read (each sequence's context after the step): linear,
+    as the cost model is.  ``curve`` below 1 bends it the way a CPU's matrix
+    products do: a token's cost falls as the step grows (tokens ** curve),
+    which no linear fit holds exactly.
     """
 
     def __init__(self, curve: float = 1.0) -> None:
@@ -152,7 +153,7 @@ class LinearDevice:
         return 3e-3 + 4e-4 * len(out.sequences) + 1.5e-4 * tokens ** self.curve + 2e-6 * context
 
 
-def accuracy_ratios(device: LinearDevice) -> dict[tuple[str, str], float]:
+def accuracy_ratios(device: StandInDevice) -> dict[tuple[str, str], float]:
     """Predicted over measured, per workload and figure, with ``device`` timing the engine's steps."""
     from kvpage.bench.accuracy import measure_accuracy
     from kvpage.bench.calibrate import CalibrationGrid
@@ -183,7 +184,7 @@ def test_calibrated_plan_predicts_the_engine_on_a_linear_device() -> None:
     mean TPOT must come out equal: any error is the calibration's shapes, the
     fit, the replay's schedule or its latency accounting.
     """
-    ratios = accuracy_ratios(LinearDevice())
+    ratios = accuracy_ratios(StandInDevice())
     assert ratios and all(r == pytest.approx(1.0, rel=1e-3) for r in ratios.values()), ratios
 
 
@@ -192,7 +193,7 @@ def test_calibrated_plan_predicts_a_curved_device_within_3_percent() -> None:
 
     It comes within 1.7% (shared-prefix-chat's TPOT, 0.983).
     """
-    ratios = accuracy_ratios(LinearDevice(curve=0.75))
+    ratios = accuracy_ratios(StandInDevice(curve=0.75))
     assert all(r == pytest.approx(1.0, rel=0.03) for r in ratios.values()), ratios
     assert any(abs(r - 1.0) > 1e-3 for r in ratios.values()), ratios  # the curve is not fitted exactly
 
