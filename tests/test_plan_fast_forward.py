@@ -41,6 +41,20 @@ def samples_and_beams(num: int, beams: bool = True) -> Workload:
     return parse_trace(lines, LIMITS)
 
 
+def whole_page_samples(num: int) -> Workload:
+    """n = 2 requests whose prompts fill whole pages: their samples fork with no page to copy."""
+    lines = [json.dumps({"arrival_time": i * 0.003, "prompt_tokens": 16 * (1 + i % 4), "output_tokens": 20 + i % 60,
+                         "n": 2 if i % 2 else 1}) for i in range(num)]
+    return parse_trace(lines, LIMITS)
+
+
+def priorities(num: int) -> Workload:
+    """Later requests more urgent than earlier ones (a lower value): admitting one displaces a running one."""
+    lines = [json.dumps({"arrival_time": i * 0.03, "prompt_tokens": 20 + (i * 29) % 70,
+                         "output_tokens": 150 + (i * 31) % 100, "priority": -i}) for i in range(num)]
+    return parse_trace(lines, LIMITS)
+
+
 CASES = {
     "sharegpt": (synthetic_trace("sharegpt", 200, 40.0, LIMITS), settings(16384)),
     "preemption by recompute": (synthetic_trace("sharegpt", 200, 40.0, LIMITS),
@@ -52,6 +66,8 @@ CASES = {
                           settings(4096, enable_prefix_caching=False)),
     "conservative": (synthetic_trace("sharegpt", 200, 40.0, LIMITS), settings(4096, headroom_policy="conservative")),
     "n > 1 and beams": (samples_and_beams(80), settings(4096)),
+    "n > 1, prompts of whole pages": (whole_page_samples(80), settings(16384)),
+    "priority preemption": (priorities(60), settings(16384, max_num_seqs=4)),
     "n > 1 and beams under pressure": (samples_and_beams(80), settings(1024, headroom_policy="none")),
     "block_size 1": (synthetic_trace("alpaca", 100, 40.0, LIMITS), settings(4096, block_size=1)),
     "block_size 64, max_num_seqs 8": (synthetic_trace("sharegpt", 100, 40.0, LIMITS),
@@ -70,6 +86,7 @@ def test_fast_forward_replays_exactly_what_stepping_replays(name: str, monkeypat
     stepped = replay(workload, replay_settings, H100, MODEL, fast=False)
     fast_steps, all_steps = [0], [0]
     real_fast_forward, real_step = replay_module.fast_forward, replay_module.StepRecorder.step
+    real_quiet_steps = replay_module.StepRecorder.quiet_steps
 
     def counting_fast_forward(*args: Any) -> tuple[float, int]:
         now, steps = real_fast_forward(*args)
@@ -80,8 +97,13 @@ def test_fast_forward_replays_exactly_what_stepping_replays(name: str, monkeypat
         all_steps[0] += 1
         real_step(*args)
 
+    def counting_quiet_steps(recorder: Any, steps: list[Any], *args: Any) -> None:  # recorded at once
+        all_steps[0] += len(steps)
+        real_quiet_steps(recorder, steps, *args)
+
     monkeypatch.setattr(replay_module, "fast_forward", counting_fast_forward)
     monkeypatch.setattr(replay_module.StepRecorder, "step", counting_step)
+    monkeypatch.setattr(replay_module.StepRecorder, "quiet_steps", counting_quiet_steps)
     fast = replay(workload, replay_settings, H100, MODEL)
     assert_same(stepped, fast)
     # Each case means something: the fast-forward ran (most steps, where nothing keeps requests waiting) ...

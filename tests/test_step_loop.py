@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -22,6 +23,7 @@ import pytest
 from kvpage.engine import LLMEngine
 from kvpage.model import demo_model_dir
 from kvpage.plan.cost import HARDWARE, ModelShape, PhysicsCostModel
+from kvpage.plan.fast_forward import FIRST_FAKE_TOKEN
 from kvpage.plan.replay import ReplaySettings, VirtualDevice, _fake_tokens, build_scheduler
 from kvpage.sampling_params import SamplingParams
 from kvpage.sched import Request, StepLoop
@@ -52,7 +54,12 @@ class Recording:
 
     def wait(self, handle: tuple[SchedulerOutput, Any]) -> list[SampledToken]:
         self.inner.wait(handle[1])
-        return _fake_tokens(handle[0], VOCAB)
+        # The replay's sampled ids lie above the vocabulary; the engine's model gets them folded into it.
+        return [replace(token, token_id=in_vocab(token.token_id)) for token in _fake_tokens(handle[0], VOCAB)]
+
+
+def in_vocab(token_id: int) -> int:
+    return token_id if token_id < VOCAB else FIRST_FAKE_TOKEN + (token_id - VOCAB) % (VOCAB - FIRST_FAKE_TOKEN)
 
 
 def script(seed: int, num_steps: int = 70) -> list[list[tuple[str, Any]]]:

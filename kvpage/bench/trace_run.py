@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 from kvpage.bench.clock import StepClock
 from kvpage.llm import LLM
-from kvpage.plan.replay import RequestTiming, latency_summary, trace_sampling_params
+from kvpage.plan.recorder import RequestTiming
+from kvpage.plan.replay import latency_summary, trace_sampling_params
 from kvpage.sampling_params import RequestOutputKind
 from kvpage.sched.pressure import WasteStats
 from kvpage.workloads import Workload

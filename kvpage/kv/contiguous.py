@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from kvpage.kv.interface import Claim, KVUsage, PageCopy
@@ -37,8 +37,15 @@ from kvpage.kv.waste import KVWaste
 class _Reservation:
     start: int  # first page id
     num_pages: int
-    page_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    _page_ids: list[int] | None = None
+
+    @property
+    def page_ids(self) -> list[int]:
+        """The run's pages, listed when first asked for (the planner never asks: a list a reservation is costly)."""
+        if self._page_ids is None:
+            self._page_ids = list(range(self.start, self.start + self.num_pages))
+        return self._page_ids
 
 
 ContiguousLayout = Literal["contiguous-request", "contiguous-max"]
@@ -123,7 +130,7 @@ class ContiguousKVCacheManager:
                 else:
                     self._holes[i] = (start + num_pages, length - num_pages)
                 self._pages_in_use += num_pages
-                return _Reservation(start, num_pages, list(range(start, start + num_pages)))
+                return _Reservation(start, num_pages)
         return None
 
     def _give_back(self, reservation: _Reservation) -> None:
@@ -173,6 +180,9 @@ class ContiguousKVCacheManager:
         if table.num_computed_tokens + num_new_tokens > table.num_pages * self.block_size:
             raise ValueError(f"sequence {seq_id} outgrew its contiguous reservation of {table.num_pages} pages")
         return self._pending_copies.pop(seq_id, [])
+
+    def grow(self, seq_ids: Sequence[int]) -> None:
+        raise ValueError(f"a {self.layout} reservation never grows: it holds every slot its sequence may write")
 
     def commit(self, seq_id: int, token_ids: Sequence[int], num_computed_tokens: int) -> None:
         table = self._tables[seq_id]
@@ -244,10 +254,11 @@ class ContiguousKVCacheManager:
         return self.waste_given(self._tokens_stored, touched, reserved_pages, external)
 
     def waste_given(self, stored_slots: int, touched_pages: int, reserved_pages: int = 0,
-                    external_slots: int = 0) -> KVWaste:
+                    external_slots: int = 0, pages_in_use: int | None = None) -> KVWaste:
         """The snapshot from its sums: the last touched page of a run is internal fragmentation, the rest reserved."""
         bs = self.block_size
-        return KVWaste(total_slots=self.num_pages * bs, stored_slots=stored_slots,
-                       internal_slots=touched_pages * bs - stored_slots,
-                       reserved_slots=(self._pages_in_use - touched_pages) * bs, external_slots=external_slots,
-                       pages_in_use=self._pages_in_use, pages_without_sharing=self._pages_in_use)
+        in_use = self._pages_in_use if pages_in_use is None else pages_in_use
+        # Positional, in KVWaste's field order (total, stored, internal, reserved, external, in use, unshared):
+        # the planner makes one every virtual step.
+        return KVWaste(self.num_pages * bs, stored_slots, touched_pages * bs - stored_slots,
+                       (in_use - touched_pages) * bs, external_slots, in_use, in_use)

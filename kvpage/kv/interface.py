@@ -128,6 +128,14 @@ class KVManager(Protocol):
         changed, when the pages are not there.
         """
 
+    def grow(self, seq_ids: Sequence[int]) -> None:
+        """One fresh page each: these sequences' tokens, committed or not, fill their last page.
+
+        The planner's decode fast-forward grows tables this way, committing
+        later; paging only (a reservation never grows).  The caller has
+        checked ``num_available_pages``.
+        """
+
     def commit(self, seq_id: int, token_ids: Sequence[int], num_computed_tokens: int) -> None: ...
 
     def index_full_pages(self, seq_id: int, token_ids: Sequence[int]) -> None: ...
@@ -157,10 +165,13 @@ class KVManager(Protocol):
     def waste(self, reserved_pages: int = 0, min_pending_pages: int | None = None) -> KVWaste: ...
 
     def waste_given(self, stored_slots: int, touched_pages: int, reserved_pages: int = 0,
-                    external_slots: int = 0) -> KVWaste:
+                    external_slots: int = 0, pages_in_use: int | None = None) -> KVWaste:
         """:meth:`waste` from its two sums, for a caller that keeps them (the planner's decode fast-forward).
 
         ``stored_slots`` is :attr:`num_tokens_stored`; ``touched_pages`` the
         pages the sequences' tokens occupy, each sequence counted alone
-        (``pages_for_tokens`` of its computed tokens, summed).
+        (``pages_for_tokens`` of its computed tokens, summed); ``pages_in_use``
+        stands for :attr:`num_pages_in_use` (a step the caller has moved past).
+        The snapshot is affine in these three, field by field, which the
+        fast-forward's bulk recording relies on.
         """

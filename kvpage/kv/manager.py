@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from kvpage.kv.interface import Claim, KVUsage, PageCopy
 from kvpage.kv.page_pool import Page, PagePool, PrefixHit
-from kvpage.kv.prefix_hash import ROOT_HASH, page_hash
+from kvpage.kv.prefix_hash import ROOT_HASH, page_hash, page_hashes
 from kvpage.kv.swap import SwappedTable, SwapSpace
 from kvpage.kv.waste import KVWaste
 from kvpage.modes import KVLayout
@@ -216,6 +216,14 @@ class KVCacheManager:
             table.page_ids.append(page.page_id)
         return copies
 
+    def grow(self, seq_ids: Sequence[int]) -> None:
+        tables, allocate = self._tables, self.pool.allocate
+        for seq_id in seq_ids:
+            table = tables[seq_id]
+            page = allocate()
+            table.pages.append(page)
+            table.page_ids.append(page.page_id)
+
     def _needs_copy(self, table: PageTable, num_new_tokens: int) -> bool:
         """Would the next write land in a page that another sequence shares?"""
         if num_new_tokens <= 0 or table.num_computed_tokens % self.block_size == 0:
@@ -259,12 +267,12 @@ class KVCacheManager:
         if not self.enable_prefix_caching or len(table.hashes) >= num_full:
             return
         bs = self.block_size
-        parent = table.hashes[-1] if table.hashes else ROOT_HASH
-        for i in range(len(table.hashes), num_full):
-            page_tokens = tuple(token_ids[i * bs : (i + 1) * bs])
-            parent = page_hash(parent, page_tokens)
-            table.hashes.append(parent)
-            self.pool.register(table.pages[i], parent, page_tokens)
+        first = len(table.hashes)
+        keys = page_hashes(table.hashes[-1] if table.hashes else ROOT_HASH, token_ids[first * bs : num_full * bs], bs)
+        register, pages = self.pool.register, table.pages
+        for i, key in enumerate(keys, first):
+            register(pages[i], key, tuple(token_ids[i * bs : (i + 1) * bs]))
+        table.hashes += keys
 
     def can_fork(self, parent_id: int) -> bool:
         return parent_id in self._tables  # sharing needs no free page
@@ -343,13 +351,14 @@ class KVCacheManager:
         return self.waste_given(self.pool.counters.filled_slots_in_use, touched, reserved_pages)
 
     def waste_given(self, stored_slots: int, touched_pages: int, reserved_pages: int = 0,
-                    external_slots: int = 0) -> KVWaste:
+                    external_slots: int = 0, pages_in_use: int | None = None) -> KVWaste:
         """The snapshot from its sums: every slot of a page in use that stores nothing is internal fragmentation."""
         bs = self.block_size
-        used = self.pool.num_used_pages
-        return KVWaste(total_slots=self.pool.num_pages * bs, stored_slots=stored_slots,
-                       internal_slots=used * bs - stored_slots, reserved_slots=reserved_pages * bs,
-                       external_slots=external_slots, pages_in_use=used, pages_without_sharing=touched_pages)
+        used = self.pool.counters.pages_in_use if pages_in_use is None else pages_in_use
+        # Positional, in KVWaste's field order (total, stored, internal, reserved, external, in use, unshared):
+        # the planner makes one every virtual step.
+        return KVWaste(self.pool.num_pages * bs, stored_slots, used * bs - stored_slots, reserved_pages * bs,
+                       external_slots, used, touched_pages)
 
     def usage(self) -> KVUsage:
         pool = self.pool

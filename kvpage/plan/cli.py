@@ -11,6 +11,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from kvpage.config import KV_LAYOUTS
 from kvpage.gguf_metadata import is_gguf_path, read_gguf_metadata
 from kvpage.plan.cost import HARDWARE, CalibratedCostModel, ModelShape, PhysicsCostModel
 from kvpage.plan.onset import OnsetSearch, fast_thrashing_onset
@@ -155,7 +156,10 @@ def run_plan(args: argparse.Namespace) -> int:
                                                   inputs.settings)
     factors, sweep, slo = inputs.factors, inputs.sweep, inputs.slo
     start = time.perf_counter()
-    base = replay(workload, settings, cost, model)
+    # The contiguous layouts follow the paged replay as shadows: replayed in full only where they would part.
+    shadows = [layout for layout in KV_LAYOUTS if layout != "paged"] \
+        if args.layouts and settings.options.get("kv_layout") == "paged" else []
+    base = replay(workload, settings, cost, model, shadow_layouts=shadows)
     seconds = time.perf_counter() - start
     report = PlanReport(args.trace or f"synthetic {args.synthetic}", len(workload.requests), offered_rate(workload),
                         str(model_dir), cost.describe(), base, slo, replay_seconds=seconds)

@@ -21,6 +21,7 @@ and bytes swapped.  Two models turn a shape into seconds:
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -48,6 +49,10 @@ class StepShape(NamedTuple):  # a tuple: the planner makes one every virtual ste
 
 if StepShape._fields[:-1] != FEATURES:
     raise RuntimeError("StepShape's fields must start with FEATURES, in order")  # features() relies on it
+
+
+# Seconds of one decode step of a fixed batch, given (K/V tokens read, padded K/V tokens): StepCost.decode_step.
+DecodeTimer = Callable[[int, int], float]
 
 
 @dataclass(frozen=True)
@@ -115,14 +120,29 @@ class PhysicsCostModel:
     model: ModelShape
 
     def step_time(self, shape: StepShape) -> float:
+        seconds = self._timer(shape.num_seqs, shape.num_tokens)(shape.attention_pairs, shape.kv_tokens_read)
+        return seconds + shape.swap_bytes / self.hardware.link_bytes_per_s
+
+    def decode_step(self, batch: int) -> DecodeTimer:
+        timer = self._timer(batch, batch)
+        return lambda kv_tokens_read, padded_kv_tokens: timer(kv_tokens_read, kv_tokens_read)  # a pair per K/V read
+
+    def _timer(self, num_seqs: int, num_tokens: int) -> Callable[[int, int], float]:
+        """Seconds of a step of these sequences and tokens, given (attention pairs, K/V tokens read); no swap."""
         hw, m = self.hardware, self.model
-        flops = 2.0 * m.num_parameters * shape.num_tokens \
-            + 4.0 * m.num_layers * m.num_heads * m.head_dim * shape.attention_pairs
-        memory = m.weight_bytes + m.kv_bytes_per_token * shape.kv_tokens_read
-        device = max(flops / (hw.peak_flops * hw.flops_efficiency),
-                     memory / (hw.memory_bytes_per_s * hw.bandwidth_efficiency))
-        return hw.step_overhead_s + hw.seq_overhead_s * shape.num_seqs + device \
-            + shape.swap_bytes / hw.link_bytes_per_s
+        weight_flops = 2.0 * m.num_parameters * num_tokens
+        attention_flops = 4.0 * m.num_layers * m.num_heads * m.head_dim
+        flop_rate = hw.peak_flops * hw.flops_efficiency
+        byte_rate = hw.memory_bytes_per_s * hw.bandwidth_efficiency
+        weights, kv_bytes = m.weight_bytes, m.kv_bytes_per_token
+        host = hw.step_overhead_s + hw.seq_overhead_s * num_seqs
+
+        def seconds(attention_pairs: int, kv_tokens_read: int) -> float:
+            flops = weight_flops + attention_flops * attention_pairs
+            memory = weights + kv_bytes * kv_tokens_read
+            return host + max(flops / flop_rate, memory / byte_rate)
+
+        return seconds
 
     def describe(self) -> str:
         return f"physics, {self.hardware.name} preset"
@@ -140,8 +160,29 @@ class CalibratedCostModel:
     mean_abs_error: float = 0.0  # relative, on the calibration steps
 
     def step_time(self, shape: StepShape) -> float:
-        return sum(c * x for c, x in zip(self.coefficients, shape.features())) \
+        timer = self._timer(shape.num_seqs, shape.num_prefill_seqs, shape.num_tokens, shape.num_sampled)
+        return timer(shape.kv_tokens_read, shape.padded_kv_tokens, shape.attention_pairs) \
             + shape.swap_bytes / self.link_bytes_per_s
+
+    def decode_step(self, batch: int) -> DecodeTimer:
+        timer = self._timer(batch, 0, batch, batch)
+        return lambda kv_tokens_read, padded_kv_tokens: timer(kv_tokens_read, padded_kv_tokens, kv_tokens_read)
+
+    def _timer(self, *first: int) -> Callable[[int, int, int], float]:
+        """Seconds given the features after the first four (K/V read, padded K/V, pairs); no swap.
+
+        The intercept and the first four features' terms are summed once, in
+        the order a full sum would add them, so the seconds are the same float.
+        """
+        c = self.coefficients
+        fixed = sum(coefficient * float(x) for coefficient, x in zip(c, (1, *first)))
+        kv_c, padded_c, pairs_c = c[5:8]
+
+        def seconds(kv_tokens_read: int, padded_kv_tokens: int, attention_pairs: int) -> float:
+            return fixed + kv_c * float(kv_tokens_read) + padded_c * float(padded_kv_tokens) \
+                + pairs_c * float(attention_pairs)
+
+        return seconds
 
     def describe(self) -> str:
         return f"calibrated on {self.device} ({self.num_samples} steps, mean error {self.mean_abs_error:.1%})"

@@ -1,45 +1,55 @@
-"""Decode fast-forward: the replay's exact shortcut through runs of decode-only steps (pure Python).
+"""Decode fast-forward: the replay's exact shortcut through runs of decode steps (pure Python).
 
-Between two arrivals the scheduler mostly plans decode-only steps: every
-running sequence computes its last token and samples the next, nothing is
-admitted, nothing is preempted.  Stepping through them one by one costs a
-few microseconds a sequence and a step (planning, allocating, committing,
-the stop check), which is most of what a replay costs.  Yet the whole run
-is predictable from its first step: sequence ``s``, with ``p`` tokens
-computed, fills a page at every step ``j`` where ``p + j`` is a multiple
-of ``block_size``, needs a fresh page at the step after, and stops by
-length at a step known in advance; its "sampled" tokens are a function of
-its id and position.
+Most steps the scheduler plans for a trace are simple: every running
+sequence computes its last token and samples the next, nothing is
+preempted, and at most the requests that just arrived are admitted.
+Stepping through them one by one costs a few microseconds a sequence and a
+step (planning, allocating, committing, the stop check), which is most of
+what a replay costs.  Yet such a run is predictable from its first step:
+sequence ``s``, with ``p`` tokens computed, fills a page at every step
+``j`` where ``p + j`` is a multiple of ``block_size``, needs a fresh page
+at the step after, and stops by length at a step known in advance; its
+"sampled" tokens are a function of its id and position.
 
 :func:`fast_forward` therefore advances every running sequence through
 such a run paying only for its *events*, and for O(1) bookkeeping a step:
 
-* each step's time comes from the same cost model, called with the step's
-  :class:`~kvpage.plan.cost.StepShape` (kept as running sums), so the
-  virtual clock adds exactly the same floats in the same order;
+* a decode step's time comes from the cost model's
+  :meth:`~kvpage.plan.replay.CostModel.decode_step`, the same float
+  :meth:`step_time` gives for the step's shape, and the virtual clock adds
+  the same floats in the same order;
 * page allocations (with any eviction; a contiguous layout has none, as
-  each sequence's reservation covers its run), full-page commits (with their
-  prefix-cache registration) and finishes (with their page releases) run
-  through the real KV manager and the scheduler's own results and
-  lifecycle (:meth:`~kvpage.sched.results.StepResults.commit_decodes`,
+  each sequence's reservation covers its run) and finishes (with their
+  page releases) run through the real KV manager and the scheduler's own
+  results and lifecycle (:meth:`~kvpage.sched.results.StepResults.commit_decodes`,
   :meth:`~kvpage.sched.lifecycle.Lifecycle.finish`), step by step and,
   within a step, in the running order the stepped scheduler would use;
-* the tokens a sequence computes between its events are committed once, at
-  its next event or when the run stops; meanwhile the KV waste snapshot of
-  every step is computed from counters (stored slots grow by one a
-  sequence, unshared pages by one a fresh page), so the recorder sees every
-  step's exact figures.
+* when requests arrive, the step that admits them is the scheduler's own
+  second half of a step (:meth:`~kvpage.sched.Scheduler.schedule_after_decodes`:
+  swap-ins and admission with the budget the decodes leave), committed and
+  resolved by the scheduler's results; admitted sequences that decode from
+  the next step on join the run;
+* the tokens a sequence computes are committed once, at its finish or when
+  the run stops, so its filled pages join the prefix cache then.  Nothing
+  can tell: only an admission looks the cache up, and the replay's
+  generated tokens lie outside the vocabulary (:func:`fake_token`), so no
+  prompt can match a page that holds one;
+* meanwhile the KV waste snapshot of every step is computed from counters
+  (stored slots grow by one a sequence, unshared pages by one a fresh
+  page), so the recorder sees every step's exact figures.
 
 It is a shortcut of :class:`~kvpage.sched.step_loop.StepLoop`'s
 synchronous order, not a second copy of it: the length rule is the
-scheduler's (:class:`~kvpage.sched.limits.LengthLimit`), and a run starts
-only from a state in which stepping is provably this simple,
-and stops before the first step that could differ: an arrival is due (the
-scheduler would admit), or the pages due in the next step are not all
-available (the scheduler would preempt).  Everything else the stepped
-replay records (per-step waste, thrashing rates, series, request timings)
-is fed the same values.  tests/test_plan_fast_forward.py compares whole
-replays, stepped and fast-forwarded, value for value.
+scheduler's (:class:`~kvpage.sched.limits.LengthLimit`), admission is the
+scheduler's, and a run starts only from a state in which stepping is
+provably this simple, and stops before the first step that could differ:
+the pages due in the next step are not all available (the scheduler would
+preempt), a request arrives that could displace a running one (a beam
+search, or a higher priority), or after a step that leaves a request
+waiting or admits one that does not simply decode.  Everything else the
+stepped replay records (per-step waste, thrashing rates, series, request
+timings) is fed the same values.  tests/test_plan_fast_forward.py compares
+whole replays, stepped and fast-forwarded, value for value.
 """
 
 from __future__ import annotations
@@ -49,28 +59,59 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from kvpage.kv import KVWaste
-from kvpage.plan.cost import StepShape
+from kvpage.plan.cost import DecodeTimer
 from kvpage.sched import Scheduler, Sequence, SequenceStatus
+from kvpage.step_io import SampledToken, SchedulerOutput
 
-FIRST_FAKE_TOKEN = 3  # ids below are special tokens
-SEQ_STRIDE, POSITION_STRIDE = 1_000_003, 7919
+FIRST_FAKE_TOKEN = 3  # ids below are special tokens (the beams' synthetic candidates start here)
+POSITION_BITS = 32  # a sequence's fake tokens: vocab_size + (seq_id << POSITION_BITS) + position
 
 
 def fake_token(seq_id: int, position: int, vocab_size: int) -> int:
-    """The replay's "sampled" token of a sequence at a position: distinct for every sequence and position."""
-    return FIRST_FAKE_TOKEN + (seq_id * SEQ_STRIDE + position * POSITION_STRIDE) % (vocab_size - FIRST_FAKE_TOKEN)
+    """The replay's "sampled" token of a sequence at a position.
+
+    Distinct for every sequence and position, and never an id of the
+    vocabulary: no trace prompt, which holds only vocabulary ids, can match
+    a page of generated tokens (as with real sampling, no prompt could
+    predict them), and no two sequences share a generated page by accident.
+    """
+    return vocab_size + (seq_id << POSITION_BITS) + position
 
 
 def fake_token_ids(seq_id: int, start: int, stop: int, vocab_size: int) -> list[int]:
     """``fake_token`` at positions ``start .. stop - 1``, without a call per token."""
-    span = vocab_size - FIRST_FAKE_TOKEN
-    first = seq_id * SEQ_STRIDE + start * POSITION_STRIDE
-    return [FIRST_FAKE_TOKEN + x % span for x in range(first, seq_id * SEQ_STRIDE + stop * POSITION_STRIDE,
-                                                        POSITION_STRIDE)]
+    first = vocab_size + (seq_id << POSITION_BITS)
+    return list(range(first + start, first + stop))
 
 
-class StepCost(Protocol):
-    def step_time(self, shape: StepShape) -> float: ...
+# (how many, K/V tokens they read, the longest context) of the decodes of a step that the run accounts for
+DecodeSums = tuple[int, int, int]
+# A step in which nothing but decoding happened, as the run records it at once (StepRecord.quiet_steps):
+# (its end, stored slots, touched pages, evictions so far, tokens computed so far)
+QuietStep = tuple[float, int, int, int, int]
+
+
+class Device(Protocol):
+    """What the run asks of the virtual device (:class:`kvpage.plan.replay.VirtualDevice`)."""
+
+    vocab_size: int
+
+    def decode_step(self, batch: int) -> DecodeTimer:
+        """Seconds of a decode-only step of ``batch`` sequences, given its K/V sums."""
+
+    def run_with_decodes(self, out: SchedulerOutput, decodes: DecodeSums) -> tuple[float, list[SampledToken]]:
+        """Seconds of a step of ``out`` plus the run's decodes, and the tokens ``out``'s sequences sample."""
+
+
+class Arrivals(Protocol):
+    """The trace's requests not added yet (:class:`kvpage.plan.replay.TraceArrivals`)."""
+
+    @property
+    def next_time(self) -> float:
+        """When the next one arrives; infinity when none is left."""
+
+    def add_due(self, now: float) -> None:
+        """Add every request that has arrived by ``now`` to the scheduler."""
 
 
 class StepRecord(Protocol):
@@ -79,6 +120,10 @@ class StepRecord(Protocol):
     def tokens(self, seqs: Seq[Sequence], now: float) -> None: ...
 
     def step(self, now: float, batch_size: int, waste: KVWaste) -> None: ...
+
+    def quiet_steps(self, steps: list[QuietStep], batch_size: int, first: KVWaste, per_token: tuple[int, ...],
+                    per_page: tuple[int, ...]) -> None:
+        """:meth:`step` of each of these steps, whose snapshots are ``first`` plus per-token and per-page deltas."""
 
 
 def steps_left(sched: Scheduler, seq: Sequence) -> int | None:
@@ -98,116 +143,250 @@ def steps_left(sched: Scheduler, seq: Sequence) -> int | None:
 
 @dataclass
 class _Run:
-    """The running sequences of a decode run, indexed by the steps of their events."""
+    """The running sequences of a decode run, indexed by the steps of their events.
 
-    fills: list[list[Sequence]]  # by the residue of the step at which they fill a page: (p + j) % bs == 0
+    A sequence that joins at step ``s`` with ``p`` tokens computed counts as
+    having started from ``p - s`` (its ``start``): in step ``j`` it has
+    ``start + j`` computed.
+    """
+
+    # Sequence ids, by the residue of the step at which they fill a page ((start + j) % bs == 0), in running order.
+    fills: list[list[int]]
     finishing: dict[int, list[Sequence]]  # by the step after which they finish by length
-    start: dict[int, int]  # tokens each had computed when the run began
+    start: dict[int, int]
     on_demand: bool  # pages come as tokens do (paging); else each sequence's reservation already covers its run
+    max_priority: int = 0  # the largest (least urgent) priority value running: no arrival ranks before it
     base_kv: int = 0  # K/V tokens read in step j: base_kv + batch * j
-    longest: int = 0  # the longest context in step j: longest + j
+    longest: int | None = None  # the longest context in step j is longest + j; None: none yet, or to find again
     touched: int = 0  # pages the sequences' tokens occupy, each counted alone (KVManager.waste_given)
 
+    def join(self, sched: Scheduler, seq: Sequence, step: int) -> bool:
+        """Add ``seq`` if from the next step on it only decodes until it finishes by length; False if not."""
+        kv = sched.kv
+        left = steps_left(sched, seq)
+        if left is None or kv.copies_before_write(seq.seq_id):
+            return False
+        bs = kv.block_size
+        p = seq.num_computed_tokens
+        held = len(kv.page_ids(seq.seq_id))
+        # Paging: it holds exactly the pages its tokens fill, so its first step allocates exactly when p is a
+        # page boundary. A reservation: it holds every slot the run can write.
+        if (held != -(-p // bs)) if self.on_demand else (held * bs < p + left):
+            return False
+        start = p - step
+        self.start[seq.seq_id] = start
+        self.fills[-start % bs].append(seq.seq_id)
+        self.finishing.setdefault(step + left, []).append(seq)
+        self.base_kv += start
+        self.longest = start if self.longest is None else max(self.longest, start)
+        self.touched += -(-p // bs)
+        self.max_priority = max(self.max_priority, seq.request.priority)
+        return True
 
-def _start_run(sched: Scheduler, now: float, next_arrival: float) -> _Run | None:
+
+def _start_run(sched: Scheduler) -> _Run | None:
     """The run that starts from this state, or None if stepping could do more than decode."""
     kv = sched.kv
     running = sched.running
-    if (now >= next_arrival or not running or sched.waiting or sched.swapped
-            or len(running) > sched.config.max_num_batched_tokens):
+    if not running or sched.waiting or sched.swapped or len(running) > sched.config.max_num_batched_tokens:
         return None
-    bs = kv.block_size
-    on_demand = kv.reservation_tokens(1) is None
-    run = _Run([[] for _ in range(bs)], {}, {}, on_demand)
-    for seq in running:
-        left = steps_left(sched, seq)
-        if left is None or kv.copies_before_write(seq.seq_id):
-            return None
-        p = seq.num_computed_tokens
-        held = len(kv.page_ids(seq.seq_id))
-        # Paging: it holds exactly the pages its tokens fill, so the first step allocates exactly when p is a
-        # page boundary. A reservation: it holds every slot the run can write.
-        if (held != -(-p // bs)) if on_demand else (held * bs < p + left):
-            return None
-        run.start[seq.seq_id] = p
-        run.fills[-p % bs].append(seq)
-        run.finishing.setdefault(left, []).append(seq)
-        run.base_kv += p
-        run.longest = max(run.longest, p)
-        run.touched += -(-p // bs)
-    return run
+    run = _Run([[] for _ in range(kv.block_size)], {}, {}, kv.reservation_tokens(1) is None,
+               max_priority=running[0].request.priority)
+    return run if all(run.join(sched, seq, 0) for seq in running) else None
 
 
-def fast_forward(sched: Scheduler, now: float, next_arrival: float, cost: StepCost, recorder: StepRecord,
-                 vocab_size: int) -> tuple[float, int]:
-    """Run decode-only steps while they are provably all that stepping would do; returns (now, steps run).
+def _may_admit_in_run(sched: Scheduler, run: _Run) -> bool:
+    """Whether admitting the waiting requests cannot preempt a running sequence (so the decodes stand)."""
+    return all(seq.request.beam is None and seq.request.priority >= run.max_priority for seq in sched.waiting)
 
-    ``next_arrival`` is the arrival time of the next request not yet added:
-    the stepped replay adds it before the first step that starts at or
-    after it, so the run stops there.  Returns ``(now, 0)`` with nothing
-    changed when the state does not allow a run.
+
+def fast_forward(sched: Scheduler, now: float, arrivals: Arrivals, device: Device, recorder: StepRecord
+                 ) -> tuple[float, int]:
+    """Run decode steps, admitting arrivals, while they are provably all that stepping would do.
+
+    Returns (now, steps run), and ``(now, 0)`` with nothing changed when
+    the state does not allow a run.
     """
-    run = _start_run(sched, now, next_arrival)
+    run = _start_run(sched)
     if run is None:
         return now, 0
-    kv = sched.kv
-    bs = kv.block_size
-    fills, finishing, start, base_kv, longest, touched = (run.fills, run.finishing, run.start, run.base_kv,
-                                                          run.longest, run.touched)
-    running = sched.running
-    alive = list(running)  # sched.running shrinks as sequences finish
-    batch = len(alive)
-    stored = kv.num_tokens_stored
-    counters, results, life, admission = sched.counters, sched.results, sched.life, sched.admission
-    step = 0
-    while now < next_arrival and batch:
-        allocating = fills[step % bs]  # filled a page in the step before: the next token starts a new one
-        if run.on_demand:
-            if len(allocating) > kv.num_available_pages:
-                break  # the stepped scheduler would preempt
-            for seq in allocating:  # its table is committed up to the page boundary: one fresh page
-                kv.allocate(seq.seq_id, 1)
-        step += 1
-        kv_read = base_kv + batch * step
-        now += cost.step_time(StepShape(batch, 0, batch, batch, kv_read, batch * (longest + step), kv_read))
-        counters.num_tokens_computed += batch
-        counters.num_generated_tokens += batch
-        stored += batch
-        touched += len(allocating)
-        done = finishing.pop(step, None)
-        # A filled page is committed at once where it may join the prefix cache and the next allocation
-        # reads the table; a contiguous reservation needs neither, so its tokens wait for the finish.
-        events: Seq[Sequence] = fills[step % bs] if run.on_demand else ()
-        if done:  # finishes interleave with commits in running order, as in the stepped results
-            events = sorted({*events, *done}, key=alive.index)
-            ending = set(done)
-        for seq in events:
-            p = start[seq.seq_id]
-            computed = p + step
-            tokens = seq.token_ids
-            if done and seq in ending:
-                results.commit_decodes(seq, fake_token_ids(seq.seq_id, len(tokens), computed + 1, vocab_size),
-                                       computed)
-                held = kv.num_tokens_stored
-                life.finish(seq, SequenceStatus.FINISHED_LENGTH)
-                stored -= held - kv.num_tokens_stored
-                touched -= -(-computed // bs)
-                fills[-p % bs].remove(seq)
-                alive.remove(seq)
-                base_kv -= p
-                if p == longest:
-                    longest = -1  # found again below
-            else:  # a page fills: commit it now, so that it is registered in the prefix cache at this step
-                results.commit_decodes(seq, fake_token_ids(seq.seq_id, len(tokens), computed, vocab_size), computed)
-        step_batch = batch
+    return _RunLoop(sched, run, arrivals, device, recorder, now).go()
+
+
+class _RunLoop:
+    """One run's steps: a loop for the common step, and a method for each event.
+
+    The loop keeps what changes every step in locals (benchmarks/hot_loop_aliases.py
+    measures what that buys) and hands them over, through attributes, to the
+    event methods, which run once an arrival or a finish.
+    """
+
+    def __init__(self, sched: Scheduler, run: _Run, arrivals: Arrivals, device: Device, recorder: StepRecord,
+                 now: float) -> None:
+        self.sched, self.run, self.arrivals, self.device, self.recorder = sched, run, arrivals, device, recorder
+        self.kv = sched.kv
+        self.alive = list(sched.running)  # sched.running changes as sequences finish and join
+        self.now, self.step, self.batch = now, 0, len(self.alive)
+        self.stored, self.touched = self.kv.num_tokens_stored, run.touched
+        self.longest = run.longest if run.longest is not None else 0
+        self.timer = device.decode_step(self.batch)
+        # Quiet steps (nothing but decoding) are recorded in bulk, before the next other step: their snapshots
+        # are affine in the stored slots and touched pages (KVManager.waste_given), so the first one and the
+        # change for one more slot, and for one more page (grown, under paging), describe them all.  Not while
+        # admission holds pages back (the conservative policy): its reservation is not affine in them.
+        self.quiet: list[QuietStep] = []
+        self.quiet_in_use = self.quiet_batch = 0
+        waste_given = self.kv.waste_given
+        origin = waste_given(0, 0, 0, 0, 0)
+        self.per_token = _delta(waste_given(1, 0, 0, 0, 0), origin)
+        self.per_page = _delta(waste_given(0, 1, 0, 0, int(run.on_demand)), origin)
+
+    def go(self) -> tuple[float, int]:
+        sched, run, kv, arrivals = self.sched, self.run, self.kv, self.arrivals
+        fills, finishing, bs, on_demand = run.fills, run.finishing, kv.block_size, run.on_demand
+        counters, quiet = sched.counters, self.quiet
+        grow, record, waste_given, reserved_pages = kv.grow, self.recorder.step, kv.waste_given, \
+            sched.admission.reserved_pages
+        now, step, batch, stored, touched, longest, timer = (self.now, self.step, self.batch, self.stored,
+                                                             self.touched, self.longest, self.timer)
+        bulk = sched.admission.promised_pages == 0
+        while batch:
+            admitting = now >= arrivals.next_time
+            if admitting:
+                arrivals.add_due(now)
+                if not _may_admit_in_run(sched, run):
+                    break  # stepping decides this step
+            allocating = fills[step % bs]  # filled a page in the step before: the next token starts a new one
+            if on_demand and allocating:
+                if len(allocating) > kv.num_available_pages:
+                    break  # the stepped scheduler would preempt
+                grow(allocating)  # a fresh page each, in running order
+            step += 1
+            touched += len(allocating)
+            stored += batch
+            counters.num_tokens_computed += batch
+            counters.num_generated_tokens += batch
+            done = finishing.pop(step, None)
+            if not (admitting or done) and bulk:
+                now += timer(run.base_kv + batch * step, batch * (longest + step))
+                if not quiet:
+                    self.quiet_in_use, self.quiet_batch = kv.num_pages_in_use, batch
+                quiet.append((now, stored, touched, kv.num_evictions, counters.num_tokens_computed))
+                continue
+            self.now, self.step, self.stored, self.touched = now, step, stored, touched
+            if quiet:  # before this step's events: a layout shadow reads the steps recorded so far
+                self._record_quiet()
+            step_batch, ends = self._events(admitting, done)
+            now, stored, touched = self.now, self.stored, self.touched
+            if ends:  # the next step is the scheduler's: leave every table committed, and record what it sees
+                _commit_run(sched, run, self.alive, step, self.device.vocab_size)
+                record(now, step_batch, sched.kv_waste())
+                return now, step
+            batch, longest, timer = self.batch, self.longest, self.timer
+            record(now, step_batch, waste_given(stored, touched, reserved_pages()))
+            bulk = sched.admission.promised_pages == 0
+        self.now, self.step = now, step
+        if quiet:
+            self._record_quiet()
+        _commit_run(sched, run, self.alive, step, self.device.vocab_size)
+        return now, step
+
+    def _events(self, admitting: bool, done: list[Sequence] | None) -> tuple[int, bool]:
+        """This step's admission and finishes; returns (sequences it ran, whether the run ends after it)."""
+        step_batch = self.batch
+        if admitting:
+            admitted, sampled = self._admit()
+            step_batch += len(admitted.sequences)
+        else:
+            self.now += self.timer(self.run.base_kv + self.batch * self.step, self.batch * (self.longest + self.step))
         if done:
-            recorder.tokens(done, now)
-            batch = len(alive)
-            if longest < 0 and alive:
-                longest = max(start[seq.seq_id] for seq in alive)
-        recorder.step(now, step_batch, kv.waste_given(stored, touched, admission.reserved_pages()))
-    for seq in alive if step else ():  # commit what each sequence computed since its last event
-        tokens = seq.token_ids
-        computed = start[seq.seq_id] + step
-        results.commit_decodes(seq, fake_token_ids(seq.seq_id, len(tokens), computed + 1, vocab_size), computed)
-    return now, step
+            self._finish(done)
+        ends = admitting and self._join(admitted, sampled)
+        if not ends:
+            run, alive = self.run, self.alive
+            if run.longest is None and alive:
+                run.longest = max(run.start[seq.seq_id] for seq in alive)
+            self.longest = run.longest if run.longest is not None else 0
+            if len(alive) != self.batch:
+                self.batch = len(alive)
+                if alive:
+                    self.timer = self.device.decode_step(self.batch)
+        return step_batch, ends
+
+    def _admit(self) -> tuple[SchedulerOutput, list[SampledToken]]:
+        """The scheduler admits what arrived, with the budget the decodes leave; the step runs on the device."""
+        sched, kv = self.sched, self.kv
+        held = kv.num_tokens_stored
+        admitted = sched.schedule_after_decodes(self.batch)
+        sched.results.commit(admitted)
+        decodes = (self.batch, self.run.base_kv + self.batch * self.step, self.longest + self.step)
+        seconds, sampled = self.device.run_with_decodes(admitted, decodes)
+        self.now += seconds
+        self.stored += kv.num_tokens_stored - held
+        return admitted, sampled
+
+    def _finish(self, done: list[Sequence]) -> None:
+        """Sequences reach their length, in running order, as the stepped results finish them."""
+        sched, run, kv, step = self.sched, self.run, self.kv, self.step
+        bs, vocab_size = kv.block_size, self.device.vocab_size
+        for seq in done:
+            p = run.start[seq.seq_id]
+            computed = p + step
+            sched.results.commit_decodes(seq, fake_token_ids(seq.seq_id, len(seq.token_ids), computed + 1,
+                                                             vocab_size), computed)
+            held = kv.num_tokens_stored
+            sched.life.finish(seq, SequenceStatus.FINISHED_LENGTH)
+            self.stored -= held - kv.num_tokens_stored
+            self.touched -= -(-computed // bs)
+            run.fills[-p % bs].remove(seq.seq_id)
+            self.alive.remove(seq)
+            run.base_kv -= p
+            if p == self.longest:
+                run.longest = None  # found again after the step's events
+        self.recorder.tokens(done, self.now)
+
+    def _join(self, admitted: SchedulerOutput, sampled: list[SampledToken]) -> bool:
+        """Resolve the admitted sequences' tokens and let them join; True if the scheduler plans the next step."""
+        sched, run, kv = self.sched, self.run, self.kv
+        held = kv.num_tokens_stored
+        got = sched.results.resolve(admitted, sampled)
+        self.stored += kv.num_tokens_stored - held
+        self.recorder.tokens(got, self.now)
+        run.touched = self.touched
+        ends = False
+        for scheduled in admitted.sequences:
+            seq = sched.live.get(scheduled.seq_id)
+            if seq is not None:
+                ends |= not run.join(sched, seq, self.step)
+                self.alive.append(seq)
+        self.touched = run.touched
+        # Something waits, or runs outside the run (a fork of an admitted request's samples), or the next
+        # step's decodes would not all fit the token budget: the scheduler plans the next step.
+        alive = self.alive
+        return (ends or bool(sched.waiting) or len(sched.running) != len(alive)
+                or len(alive) > sched.config.max_num_batched_tokens)
+
+    def _record_quiet(self) -> None:
+        quiet = self.quiet
+        first = self.kv.waste_given(quiet[0][1], quiet[0][2], 0, 0, self.quiet_in_use)
+        self.recorder.quiet_steps(quiet, self.quiet_batch, first, self.per_token, self.per_page)
+        quiet.clear()
+
+
+def _delta(after: KVWaste, before: KVWaste) -> tuple[int, ...]:
+    return tuple(a - b for a, b in zip(after, before))
+
+
+def _commit_run(sched: Scheduler, run: _Run, alive: list[Sequence], step: int, vocab_size: int) -> None:
+    """Commit what each sequence computed in the run.
+
+    Its filled pages join the prefix cache only now: nothing looks the cache
+    up but an admission, and no prompt holds a generated (fake) token.
+    """
+    for seq in alive:
+        if seq.seq_id not in run.start:
+            continue  # admitted in the last step, and committed by it
+        computed = run.start[seq.seq_id] + step
+        if computed > seq.num_computed_tokens:
+            sched.results.commit_decodes(seq, fake_token_ids(seq.seq_id, len(seq.token_ids), computed + 1,
+                                                             vocab_size), computed)

@@ -32,21 +32,24 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from kvpage.config import EngineConfig
-from kvpage.kv import KVWaste
-from kvpage.plan.cost import ModelShape, StepShape
-from kvpage.plan.fast_forward import FIRST_FAKE_TOKEN, fake_token, fast_forward
+from kvpage.modes import KVLayout
+from kvpage.plan.cost import DecodeTimer, ModelShape, StepShape
+from kvpage.plan.fast_forward import FIRST_FAKE_TOKEN, DecodeSums, fake_token, fast_forward
+from kvpage.plan.recorder import RequestTiming, StepRecorder
+from kvpage.plan.shadow import LayoutShadow, ShadowResult
 from kvpage.sampling_params import SamplingParams
 from kvpage.sched import Request, Scheduler, Sequence, StepLoop
 from kvpage.sched.preemption import SwapCostModel
-from kvpage.sched.pressure import PressureSample, ThrashingMonitor, WasteStats
 from kvpage.step_io import PageOpKind, SampledToken, SchedulerOutput
 from kvpage.workloads import Workload, WorkloadRequest
-
-MAX_SERIES_POINTS = 2000
 
 
 class CostModel(Protocol):
     def step_time(self, shape: StepShape) -> float: ...
+
+    def decode_step(self, batch: int) -> DecodeTimer:
+        """The seconds of a decode-only step of ``batch`` sequences, as a function of its K/V sums (the same floats)."""
+
 
     def describe(self) -> str: ...
 
@@ -74,9 +77,17 @@ class ReplaySettings:
         return bool(self.options.get("async_scheduling"))
 
 
-def step_shape(out: SchedulerOutput, bytes_per_page: int) -> StepShape:
-    """The features of a planned step that its cost depends on."""
-    tokens = sampled = kv = pairs = prefills = decodes = longest_decode = 0
+def step_shape(out: SchedulerOutput, bytes_per_page: int, decodes: DecodeSums = (0, 0, 0)) -> StepShape:
+    """The features of a planned step that its cost depends on.
+
+    ``decodes`` adds running sequences that are not in ``out``, each
+    computing one decode token: (how many, K/V tokens they read, the longest
+    context), as the decode fast-forward counts them.
+    """
+    num_decodes, kv, longest_decode = decodes
+    tokens = sampled = decodes_count = num_decodes
+    pairs = kv  # a decode token attends to its whole context
+    prefills = 0
     for seq in out.sequences:
         n = len(seq.input_token_ids)
         end = seq.start_position + n
@@ -85,21 +96,13 @@ def step_shape(out: SchedulerOutput, bytes_per_page: int) -> StepShape:
         kv += end
         pairs += n * seq.start_position + n * (n + 1) // 2
         if n == 1:
-            decodes += 1
+            decodes_count += 1
             longest_decode = max(longest_decode, end)
         else:
             prefills += 1
     moved = sum(len(ops.pairs) for ops in out.page_ops if ops.kind is not PageOpKind.COPY)
-    return StepShape(len(out.sequences), prefills, tokens, sampled, kv, decodes * longest_decode, pairs,
-                     moved * bytes_per_page)
-
-
-@dataclass
-class RequestTiming:
-    arrival: float
-    first_token: float | None = None
-    finished: float | None = None
-    output_tokens: int = 0
+    return StepShape(num_decodes + len(out.sequences), prefills, tokens, sampled, kv, decodes_count * longest_decode,
+                     pairs, moved * bytes_per_page)
 
 
 @dataclass
@@ -115,8 +118,16 @@ class ReplayResult:
     series: dict[str, list[float]]
     thrashing_onset_s: float | None
     max_recompute_fraction: float
+    shadows: dict[str, ShadowResult] = field(default_factory=dict)  # by layout: kvpage.plan.shadow
+    _summary: dict[str, float] | None = field(default=None, init=False, repr=False, compare=False)
 
     def summary(self) -> dict[str, float]:
+        """Every figure of the replay by name (computed once: the percentiles sort every request's timings)."""
+        if self._summary is None:
+            self._summary = self._figures()
+        return dict(self._summary)
+
+    def _figures(self) -> dict[str, float]:
         duration = max(self.duration_s, 1e-12)
         out = {"num_requests": float(len(self.timings)), "duration_s": self.duration_s,
                "goodput_tokens_per_s": self.counters["num_generated_tokens"] / duration,
@@ -208,81 +219,18 @@ def _fake_tokens(out: SchedulerOutput, vocab: int) -> list[SampledToken]:
     return sampled
 
 
-class Series:
-    """Per-step samples over time, thinned as they come so that at most MAX_SERIES_POINTS are kept."""
-
-    def __init__(self) -> None:
-        self.points: dict[str, list[float]] = {}
-        self.stride = 1
-        self._countdown = 0
-
-    def due(self) -> bool:
-        self._countdown -= 1
-        return self._countdown < 0
-
-    def add(self, **values: float) -> None:
-        self._countdown = self.stride - 1
-        for key, value in values.items():
-            self.points.setdefault(key, []).append(float(value))
-        if len(self.points["time_s"]) >= MAX_SERIES_POINTS:  # keep every other point, sample half as often
-            self.points = {key: column[::2] for key, column in self.points.items()}
-            self.stride *= 2
-
-
-class StepRecorder:
-    """What the replay records as it goes: request timings, and after every step waste, thrashing, the series."""
-
-    def __init__(self, sched: Scheduler, workload: Workload, num_pages: int) -> None:
-        self.sched = sched
-        self.requests = workload.requests
-        self.num_pages = num_pages
-        self.timings = [RequestTiming(r.arrival_time) for r in self.requests]
-        self.waste_stats = WasteStats()
-        self.monitor = ThrashingMonitor(warn=False)
-        self.onset: float | None = None
-        self.max_fraction = 0.0
-        self.series = Series()
-
-    def tokens(self, seqs: Iterable[Sequence], now: float) -> None:
-        """These sequences got a token at ``now`` (request ids are trace indices)."""
-        for seq in seqs:
-            request = seq.request
-            timing = self.timings[int(request.request_id)]
-            if timing.first_token is None:
-                timing.first_token = now
-            if request.is_finished:
-                timing.finished = now
-                timing.output_tokens = self.requests[int(request.request_id)].output_tokens
-
-    def step(self, now: float, batch_size: int, waste: KVWaste) -> None:
-        """A step of ``batch_size`` sequences ended at ``now``, leaving the cache as ``waste`` says."""
-        sched, counters, monitor = self.sched, self.sched.counters, self.monitor
-        evictions = sched.kv.num_evictions
-        self.waste_stats.add(waste, batch_size, bool(sched.waiting))
-        monitor.add(PressureSample(now, evictions, counters.num_preemptions, counters.num_recomputed_tokens,
-                                   counters.num_tokens_computed, counters.num_generated_tokens))
-        if monitor.is_thrashing:
-            self.max_fraction = max(self.max_fraction, monitor.rates()["recompute_fraction"])
-            if self.onset is None:
-                self.onset = now
-        if self.series.due():
-            fractions = waste.fractions()
-            self.series.add(time_s=now, batch_size=batch_size, kv_usage=sched.kv.num_pages_in_use / self.num_pages,
-                            queue_length=len(sched.waiting), preemptions=counters.num_preemptions,
-                            evictions=evictions, reservation_waste=fractions["reservation_waste"],
-                            internal_fragmentation=fractions["internal_fragmentation"],
-                            external_fragmentation=fractions["external_fragmentation"])
-
-
 def replay(workload: Workload, settings: ReplaySettings, cost: CostModel, model: ModelShape,
-           fast: bool = True) -> ReplayResult:
+           fast: bool = True, shadow_layouts: Iterable[KVLayout] = ()) -> ReplayResult:
     """Run ``workload`` through the scheduler in virtual time; see the module docstring.
 
     ``fast`` lets :func:`~kvpage.plan.fast_forward.fast_forward` run the
     decode-only stretches (the same result; False steps through every one).
+    ``shadow_layouts`` (contiguous layouts, beside a paged replay) are
+    followed by :class:`~kvpage.plan.shadow.LayoutShadow` s: the result's
+    ``shadows`` say what each measured, or why it could not.
     """
     with _fewer_collections():
-        return _replay(workload, settings, cost, model, fast)
+        return _replay(workload, settings, cost, model, fast, tuple(shadow_layouts))
 
 
 @contextmanager
@@ -338,12 +286,53 @@ class VirtualDevice:
         """Nothing to run until ``when`` (the next arrival)."""
         self.host = self.device_free = max(self.host, when)
 
+    def decode_step(self, batch: int) -> DecodeTimer:
+        return self.cost.decode_step(batch)
+
+    def run_with_decodes(self, out: SchedulerOutput, decodes: DecodeSums) -> tuple[float, list[SampledToken]]:
+        shape = step_shape(out, self.bytes_per_page, decodes)
+        return self.cost.step_time(shape), _fake_tokens(out, self.vocab_size)
+
+
+class TraceArrivals:
+    """The trace's requests not yet added to the scheduler, in arrival order (request ids are trace indices)."""
+
+    def __init__(self, sched: Scheduler, requests: tuple[WorkloadRequest, ...]) -> None:
+        self.sched = sched
+        self.requests = requests
+        self.index = 0
+        self.next_time = requests[0].arrival_time if requests else math.inf
+        # Requests alike share one SamplingParams (nothing writes to one): checking each anew cost 3% of a replay.
+        self._params: dict[tuple[int, int, int], SamplingParams] = {}
+
+    @property
+    def exhausted(self) -> bool:
+        return self.index == len(self.requests)
+
+    def add_due(self, now: float) -> None:
+        requests, index = self.requests, self.index
+        while index < len(requests) and requests[index].arrival_time <= now:
+            r = requests[index]
+            key = (r.output_tokens, r.n, r.beam_width)
+            params = self._params.get(key)
+            if params is None:
+                params = self._params[key] = trace_sampling_params(r)
+            self.sched.add_request(Request(str(index), None, list(r.prompt_token_ids), params, r.arrival_time,
+                                           priority=r.priority))
+            index += 1
+        self.index = index
+        self.next_time = requests[index].arrival_time if index < len(requests) else math.inf
+
 
 def _replay(workload: Workload, settings: ReplaySettings, cost: CostModel, model: ModelShape,
-            fast: bool) -> ReplayResult:
+            fast: bool, shadow_layouts: tuple[KVLayout, ...]) -> ReplayResult:
     sched, num_pages, bytes_per_page = build_scheduler(settings, model)
-    requests = workload.requests
+    if shadow_layouts and sched.kv.reservation_tokens(1) is not None:
+        raise ValueError("layout shadows follow a paged replay; this one is contiguous")
     recorder = StepRecorder(sched, workload, num_pages)
+    shadows = [LayoutShadow(layout, sched.config, num_pages, sched.kv.block_size, sched.max_model_len,
+                            recorder.waste_stats) for layout in shadow_layouts]
+    sched.life.observers.extend(shadows)
     device = VirtualDevice(cost, bytes_per_page, settings.vocab_size)
 
     def after_step(out: SchedulerOutput, touched: list[Sequence]) -> list[None]:
@@ -354,27 +343,22 @@ def _replay(workload: Workload, settings: ReplaySettings, cost: CostModel, model
         return []
 
     loop: StepLoop[VirtualStep, None] = StepLoop(sched, device, settings.async_scheduling, after_step)
-    index = 0
-    while index < len(requests) or loop.has_unfinished():
-        while index < len(requests) and requests[index].arrival_time <= device.host:
-            r = requests[index]
-            sched.add_request(Request(str(index), None, list(r.prompt_token_ids), trace_sampling_params(r),
-                                      r.arrival_time, priority=r.priority))
-            index += 1
+    arrivals = TraceArrivals(sched, workload.requests)
+    while not arrivals.exhausted or loop.has_unfinished():
+        arrivals.add_due(device.host)
         if not loop.has_unfinished():
-            device.idle_until(requests[index].arrival_time)
+            device.idle_until(arrivals.next_time)
             continue
-        next_arrival = requests[index].arrival_time if index < len(requests) else math.inf
         if fast and not loop.overlap:
-            now, steps = fast_forward(sched, device.host, next_arrival, cost, recorder, settings.vocab_size)
+            now, steps = fast_forward(sched, device.host, arrivals, device, recorder)
             if steps:
                 device.host = device.device_free = now
                 continue
         loop.step()
         if not loop.made_progress:
-            if index == len(requests):
+            if arrivals.exhausted:
                 raise RuntimeError("the scheduler made no progress with nothing left to arrive")
-            device.idle_until(next_arrival)
+            device.idle_until(arrivals.next_time)
     kv = sched.kv
     if kv.num_pages_in_use:
         raise RuntimeError(f"{kv.num_pages_in_use} pages still in use after the replay")
@@ -384,4 +368,5 @@ def _replay(workload: Workload, settings: ReplaySettings, cost: CostModel, model
     counter_values["num_pages"] = float(num_pages)
     return ReplayResult(settings, cost.describe(), num_pages, kv.block_size, device.host, recorder.timings,
                         counter_values, recorder.waste_stats.means(), recorder.series.points, recorder.onset,
-                        recorder.max_fraction)
+                        recorder.max_fraction,
+                        {shadow.layout: shadow.result(counters.num_preemptions) for shadow in shadows})

@@ -157,15 +157,22 @@ def layout_savings(workload: Workload, settings: ReplaySettings, cost: CostModel
 
     ``base`` is the replay of ``workload`` under ``settings`` when already
     run: it is the replay of the settings' own layout, so that one is not
-    run again.
+    run again, and a layout it followed as a shadow (:mod:`kvpage.plan.shadow`)
+    is not replayed unless its shadow broke.
     """
     out: dict[str, dict[str, float]] = {}
     own = settings.options.get("kv_layout", "paged")
     for layout in KV_LAYOUTS:
-        options = {**settings.options, "kv_layout": layout}
-        result = base if base is not None and layout == own else replay(
-            workload, replace(settings, options=options), cost, model)
-        s = result.summary()
+        shadow = base.shadows.get(layout) if base is not None else None
+        if base is not None and shadow is not None and shadow.waste is not None:
+            # The same schedule, so the same batches and throughput; the layout's own memory figures.
+            result = base
+            s = {**base.summary(), **shadow.waste}
+        else:
+            options = {**settings.options, "kv_layout": layout}
+            result = base if base is not None and layout == own else replay(
+                workload, replace(settings, options=options), cost, model)
+            s = result.summary()
         held = 1.0 - s["kv_free_mean"]
         out[layout] = {"batch_size_mean": s["batch_size_mean"], "batch_size_mean_loaded": s["batch_size_mean_loaded"],
                        "batch_size_max": s["batch_size_max"], "kv_waste_mean": s["kv_waste_mean"],

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 from kvpage.config import SchedulerConfig
 from kvpage.kv import KVManager, KVWaste, PageCopy, PrefixHit
@@ -46,6 +47,17 @@ class SchedulerCounters:
     num_generated_tokens: int = 0
 
 
+class LifecycleObserver(Protocol):
+    """Told of admissions and finishes as they happen (the planner's layout shadows, kvpage.plan.shadow)."""
+
+    def admitted(self, seq: Sequence, hit: PrefixHit, max_new_tokens: int, num_new_tokens: int,
+                 num_running: int) -> None:
+        """``seq`` was admitted with this prefix hit, computing ``num_new_tokens`` now, ``num_running`` before it."""
+
+    def finished(self, seq: Sequence) -> None:
+        """``seq`` ended; its pages and promise went back."""
+
+
 class Lifecycle:
     """The events of every sequence's life, over one KV manager."""
 
@@ -61,6 +73,7 @@ class Lifecycle:
         self.counters = SchedulerCounters()
         self.beam_requests: dict[str, Request] = {}  # admitted beam searches, holding their seats
         self.finished_since_last_step: list[int] = []
+        self.observers: list[LifecycleObserver] = []
         self._next_admit = 0
         self._min_pending = (-1, 0)  # (queues.waiting_version, smallest pending reservation in pages)
 
@@ -202,6 +215,8 @@ class Lifecycle:
         if request.is_finished:
             self.beam_requests.pop(request.request_id, None)
             self.admission.on_request_done(request)
+        for observer in self.observers:
+            observer.finished(seq)
 
     def stop_by_string(self, seq: Sequence, stop: str) -> None:
         """A stop string matched: the sequence ends as stopped, also if EOS or length ended it this very step."""

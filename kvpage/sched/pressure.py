@@ -27,8 +27,18 @@ logger = logging.getLogger("kvpage.engine")
 
 @dataclass
 class WasteStats:
+    """Step averages of :class:`~kvpage.kv.KVWaste` snapshots of one cache.
+
+    The slots of each kind are summed as integers and divided once, in
+    :meth:`means`: the same means as summing each step's fractions, cheaper
+    every step, and exact whatever order the steps are added in.
+    """
+
     num_samples: int = 0
-    sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(KINDS, 0.0))
+    total_slots: int = 0  # the cache's size, the same in every snapshot
+    # Slot sums over the samples, by kind, in KINDS order (free is what the other four leave).
+    slot_sums: list[int] = field(default_factory=lambda: [0, 0, 0, 0])
+    unshared_pages_sum: int = 0  # pages_without_sharing, summed (what a layout shadow needs: kvpage.plan.shadow)
     sharing_saving_sum: float = 0.0
     # Waste as a share of the memory that is not free (held or unusable), over steps where any is.
     waste_of_used_sum: float = 0.0
@@ -38,29 +48,105 @@ class WasteStats:
     # Steps with requests waiting: the memory-bound regime, where the layout decides the batch.
     loaded_batch_size_sum: int = 0
     num_loaded_samples: int = 0
-    last: KVWaste | None = None
+    _last: KVWaste | None = field(default=None, repr=False)
+    _last_run: tuple[KVWaste, tuple[int, ...], tuple[int, ...], int, int] | None = field(default=None, repr=False)
 
     def add(self, waste: KVWaste, batch_size: int, requests_waiting: bool = False) -> None:
+        total, stored, internal, reserved, external, in_use, without_sharing = waste
+        if total != self.total_slots:
+            if self.num_samples:
+                raise ValueError(f"a snapshot of {total} slots among snapshots of {self.total_slots}")
+            self.total_slots = total
         self.num_samples += 1
         if requests_waiting:
             self.loaded_batch_size_sum += batch_size
             self.num_loaded_samples += 1
-        sums = self.sums
-        for kind, value in zip(KINDS, waste.fraction_values()):  # fractions() without its dict, every step
-            sums[kind] += value
-        self.sharing_saving_sum += waste.sharing_saving
-        not_free = waste.total_slots - waste.free_slots
+        sums = self.slot_sums
+        sums[0] += stored
+        sums[1] += internal
+        sums[2] += reserved
+        sums[3] += external
+        self.unshared_pages_sum += without_sharing
+        if without_sharing:
+            self.sharing_saving_sum += waste.sharing_saving
+        not_free = internal + reserved + external + stored
         if not_free:
-            self.waste_of_used_sum += (not_free - waste.stored_slots) / not_free
+            self.waste_of_used_sum += (not_free - stored) / not_free
             self.num_used_samples += 1
         self.batch_size_sum += batch_size
         if batch_size > self.max_batch_size:
             self.max_batch_size = batch_size
-        self.last = waste
+        self._last, self._last_run = waste, None
+
+    def add_run(self, first: KVWaste, per_token: tuple[int, ...], per_page: tuple[int, ...],
+                stored: list[int], touched: list[int], batch_size: int) -> None:
+        """:meth:`add` of a run of steps whose snapshots are affine in their stored slots and touched pages.
+
+        Step ``i`` stored ``stored[i]`` slots and touched ``touched[i]``
+        pages, and its snapshot is ``first`` (step 0's), plus ``per_token``
+        field by field for each slot stored beyond step 0, plus ``per_page``
+        for each page touched beyond it (:meth:`~kvpage.kv.KVManager.waste_given`
+        is affine so): the planner's decode fast-forward records its quiet
+        steps this way.  No request waits in them.  The same sums as
+        :meth:`add`, step by step: integers summed in closed form, the two
+        ratios added in step order.
+        """
+        n = len(stored)
+        if not n:
+            return
+        total, stored0, touched0 = first.total_slots, stored[0], touched[0]
+        if total != self.total_slots:
+            if self.num_samples:
+                raise ValueError(f"a snapshot of {total} slots among snapshots of {self.total_slots}")
+            self.total_slots = total
+        extra_tokens, extra_pages = sum(stored) - n * stored0, sum(touched) - n * touched0
+        sums = self.slot_sums
+        for kind in range(4):  # stored, internal, reserved, external: KVWaste's fields 1-4
+            field = kind + 1
+            sums[kind] += n * first[field] + extra_tokens * per_token[field] + extra_pages * per_page[field]
+        self.unshared_pages_sum += n * first[6] + extra_tokens * per_token[6] + extra_pages * per_page[6]
+        in_use0, token_in_use, page_in_use = first.pages_in_use, per_token[5], per_page[5]
+        unshared0, token_unshared, page_unshared = first.pages_without_sharing, per_token[6], per_page[6]
+        not_free0 = stored0 + first.internal_slots + first.reserved_slots + first.external_slots
+        token_not_free = per_token[1] + per_token[2] + per_token[3] + per_token[4]
+        page_not_free = per_page[1] + per_page[2] + per_page[3] + per_page[4]
+        sharing, waste_of_used, used_samples = self.sharing_saving_sum, self.waste_of_used_sum, 0
+        for slots, pages in zip(stored, touched):
+            tokens, grown = slots - stored0, pages - touched0
+            unshared = unshared0 + tokens * token_unshared + grown * page_unshared
+            if unshared:
+                sharing += 1.0 - (in_use0 + tokens * token_in_use + grown * page_in_use) / unshared
+            not_free = not_free0 + tokens * token_not_free + grown * page_not_free
+            if not_free:
+                waste_of_used += (not_free - slots) / not_free  # slots: what step i stores
+                used_samples += 1
+        self.sharing_saving_sum, self.waste_of_used_sum = sharing, waste_of_used
+        self.num_used_samples += used_samples
+        self.num_samples += n
+        self.batch_size_sum += n * batch_size
+        if batch_size > self.max_batch_size:
+            self.max_batch_size = batch_size
+        self._last_run = (first, per_token, per_page, stored[-1] - stored0, touched[-1] - touched0)
+        self._last = None
+
+    @property
+    def last(self) -> KVWaste | None:
+        """The last snapshot added (a run's last one is worked out only when asked for)."""
+        if self._last is None and self._last_run is not None:
+            first, per_token, per_page, tokens, grown = self._last_run
+            self._last = KVWaste(*(f + tokens * t + grown * p for f, t, p in zip(first, per_token, per_page)))
+            self._last_run = None
+        return self._last
+
+    @last.setter
+    def last(self, waste: KVWaste | None) -> None:
+        self._last, self._last_run = waste, None
 
     def means(self) -> dict[str, float]:
         n = max(self.num_samples, 1)
-        out = {f"kv_{kind}_mean": value / n for kind, value in self.sums.items()}
+        scale = n * max(self.total_slots, 1)
+        sums = [*self.slot_sums, self.num_samples * self.total_slots - sum(self.slot_sums)]
+        out = {f"kv_{kind}_mean": value / scale for kind, value in zip(KINDS, sums)}
         out["kv_waste_mean"] = sum(out[f"kv_{k}_mean"] for k in KINDS[1:4])
         out["kv_sharing_saving_mean"] = self.sharing_saving_sum / n
         out["kv_waste_of_used_mean"] = self.waste_of_used_sum / max(self.num_used_samples, 1)
@@ -100,8 +186,10 @@ class ThrashingMonitor:
         samples.append(sample)
         while len(samples) > 2 and samples[1].time < sample.time - self.window_s:
             samples.popleft()
-        # rates()'s window_computed_tokens and recompute_fraction, without building its dict every step
         first = samples[0] if len(samples) >= 2 else sample
+        if first.recomputed_tokens == sample.recomputed_tokens and not self.is_thrashing:
+            return  # nothing recomputed in the window: no verdict to reach (the common case, every step)
+        # rates()'s window_computed_tokens and recompute_fraction, without building its dict every step
         computed = sample.computed_tokens - first.computed_tokens
         fraction = (sample.recomputed_tokens - first.recomputed_tokens) / computed if computed else 0.0
         thrashing = computed >= self.min_tokens and fraction > self.recompute_threshold
@@ -117,6 +205,25 @@ class ThrashingMonitor:
                     100 * rates["recompute_fraction"], self.window_s, rates["preemptions_per_s"],
                     rates["evictions_per_s"], rates["goodput_tokens_per_s"], rates["throughput_tokens_per_s"])
         self.is_thrashing = thrashing
+
+    def extend(self, samples: list[PressureSample]) -> None:
+        """:meth:`add` each sample in turn; at once when nothing is recomputed in them or the window before.
+
+        Then no verdict can change, and trimming the window once, at the
+        last sample's time, leaves it as trimming after each would.
+        """
+        if not samples:
+            return
+        window = self.samples
+        last = samples[-1]
+        first = window[0] if window else samples[0]
+        if self.is_thrashing or first.recomputed_tokens != last.recomputed_tokens:
+            for sample in samples:
+                self.add(sample)
+            return
+        window.extend(samples)
+        while len(window) > 2 and window[1].time < last.time - self.window_s:
+            window.popleft()
 
     def rates(self) -> dict[str, float]:
         if len(self.samples) < 2:

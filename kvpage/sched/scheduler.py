@@ -176,6 +176,18 @@ class Scheduler:
             self._admit(step, ahead_of=self._swap_in(step))
         return step.output(self.life.take_finished())
 
+    def schedule_after_decodes(self, num_decodes: int) -> SchedulerOutput:
+        """What :meth:`schedule` adds after its running loop, for a step whose loop the caller has done.
+
+        The caller (the planner's decode fast-forward) has given each of the
+        ``num_decodes`` running sequences its next decode token and page, as
+        the loop would have without preempting.  This resumes and admits
+        with the budget left, and returns only those sequences.
+        """
+        step = StepDraft(budget=self.config.max_num_batched_tokens - num_decodes)
+        self._admit(step, ahead_of=self._swap_in(step))
+        return step.output(self.life.take_finished())
+
     def _admit(self, step: StepDraft, ahead_of: Sequence | None) -> None:
         """Admit waiting sequences in queue order while budget, rules and pages allow.
 
@@ -206,7 +218,10 @@ class Scheduler:
                     if blocked is None:
                         admission.delay(seq, "pages")
                     return
+            num_running = len(self.running)
             life.admit(seq, hit, max_new)
+            for observer in life.observers:
+                observer.admitted(seq, hit, max_new, num_new, num_running)
             if num_new > 0:
                 step.add(self._scheduled(seq, num_new), copies)
             else:
