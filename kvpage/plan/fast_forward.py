@@ -204,8 +204,9 @@ def fast_forward(sched: Scheduler, now: float, arrivals: Arrivals, device: Devic
                  ) -> tuple[float, int]:
     """Run decode steps, admitting arrivals, while they are provably all that stepping would do.
 
-    Returns (now, steps run), and ``(now, 0)`` with nothing changed when
-    the state does not allow a run.
+    Returns (now, steps run); ``(now, 0)`` when the state does not allow a
+    run, with nothing changed but the requests due by ``now`` added (as
+    stepping adds them before its next step).
     """
     run = _start_run(sched)
     if run is None:

@@ -125,9 +125,10 @@ class Lifecycle:
         return request
 
     # ----- admission, preemption, swap -----------------------------------------------
-    def admit(self, seq: Sequence, hit: PrefixHit, max_new_tokens: int) -> None:
-        """``seq`` has its pages (from its prefix hit on): it joins the running batch."""
+    def admit(self, seq: Sequence, hit: PrefixHit, max_new_tokens: int, num_new_tokens: int) -> None:
+        """``seq`` has its pages (from its prefix hit on) and computes ``num_new_tokens`` now: it joins the batch."""
         request = seq.request
+        num_running = len(self.queues.running)
         self.admission.on_admit(seq, max_new_tokens)
         if reads_prefix_cache(seq):  # a sequence that may not read the cache did not query it
             self.kv.record_prefix_query(seq.num_tokens, hit.num_tokens)
@@ -142,6 +143,8 @@ class Lifecycle:
                 self.beam_requests[request.request_id] = request
         seq.admit_order = self._take_admit_order()
         self.queues.move(seq, SequenceStatus.RUNNING)
+        for observer in self.observers:
+            observer.admitted(seq, hit, max_new_tokens, num_new_tokens, num_running)
 
     def _take_admit_order(self) -> int:
         order = self._next_admit

@@ -218,10 +218,7 @@ class Scheduler:
                     if blocked is None:
                         admission.delay(seq, "pages")
                     return
-            num_running = len(self.running)
-            life.admit(seq, hit, max_new)
-            for observer in life.observers:
-                observer.admitted(seq, hit, max_new, num_new, num_running)
+            life.admit(seq, hit, max_new, num_new)
             if num_new > 0:
                 step.add(self._scheduled(seq, num_new), copies)
             else:
