@@ -36,7 +36,12 @@ def main() -> None:
     extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
     env = dict(os.environ)
     if args.code is not None:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, (args.code, env.get("PYTHONPATH"))))
+        # Absolute: the command runs in its output folder, where a relative path would name nothing (and the
+        # installed kvpage would run instead, unnoticed).
+        code = os.path.abspath(args.code)
+        if not os.path.isdir(os.path.join(code, "kvpage")):
+            parser.error(f"--code {args.code!r}: no kvpage package in {code}")
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, (code, env.get("PYTHONPATH"))))
     print(f"python {platform.python_version()} on {platform.machine()}, CPUs allowed: "
           f"{len(os.sched_getaffinity(0))}", flush=True)
     for num in args.num:

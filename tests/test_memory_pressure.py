@@ -282,6 +282,34 @@ def test_thrashing_monitor_warns_once_and_recovers(caplog: pytest.LogCaptureFixt
     assert not monitor.is_thrashing and monitor.num_warnings == 1
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(0, 3), min_size=1, max_size=40), st.lists(st.floats(0, 3), min_size=1, max_size=40),
+       st.integers(0, 2))
+def test_a_quiet_run_builds_only_the_samples_its_window_keeps(before: list[float], gaps: list[float],
+                                                                recomputed_before: int) -> None:
+    """What the planner's flush does (quiet, kept_from, extend of the tail) leaves the window as adding every sample."""
+    def samples(gaps: list[float], start: float, recomputed: int) -> list[PressureSample]:
+        times = [start + sum(gaps[:i + 1]) for i in range(len(gaps))]
+        return [PressureSample(t, i, 0, recomputed, 10 * i, 5 * i) for i, t in enumerate(times)]
+    history = samples(before, 0.0, 0)
+    history[-1] = history[-1]._replace(recomputed_tokens=recomputed_before)
+    run = samples(gaps, history[-1].time, recomputed_before)
+    one_by_one, at_once = ThrashingMonitor(window_s=5, warn=False), ThrashingMonitor(window_s=5, warn=False)
+    for sample in history:
+        one_by_one.add(sample)
+        at_once.add(sample)
+    for sample in run:
+        one_by_one.add(sample)
+    quiet = at_once.quiet(recomputed_before)
+    kept = at_once.kept_from(run, lambda sample: sample.time) if quiet else 0
+    at_once.extend(run[kept:])
+    assert list(at_once.samples) == list(one_by_one.samples)
+    assert at_once.is_thrashing == one_by_one.is_thrashing
+    if quiet:  # and it builds no sample that the window drops
+        first = one_by_one.samples[0]
+        assert kept == next((i for i, sample in enumerate(run) if sample is first), 0)
+
+
 # ----- swap -----------------------------------------------------------------------------------
 def test_swap_round_trip_keeps_the_accounting() -> None:
     kv = KVCacheManager(8, 4, num_swap_pages=4)

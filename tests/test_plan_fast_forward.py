@@ -86,7 +86,7 @@ def test_fast_forward_replays_exactly_what_stepping_replays(name: str, monkeypat
     stepped = replay(workload, replay_settings, H100, MODEL, fast=False)
     fast_steps, all_steps = [0], [0]
     real_fast_forward, real_step = replay_module.fast_forward, replay_module.StepRecorder.step
-    real_quiet_steps = replay_module.StepRecorder.quiet_steps
+    real_flush = replay_module.StepRecorder.flush
 
     def counting_fast_forward(*args: Any) -> tuple[float, int]:
         now, steps = real_fast_forward(*args)
@@ -97,13 +97,13 @@ def test_fast_forward_replays_exactly_what_stepping_replays(name: str, monkeypat
         all_steps[0] += 1
         real_step(*args)
 
-    def counting_quiet_steps(recorder: Any, steps: list[Any], *args: Any) -> None:  # recorded at once
-        all_steps[0] += len(steps)
-        real_quiet_steps(recorder, steps, *args)
+    def counting_flush(recorder: Any, *args: Any) -> None:  # a decode run's steps, recorded at once
+        all_steps[0] += len(recorder.buffered)
+        real_flush(recorder, *args)
 
     monkeypatch.setattr(replay_module, "fast_forward", counting_fast_forward)
     monkeypatch.setattr(replay_module.StepRecorder, "step", counting_step)
-    monkeypatch.setattr(replay_module.StepRecorder, "quiet_steps", counting_quiet_steps)
+    monkeypatch.setattr(replay_module.StepRecorder, "flush", counting_flush)
     fast = replay(workload, replay_settings, H100, MODEL)
     assert_same(stepped, fast)
     # Each case means something: the fast-forward ran (most steps, where nothing keeps requests waiting) ...

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from kvpage.kv.interface import Claim, KVUsage, PageCopy
 from kvpage.kv.page_pool import Page, PagePool, PrefixHit
-from kvpage.kv.prefix_hash import ROOT_HASH, page_hash, page_hashes
+from kvpage.kv.prefix_hash import ID_BYTES, ROOT_HASH, pack, page_hash, page_hashes
 from kvpage.kv.swap import SwappedTable, SwapSpace
 from kvpage.kv.waste import KVWaste
 from kvpage.modes import KVLayout
@@ -118,12 +118,13 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return hit
         max_pages = (len(token_ids) - 1) // self.block_size
+        packed = pack(token_ids[: max_pages * self.block_size])
+        width = ID_BYTES * self.block_size
         parent = ROOT_HASH
-        for i in range(max_pages):
-            start = i * self.block_size
-            page_tokens = tuple(token_ids[start : start + self.block_size])
-            parent = page_hash(parent, page_tokens)
-            page = self.pool.lookup(parent, page_tokens)
+        for start in range(0, len(packed), width):
+            content = packed[start : start + width]
+            parent = page_hash(parent, content)
+            page = self.pool.lookup(parent, content)
             if page is None:
                 break
             hit.pages.append(page)
@@ -268,10 +269,11 @@ class KVCacheManager:
             return
         bs = self.block_size
         first = len(table.hashes)
-        keys = page_hashes(table.hashes[-1] if table.hashes else ROOT_HASH, token_ids[first * bs : num_full * bs], bs)
-        register, pages = self.pool.register, table.pages
-        for i, key in enumerate(keys, first):
-            register(pages[i], key, tuple(token_ids[i * bs : (i + 1) * bs]))
+        packed = pack(token_ids[first * bs : num_full * bs])
+        keys = page_hashes(table.hashes[-1] if table.hashes else ROOT_HASH, packed, bs)
+        register, pages, width = self.pool.register, table.pages, ID_BYTES * bs
+        for i, key in enumerate(keys):
+            register(pages[first + i], key, packed[i * width : (i + 1) * width])
         table.hashes += keys
 
     def can_fork(self, parent_id: int) -> bool:

@@ -21,6 +21,8 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from enum import Enum
 
+from kvpage.kv.prefix_hash import unpack
+
 
 class PageState(Enum):
     FREE = "free"
@@ -36,9 +38,15 @@ class Page:
     ref_count: int = 0
     num_filled: int = 0
     content_hash: bytes | None = None
-    # The tokens whose K/V this page holds, kept with the hash so that a hit
-    # can be checked token by token (defence in depth on top of sha256).
-    token_ids: tuple[int, ...] | None = None
+    # The tokens whose K/V this page holds, packed (kvpage.kv.prefix_hash.pack), kept with the hash so that a
+    # hit can be checked token by token (defence in depth on top of sha256). Bytes, not a tuple of ints: a
+    # replay registers millions of pages, and bytes cost less to build and nothing to the garbage collector.
+    content: bytes | None = None
+
+    @property
+    def token_ids(self) -> tuple[int, ...] | None:
+        """The tokens of ``content``, unpacked (for tests and debugging)."""
+        return None if self.content is None else unpack(self.content)
 
 
 @dataclass
@@ -136,26 +144,26 @@ class PagePool:
         page.num_filled = num_filled
 
     # ----- prefix-cache index ------------------------------------------------
-    def lookup(self, content_hash: bytes, token_ids: tuple[int, ...]) -> Page | None:
-        """The page holding exactly these tokens under this chained hash, if any."""
+    def lookup(self, content_hash: bytes, content: bytes) -> Page | None:
+        """The page holding exactly these tokens (packed) under this chained hash, if any."""
         page = self._index.get(content_hash)
-        if page is None or page.token_ids != token_ids:
+        if page is None or page.content != content:
             return None
         return page
 
-    def register(self, page: Page, content_hash: bytes, token_ids: tuple[int, ...]) -> None:
+    def register(self, page: Page, content_hash: bytes, content: bytes) -> None:
         """Index a full in-use page by its content hash (first page with a given hash wins)."""
         if page.content_hash is not None or content_hash in self._index:
             return
         page.content_hash = content_hash
-        page.token_ids = token_ids
+        page.content = content
         self._index[content_hash] = page
 
     def _drop_hash(self, page: Page) -> None:
         if page.content_hash is not None:
             del self._index[page.content_hash]
         page.content_hash = None
-        page.token_ids = None
+        page.content = None
 
     def clear_cache(self) -> int:
         """Evict every cached-free page (e.g. to reset the prefix cache). Returns how many."""

@@ -34,9 +34,12 @@ such a run paying only for its *events*, and for O(1) bookkeeping a step:
   can tell: only an admission looks the cache up, and the replay's
   generated tokens lie outside the vocabulary (:func:`fake_token`), so no
   prompt can match a page that holds one;
-* meanwhile the KV waste snapshot of every step is computed from counters
-  (stored slots grow by one a sequence, unshared pages by one a fresh
-  page), so the recorder sees every step's exact figures.
+* meanwhile every step's KV waste snapshot follows from three counters
+  (stored slots grow by one a sequence, touched pages and pages in use by
+  one a fresh page): the snapshot is affine in them, so the run keeps the
+  three a step and the recorder takes the run's steps at once
+  (:meth:`~kvpage.plan.recorder.StepRecorder.flush`) with every step's
+  exact figures.
 
 It is a shortcut of :class:`~kvpage.sched.step_loop.StepLoop`'s
 synchronous order, not a second copy of it: the length rule is the
@@ -86,9 +89,10 @@ def fake_token_ids(seq_id: int, start: int, stop: int, vocab_size: int) -> list[
 
 # (how many, K/V tokens they read, the longest context) of the decodes of a step that the run accounts for
 DecodeSums = tuple[int, int, int]
-# A step in which nothing but decoding happened, as the run records it at once (StepRecord.quiet_steps):
-# (its end, stored slots, touched pages, evictions so far, tokens computed so far)
-QuietStep = tuple[float, int, int, int, int]
+# A step of a run, as the run records it, all at once (StepRecord.flush): its end, stored slots, touched pages,
+# pages in use, then evictions, tokens computed and tokens generated so far, and the sequences it ran.
+RunStep = tuple[float, int, int, int, int, int, int, int]
+FLUSH_STEPS = 4096  # the most steps a run keeps before recording them
 
 
 class Device(Protocol):
@@ -121,9 +125,12 @@ class StepRecord(Protocol):
 
     def step(self, now: float, batch_size: int, waste: KVWaste) -> None: ...
 
-    def quiet_steps(self, steps: list[QuietStep], batch_size: int, first: KVWaste, per_token: tuple[int, ...],
-                    per_page: tuple[int, ...]) -> None:
-        """:meth:`step` of each of these steps, whose snapshots are ``first`` plus per-token and per-page deltas."""
+    @property
+    def buffered(self) -> list[RunStep]:
+        """Steps the run has taken but not recorded yet; :meth:`flush` records them."""
+
+    def flush(self, origin: KVWaste, deltas: tuple[tuple[int, ...], ...]) -> None:
+        """:meth:`step` of each buffered step: its snapshot is ``origin`` plus ``deltas`` times its three sums."""
 
 
 def steps_left(sched: Scheduler, seq: Sequence) -> int | None:
@@ -231,25 +238,23 @@ class _RunLoop:
         self.stored, self.touched = self.kv.num_tokens_stored, run.touched
         self.longest = run.longest if run.longest is not None else 0
         self.timer = device.decode_step(self.batch)
-        # Quiet steps (nothing but decoding) are recorded in bulk, before the next other step: their snapshots
-        # are affine in the stored slots and touched pages (KVManager.waste_given), so the first one and the
-        # change for one more slot, and for one more page (grown, under paging), describe them all.  Not while
-        # admission holds pages back (the conservative policy): its reservation is not affine in them.
-        self.quiet: list[QuietStep] = []
-        self.quiet_in_use = self.quiet_batch = 0
+        # A step's snapshot is affine in its stored slots, touched pages and pages in use (KVManager.waste_given):
+        # the snapshot of none and the change for one more of each describe every step.
         waste_given = self.kv.waste_given
-        origin = waste_given(0, 0, 0, 0, 0)
-        self.per_token = _delta(waste_given(1, 0, 0, 0, 0), origin)
-        self.per_page = _delta(waste_given(0, 1, 0, 0, int(run.on_demand)), origin)
+        self.origin = waste_given(0, 0, 0, 0, 0)
+        self.deltas = (_delta(waste_given(1, 0, 0, 0, 0), self.origin), _delta(waste_given(0, 1, 0, 0, 0), self.origin),
+                       _delta(waste_given(0, 0, 0, 0, 1), self.origin))
 
     def go(self) -> tuple[float, int]:
-        sched, run, kv, arrivals = self.sched, self.run, self.kv, self.arrivals
+        sched, run, kv, arrivals, recorder = self.sched, self.run, self.kv, self.arrivals, self.recorder
         fills, finishing, bs, on_demand = run.fills, run.finishing, kv.block_size, run.on_demand
-        counters, quiet = sched.counters, self.quiet
-        grow, record, waste_given, reserved_pages = kv.grow, self.recorder.step, kv.waste_given, \
+        counters, buffered = sched.counters, recorder.buffered
+        grow, record, waste_given, reserved_pages = kv.grow, recorder.step, kv.waste_given, \
             sched.admission.reserved_pages
         now, step, batch, stored, touched, longest, timer = (self.now, self.step, self.batch, self.stored,
                                                              self.touched, self.longest, self.timer)
+        # While admission holds no pages back (no conservative promise: its reservation is not affine in the
+        # pages in use), each step is recorded as a RunStep, all at once when the run ends.
         bulk = sched.admission.promised_pages == 0
         while batch:
             admitting = now >= arrivals.next_time
@@ -268,29 +273,41 @@ class _RunLoop:
             counters.num_tokens_computed += batch
             counters.num_generated_tokens += batch
             done = finishing.pop(step, None)
-            if not (admitting or done) and bulk:
+            if not (admitting or done):
                 now += timer(run.base_kv + batch * step, batch * (longest + step))
-                if not quiet:
-                    self.quiet_in_use, self.quiet_batch = kv.num_pages_in_use, batch
-                quiet.append((now, stored, touched, kv.num_evictions, counters.num_tokens_computed))
+                if bulk:
+                    buffered.append((now, stored, touched, kv.num_pages_in_use, kv.num_evictions,
+                                     counters.num_tokens_computed, counters.num_generated_tokens, batch))
+                else:
+                    record(now, batch, waste_given(stored, touched, reserved_pages()))
                 continue
             self.now, self.step, self.stored, self.touched = now, step, stored, touched
-            if quiet:  # before this step's events: a layout shadow reads the steps recorded so far
-                self._record_quiet()
             step_batch, ends = self._events(admitting, done)
             now, stored, touched = self.now, self.stored, self.touched
             if ends:  # the next step is the scheduler's: leave every table committed, and record what it sees
+                self._flush()
                 _commit_run(sched, run, self.alive, step, self.device.vocab_size)
                 record(now, step_batch, sched.kv_waste())
                 return now, step
             batch, longest, timer = self.batch, self.longest, self.timer
-            record(now, step_batch, waste_given(stored, touched, reserved_pages()))
             bulk = sched.admission.promised_pages == 0
+            if bulk:
+                buffered.append((now, stored, touched, kv.num_pages_in_use, kv.num_evictions,
+                                 counters.num_tokens_computed, counters.num_generated_tokens, step_batch))
+                if len(buffered) >= FLUSH_STEPS:
+                    self._flush()
+            else:
+                self._flush()
+                record(now, step_batch, waste_given(stored, touched, reserved_pages()))
         self.now, self.step = now, step
-        if quiet:
-            self._record_quiet()
+        self._flush()
         _commit_run(sched, run, self.alive, step, self.device.vocab_size)
         return now, step
+
+    def _flush(self) -> None:
+        """Record the buffered steps (their snapshots: the origin plus the deltas times their sums)."""
+        if self.recorder.buffered:
+            self.recorder.flush(self.origin, self.deltas)
 
     def _events(self, admitting: bool, done: list[Sequence] | None) -> tuple[int, bool]:
         """This step's admission and finishes; returns (sequences it ran, whether the run ends after it)."""
@@ -366,12 +383,6 @@ class _RunLoop:
         alive = self.alive
         return (ends or bool(sched.waiting) or len(sched.running) != len(alive)
                 or len(alive) > sched.config.max_num_batched_tokens)
-
-    def _record_quiet(self) -> None:
-        quiet = self.quiet
-        first = self.kv.waste_given(quiet[0][1], quiet[0][2], 0, 0, self.quiet_in_use)
-        self.recorder.quiet_steps(quiet, self.quiet_batch, first, self.per_token, self.per_page)
-        quiet.clear()
 
 
 def _delta(after: KVWaste, before: KVWaste) -> tuple[int, ...]:

@@ -1,7 +1,7 @@
 """What a replay records as it goes: request timings, and after every step waste, thrashing, a thinned series.
 
 :class:`StepRecorder` takes each step the replay runs (:meth:`StepRecorder.step`)
-or a run of quiet steps at once (:meth:`StepRecorder.quiet_steps`, from the
+or a decode run's steps at once (:meth:`StepRecorder.flush`, from the
 decode fast-forward), and feeds the engine's own accumulators
 (:class:`~kvpage.sched.pressure.WasteStats`, :class:`~kvpage.sched.pressure.ThrashingMonitor`)
 the same values in both cases.  Pure Python.
@@ -9,13 +9,14 @@ the same values in both cases.  Pure Python.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from operator import itemgetter
 
 from kvpage.kv import KVWaste
-from kvpage.plan.fast_forward import QuietStep
+from kvpage.plan.fast_forward import RunStep
 from kvpage.sched import Scheduler, Sequence
-from kvpage.sched.pressure import PressureSample, ThrashingMonitor, WasteStats
+from kvpage.sched.pressure import PressureSample, ThrashingMonitor, WasteStats, affine_waste
 from kvpage.workloads import Workload
 
 MAX_SERIES_POINTS = 2000
@@ -41,6 +42,18 @@ class Series:
         self._countdown -= 1
         return self._countdown < 0
 
+    def due_among(self, num_steps: int) -> Iterator[int]:
+        """The positions among the next ``num_steps`` steps where :meth:`due` would say yes, in order.
+
+        The caller adds a point at each before taking the next (adding sets
+        when the next is due).
+        """
+        position = self._countdown
+        while position < num_steps:
+            yield position
+            position += self._countdown + 1
+        self._countdown = position - num_steps
+
     def add(self, **values: float) -> None:
         self._countdown = self.stride - 1
         for key, value in values.items():
@@ -65,6 +78,11 @@ class StepRecorder:
         self.onset: float | None = None
         self.max_fraction = 0.0
         self.series = Series()
+        self.buffered: list[RunStep] = []  # a decode run's steps, recorded at once by flush()
+        # Recorded steps whose pressure samples wait to be made (flush), and the preemptions and recomputed
+        # tokens they all count.
+        self._unsampled: list[RunStep] = []
+        self._unsampled_counts = (0, 0)
 
     def tokens(self, seqs: Iterable[Sequence], now: float) -> None:
         """These sequences got a token at ``now`` (request ids are trace indices)."""
@@ -76,9 +94,14 @@ class StepRecorder:
             if request.is_finished:
                 timing.finished = now
                 timing.output_tokens = self.requests[int(request.request_id)].output_tokens
+                # Nothing reads a finished request's sequences again: dropping them breaks the request <->
+                # sequence cycle, so that reference counting frees both now. Left to the cyclic collector, they
+                # made it a tenth of the replay (benchmarks/plan_default.py).
+                request.sequences.clear()
 
     def step(self, now: float, batch_size: int, waste: KVWaste) -> None:
         """A step of ``batch_size`` sequences ended at ``now``, leaving the cache as ``waste`` says."""
+        self._sample()
         counters, monitor = self.counters, self.monitor
         evictions = self.kv.num_evictions
         self.waste_stats.add(waste, batch_size, bool(self.waiting))
@@ -91,29 +114,50 @@ class StepRecorder:
         if self.series.due():
             self._point(now, batch_size, waste, evictions, len(self.waiting))
 
-    def quiet_steps(self, steps: list[QuietStep], batch_size: int, first: KVWaste, per_token: tuple[int, ...],
-                    per_page: tuple[int, ...]) -> None:
-        """:meth:`step` of each of a run's quiet steps (no request waiting, nothing recomputed), recorded at once.
+    @property
+    def num_steps(self) -> int:
+        """Steps taken so far: recorded, and buffered by a decode run."""
+        return self.waste_stats.num_samples + len(self.buffered)
 
-        Their snapshots are affine: ``first`` (the first step's) plus
-        ``per_token`` a slot stored beyond it and ``per_page`` a page
-        touched beyond it (:meth:`WasteStats.add_run`).
+    def flush(self, origin: KVWaste, deltas: tuple[tuple[int, ...], ...]) -> None:
+        """:meth:`step` of each buffered step of a decode run (nothing recomputed or waiting in them), at once.
+
+        A step's snapshot is ``origin`` plus ``deltas`` times its stored
+        slots, touched pages and pages in use (:meth:`WasteStats.add_run`).
         """
+        steps = self.buffered
         counters = self.counters
-        self.waste_stats.add_run(first, per_token, per_page, [step[1] for step in steps],
-                                 [step[2] for step in steps], batch_size)
-        preempted, recomputed = counters.num_preemptions, counters.num_recomputed_tokens
-        generated_minus_computed = counters.num_generated_tokens - counters.num_tokens_computed
-        new = tuple.__new__  # PressureSample's own __new__ is a Python function: this is a third of the cost
-        self.monitor.extend([new(PressureSample, (now, evictions, preempted, recomputed, computed,
-                                                  computed + generated_minus_computed))
-                             for now, _, _, evictions, computed in steps])
-        stored0, touched0 = steps[0][1], steps[0][2]
-        for now, stored, touched, evictions, _ in steps:
-            if self.series.due():
-                tokens, pages = stored - stored0, touched - touched0
-                waste = KVWaste(*(f + tokens * t + pages * p for f, t, p in zip(first, per_token, per_page)))
-                self._point(now, batch_size, waste, evictions, 0)
+        self.waste_stats.add_run(origin, deltas, [step[1] for step in steps], [step[2] for step in steps],
+                                 [step[3] for step in steps], [step[7] for step in steps])
+        counts = (counters.num_preemptions, counters.num_recomputed_tokens)
+        if counts != self._unsampled_counts:
+            self._sample()
+        monitor, unsampled = self.monitor, self._unsampled
+        unsampled += steps
+        self._unsampled_counts = counts
+        if not monitor.quiet(counts[1]):
+            self._sample()
+        else:
+            # No verdict can change: the steps wait, as they are, for a sample only if still in the window when
+            # the monitor is next asked. In a long run most never are (the window is seconds, a step a millisecond).
+            kept = monitor.kept_from(unsampled, itemgetter(0))
+            if kept:  # the window starts among them: every sample before leaves it
+                del unsampled[:kept]
+                monitor.restart()
+        for position in self.series.due_among(len(steps)):
+            now, stored, touched, in_use, evictions, _, _, batch_size = steps[position]
+            self._point(now, batch_size, affine_waste(origin, deltas, (stored, touched, in_use)), evictions, 0)
+        steps.clear()
+
+    def _sample(self) -> None:
+        """Give the monitor the samples of the steps that wait for one (:meth:`flush`)."""
+        steps = self._unsampled
+        if steps:
+            preempted, recomputed = self._unsampled_counts
+            new = tuple.__new__  # PressureSample's own __new__ is a Python function: this is a third of the cost
+            self.monitor.extend([new(PressureSample, (now, evictions, preempted, recomputed, computed, generated))
+                                 for now, _, _, _, evictions, computed, generated, _ in steps])
+            steps.clear()
 
     def _point(self, now: float, batch_size: int, waste: KVWaste, evictions: int, queue_length: int) -> None:
         fractions = waste.fractions()

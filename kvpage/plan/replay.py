@@ -331,7 +331,7 @@ def _replay(workload: Workload, settings: ReplaySettings, cost: CostModel, model
         raise ValueError("layout shadows follow a paged replay; this one is contiguous")
     recorder = StepRecorder(sched, workload, num_pages)
     shadows = [LayoutShadow(layout, sched.config, num_pages, sched.kv.block_size, sched.max_model_len,
-                            recorder.waste_stats) for layout in shadow_layouts]
+                            recorder.waste_stats, lambda: recorder.num_steps) for layout in shadow_layouts]
     sched.life.observers.extend(shadows)
     device = VirtualDevice(cost, bytes_per_page, settings.vocab_size)
 

@@ -34,6 +34,7 @@ the full replays' in every case; tests/test_plan_shadow.py checks that.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from kvpage.config import SchedulerConfig
@@ -57,13 +58,14 @@ class LayoutShadow:
     """A contiguous layout's KV manager and admission, following a paged replay's admissions and finishes."""
 
     def __init__(self, layout: KVLayout, config: SchedulerConfig, num_pages: int, block_size: int,
-                 max_model_len: int, paged: WasteStats) -> None:
+                 max_model_len: int, paged: WasteStats, steps_taken: Callable[[], int]) -> None:
         if layout == "paged":
             raise ValueError("a layout shadow follows a paged replay: give a contiguous layout")
         self.layout = layout
         self.kv = make_kv_manager(layout, num_pages, block_size, max_model_len)
         self.admission = AdmissionController(config, self.kv)
         self.paged = paged  # the paged replay's step sums
+        self.steps_taken = steps_taken  # the paged replay's steps so far (recorded, or buffered by a decode run)
         self.broken: str | None = None
         self.pages_in_use_sum = 0  # over the paged replay's recorded steps, up to self._summed of them
         self._fits: set[tuple[int, int]] = set()  # (prompt, max new tokens) the layout admits
@@ -71,7 +73,7 @@ class LayoutShadow:
 
     def _sum_up(self) -> None:
         """Add the pages in use to the sum for the steps recorded since the last change."""
-        recorded = self.paged.num_samples
+        recorded = self.steps_taken()
         self.pages_in_use_sum += self.kv.num_pages_in_use * (recorded - self._summed)
         self._summed = recorded
 

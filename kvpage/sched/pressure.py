@@ -15,14 +15,25 @@ do, and ``is_thrashing`` stays true (a metric) until it falls back below.
 from __future__ import annotations
 
 import logging
+from bisect import bisect_left
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 from kvpage.kv import KVWaste
 from kvpage.kv.waste import KINDS
 
 logger = logging.getLogger("kvpage.engine")
+T = TypeVar("T")
+
+
+def affine_waste(origin: KVWaste, deltas: tuple[tuple[int, ...], ...], point: tuple[int, int, int]) -> KVWaste:
+    """``origin`` plus each delta times its coordinate (stored slots, touched pages, pages in use), field by field."""
+    stored, touched, in_use = point
+    per_slot, per_touched, per_in_use = deltas
+    return KVWaste(*(o + stored * s + touched * t + in_use * u
+                     for o, s, t, u in zip(origin, per_slot, per_touched, per_in_use)))
 
 
 @dataclass
@@ -49,7 +60,8 @@ class WasteStats:
     loaded_batch_size_sum: int = 0
     num_loaded_samples: int = 0
     _last: KVWaste | None = field(default=None, repr=False)
-    _last_run: tuple[KVWaste, tuple[int, ...], tuple[int, ...], int, int] | None = field(default=None, repr=False)
+    _last_run: tuple[KVWaste, tuple[tuple[int, ...], ...], tuple[int, int, int]] | None = field(default=None,
+                                                                                                 repr=False)
 
     def add(self, waste: KVWaste, batch_size: int, requests_waiting: bool = False) -> None:
         total, stored, internal, reserved, external, in_use, without_sharing = waste
@@ -78,63 +90,64 @@ class WasteStats:
             self.max_batch_size = batch_size
         self._last, self._last_run = waste, None
 
-    def add_run(self, first: KVWaste, per_token: tuple[int, ...], per_page: tuple[int, ...],
-                stored: list[int], touched: list[int], batch_size: int) -> None:
-        """:meth:`add` of a run of steps whose snapshots are affine in their stored slots and touched pages.
+    def add_run(self, origin: KVWaste, deltas: tuple[tuple[int, ...], ...], stored: list[int], touched: list[int],
+                in_use: list[int], batch_sizes: list[int]) -> None:
+        """:meth:`add` of steps whose snapshots are affine in their stored slots, touched pages and pages in use.
 
-        Step ``i`` stored ``stored[i]`` slots and touched ``touched[i]``
-        pages, and its snapshot is ``first`` (step 0's), plus ``per_token``
-        field by field for each slot stored beyond step 0, plus ``per_page``
-        for each page touched beyond it (:meth:`~kvpage.kv.KVManager.waste_given`
-        is affine so): the planner's decode fast-forward records its quiet
-        steps this way.  No request waits in them.  The same sums as
-        :meth:`add`, step by step: integers summed in closed form, the two
-        ratios added in step order.
+        Step ``i``'s snapshot is ``origin`` (the snapshot of none) plus, field
+        by field, ``deltas[0]`` times ``stored[i]``, ``deltas[1]`` times
+        ``touched[i]`` and ``deltas[2]`` times ``in_use[i]``
+        (:meth:`~kvpage.kv.KVManager.waste_given` is affine so); no request
+        waits in any of them.  The planner's decode fast-forward records its
+        runs this way.  The same sums as :meth:`add` step by step: integers
+        summed in closed form, the two ratios added in step order.
         """
         n = len(stored)
         if not n:
             return
-        total, stored0, touched0 = first.total_slots, stored[0], touched[0]
+        total = origin.total_slots
         if total != self.total_slots:
             if self.num_samples:
                 raise ValueError(f"a snapshot of {total} slots among snapshots of {self.total_slots}")
             self.total_slots = total
-        extra_tokens, extra_pages = sum(stored) - n * stored0, sum(touched) - n * touched0
+        per_slot, per_touched, per_in_use = deltas
+        sum_stored, sum_touched, sum_in_use = sum(stored), sum(touched), sum(in_use)
+
+        def total_of(field: int) -> int:
+            return (n * origin[field] + sum_stored * per_slot[field] + sum_touched * per_touched[field]
+                    + sum_in_use * per_in_use[field])
+
         sums = self.slot_sums
         for kind in range(4):  # stored, internal, reserved, external: KVWaste's fields 1-4
-            field = kind + 1
-            sums[kind] += n * first[field] + extra_tokens * per_token[field] + extra_pages * per_page[field]
-        self.unshared_pages_sum += n * first[6] + extra_tokens * per_token[6] + extra_pages * per_page[6]
-        in_use0, token_in_use, page_in_use = first.pages_in_use, per_token[5], per_page[5]
-        unshared0, token_unshared, page_unshared = first.pages_without_sharing, per_token[6], per_page[6]
-        not_free0 = stored0 + first.internal_slots + first.reserved_slots + first.external_slots
-        token_not_free = per_token[1] + per_token[2] + per_token[3] + per_token[4]
-        page_not_free = per_page[1] + per_page[2] + per_page[3] + per_page[4]
+            sums[kind] += total_of(kind + 1)
+        self.unshared_pages_sum += total_of(6)
+        # Fields 5 (pages in use), 6 (pages without sharing) and the slots not free (fields 1-4), per step.
+        u0, us, ut, uu = origin[5], per_slot[5], per_touched[5], per_in_use[5]
+        w0, ws, wt, wu = origin[6], per_slot[6], per_touched[6], per_in_use[6]
+        n0, ns, nt, nu = (sum(v[1:5]) for v in (origin, per_slot, per_touched, per_in_use))
         sharing, waste_of_used, used_samples = self.sharing_saving_sum, self.waste_of_used_sum, 0
-        for slots, pages in zip(stored, touched):
-            tokens, grown = slots - stored0, pages - touched0
-            unshared = unshared0 + tokens * token_unshared + grown * page_unshared
+        for slots, pages, held in zip(stored, touched, in_use):
+            unshared = w0 + slots * ws + pages * wt + held * wu
             if unshared:
-                sharing += 1.0 - (in_use0 + tokens * token_in_use + grown * page_in_use) / unshared
-            not_free = not_free0 + tokens * token_not_free + grown * page_not_free
+                sharing += 1.0 - (u0 + slots * us + pages * ut + held * uu) / unshared
+            not_free = n0 + slots * ns + pages * nt + held * nu
             if not_free:
-                waste_of_used += (not_free - slots) / not_free  # slots: what step i stores
+                waste_of_used += (not_free - slots) / not_free  # slots: what the step stores
                 used_samples += 1
         self.sharing_saving_sum, self.waste_of_used_sum = sharing, waste_of_used
         self.num_used_samples += used_samples
         self.num_samples += n
-        self.batch_size_sum += n * batch_size
-        if batch_size > self.max_batch_size:
-            self.max_batch_size = batch_size
-        self._last_run = (first, per_token, per_page, stored[-1] - stored0, touched[-1] - touched0)
+        self.batch_size_sum += sum(batch_sizes)
+        self.max_batch_size = max(self.max_batch_size, max(batch_sizes))
+        self._last_run = (origin, deltas, (stored[-1], touched[-1], in_use[-1]))
         self._last = None
 
     @property
     def last(self) -> KVWaste | None:
         """The last snapshot added (a run's last one is worked out only when asked for)."""
         if self._last is None and self._last_run is not None:
-            first, per_token, per_page, tokens, grown = self._last_run
-            self._last = KVWaste(*(f + tokens * t + grown * p for f, t, p in zip(first, per_token, per_page)))
+            origin, deltas, point = self._last_run
+            self._last = affine_waste(origin, deltas, point)
             self._last_run = None
         return self._last
 
@@ -206,8 +219,29 @@ class ThrashingMonitor:
                     rates["evictions_per_s"], rates["goodput_tokens_per_s"], rates["throughput_tokens_per_s"])
         self.is_thrashing = thrashing
 
+    def quiet(self, recomputed_tokens: int) -> bool:
+        """Whether samples that all count ``recomputed_tokens`` leave the verdict as it is.
+
+        They do when nothing was recomputed since the window's first sample and
+        the monitor is not thrashing: then :meth:`add` returns before judging.
+        """
+        return not self.is_thrashing and (not self.samples or self.samples[0].recomputed_tokens == recomputed_tokens)
+
+    def kept_from(self, items: Sequence[T], time: Callable[[T], float]) -> int:
+        """Where among these items, ascending in ``time``, the window starts once their samples are all added.
+
+        Trimming at the last time keeps the last sample more than ``window_s``
+        before it and every sample after: a quiet run (:meth:`quiet`) need
+        build only those.
+        """
+        return max(bisect_left(items, time(items[-1]) - self.window_s, key=time) - 1, 0)
+
+    def restart(self) -> None:
+        """Forget the window: the samples added next begin it (a quiet run's, from :meth:`kept_from` on)."""
+        self.samples.clear()
+
     def extend(self, samples: list[PressureSample]) -> None:
-        """:meth:`add` each sample in turn; at once when nothing is recomputed in them or the window before.
+        """:meth:`add` each sample in turn; at once when they are :meth:`quiet`.
 
         Then no verdict can change, and trimming the window once, at the
         last sample's time, leaves it as trimming after each would.
@@ -216,8 +250,7 @@ class ThrashingMonitor:
             return
         window = self.samples
         last = samples[-1]
-        first = window[0] if window else samples[0]
-        if self.is_thrashing or first.recomputed_tokens != last.recomputed_tokens:
+        if not self.quiet(last.recomputed_tokens) or samples[0].recomputed_tokens != last.recomputed_tokens:
             for sample in samples:
                 self.add(sample)
             return
