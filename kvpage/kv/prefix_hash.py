@@ -38,8 +38,8 @@ def unpack(packed: bytes) -> tuple[int, ...]:
 def page_hashes(parent_hash: bytes, packed: bytes, block_size: int) -> list[bytes]:
     """Keys of consecutive full pages (``packed``, by :func:`pack`, holds whole pages), each chained to the last.
 
-    The same keys as :func:`page_hash` page by page, with the ids packed
-    once for all the pages: that halves the cost of a long run.
+    The same keys as :func:`page_hash` page by page, hashing each page's
+    bytes in place (a memoryview) rather than a copy joined to the parent key.
     """
     data = memoryview(packed)
     width = ID_BYTES * block_size  # bytes of a page's ids
