@@ -38,6 +38,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-num-batched-tokens", type=int, default=8192)
     group.add_argument("--max-model-len", type=int, default=None)
     group.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    group.add_argument("--prefix-caching-hash-algo", default="sha256",
+                       help="sha256 | builtin (Python's 64-bit hash: cheaper, for trusted prompts)")
     group.add_argument("--kv-layout", default="paged", help="paged | contiguous-request | contiguous-max "
                        "(the pre-paging baselines: one contiguous reservation per sequence)")
     group.add_argument("--admission-cap", type=float, default=1.0,
@@ -58,8 +60,8 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     """The engine keyword arguments given on the command line (EngineConfig validates them)."""
     names = ("model", "tokenizer", "dtype", "device", "seed", "block_size", "num_kv_blocks", "kv_cache_memory",
              "gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
-             "enable_prefix_caching", "kv_layout", "admission_cap", "headroom_policy", "watermark",
-             "preemption_mode", "swap_space", "enforce_eager", "async_scheduling", "attention_backend")
+             "enable_prefix_caching", "prefix_caching_hash_algo", "kv_layout", "admission_cap", "headroom_policy",
+             "watermark", "preemption_mode", "swap_space", "enforce_eager", "async_scheduling", "attention_backend")
     return {name: getattr(args, name) for name in names}
 
 

@@ -21,9 +21,12 @@ PreemptionMode = Literal["recompute", "swap", "auto"]
 # Which attention (and fused-step) code the runner calls.
 AttentionBackend = Literal["auto", "torch", "triton"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
+# The digest of the prefix cache's chained page keys (see kvpage.kv.prefix_hash).
+PrefixHash = Literal["sha256", "builtin"]
 
 KV_LAYOUTS: tuple[KVLayout, ...] = get_args(KVLayout)
 HEADROOM_POLICIES: tuple[HeadroomPolicy, ...] = get_args(HeadroomPolicy)
 PREEMPTION_MODES: tuple[PreemptionMode, ...] = get_args(PreemptionMode)
 ATTENTION_BACKENDS: tuple[AttentionBackend, ...] = get_args(AttentionBackend)
 DTYPES: tuple[DType, ...] = get_args(DType)
+PREFIX_HASHES: tuple[PrefixHash, ...] = get_args(PrefixHash)

@@ -24,6 +24,7 @@ from hypothesis.stateful import (
 )
 
 from kvpage.kv import Claim, KVCacheManager, PageState
+from kvpage.modes import PREFIX_HASHES, PrefixHash
 
 
 def test_block_size_validation() -> None:
@@ -58,8 +59,9 @@ def test_allocation_failure_changes_nothing() -> None:
     assert kv.usage() == before and not kv.has_sequence(1)
 
 
-def test_prefix_hit_reuses_full_pages_but_not_the_last_token() -> None:
-    kv = KVCacheManager(num_pages=16, block_size=4)
+@pytest.mark.parametrize("prefix_hash", PREFIX_HASHES)
+def test_prefix_hit_reuses_full_pages_but_not_the_last_token(prefix_hash: PrefixHash) -> None:
+    kv = KVCacheManager(num_pages=16, block_size=4, prefix_hash=prefix_hash)
     tokens = list(range(12))
     kv.allocate(0, 12)
     kv.commit(0, tokens, 12)
@@ -131,9 +133,10 @@ class KVManagerMachine(RuleBasedStateMachine):
 
     sequences = Bundle("sequences")
 
-    @initialize(block_size=st.sampled_from([1, 2, 4]), num_pages=st.integers(4, 20), caching=st.booleans())
-    def setup(self, block_size: int, num_pages: int, caching: bool) -> None:
-        self.kv = KVCacheManager(num_pages, block_size, enable_prefix_caching=caching)
+    @initialize(block_size=st.sampled_from([1, 2, 4]), num_pages=st.integers(4, 20), caching=st.booleans(),
+                prefix_hash=st.sampled_from(PREFIX_HASHES))
+    def setup(self, block_size: int, num_pages: int, caching: bool, prefix_hash: PrefixHash) -> None:
+        self.kv = KVCacheManager(num_pages, block_size, enable_prefix_caching=caching, prefix_hash=prefix_hash)
         self.tokens: dict[int, list[int]] = {}
         self.slots: dict[int, list[tuple[int, ...] | None]] = {p: [None] * block_size for p in range(num_pages)}
         self.next_id = 0

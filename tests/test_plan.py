@@ -380,3 +380,29 @@ def test_plan_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_workload_type_is_the_trace_type() -> None:
     assert isinstance(synthetic_trace("uniform", 3, None, LIMITS), Workload)
+
+
+def test_the_replays_cheaper_page_keys_change_nothing_but_their_cost() -> None:
+    """The planner keys pages by Python's hash, the engine by sha256: the same chains, so the same replay."""
+    from kvpage.modes import PREFIX_HASHES
+
+    workload = synthetic_trace("shared-prefix-chat", 150, 30.0, LIMITS)
+    runs = [replay(workload, settings(1536, prefix_caching_hash_algo=algo), CPU, MODEL) for algo in PREFIX_HASHES]
+    summaries = [run.summary() for run in runs]
+    assert summaries[0]["kv_sharing_saving_mean"] > 0.3 and summaries[0]["num_evictions"] > 0  # both matter here
+    assert summaries[0] == summaries[1]
+    assert runs[0].series == runs[1].series and runs[0].timings == runs[1].timings
+
+
+def test_the_plan_command_collects_rarely_and_restores_the_collector() -> None:
+    import gc
+
+    from kvpage.plan.cli import rare_collections
+
+    before = gc.get_threshold()
+    with rare_collections():
+        assert gc.get_threshold()[0] >= 100 * before[0]
+    assert gc.get_threshold() == before
+    with pytest.raises(KeyError), rare_collections():
+        raise KeyError("a failed replay")
+    assert gc.get_threshold() == before

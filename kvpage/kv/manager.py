@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 
 from kvpage.kv.interface import Claim, KVUsage, PageCopy
 from kvpage.kv.page_pool import Page, PagePool, PrefixHit
-from kvpage.kv.prefix_hash import ID_BYTES, ROOT_HASH, pack, page_hash, page_hashes
+from kvpage.kv.prefix_hash import ROOT_HASH, chain_keys, pack, split
 from kvpage.kv.swap import SwappedTable, SwapSpace
 from kvpage.kv.waste import KVWaste
-from kvpage.modes import KVLayout
+from kvpage.modes import KVLayout, PrefixHash
 
 
 @dataclass
@@ -52,11 +52,13 @@ class KVCacheManager:
     """Allocates, shares and frees pages for sequences, with prefix caching."""
 
     def __init__(self, num_pages: int, block_size: int, enable_prefix_caching: bool = True,
-                 num_swap_pages: int = 0) -> None:
+                 num_swap_pages: int = 0, prefix_hash: PrefixHash = "sha256") -> None:
         if block_size < 1 or block_size > 256 or block_size & (block_size - 1):
             raise ValueError(f"block_size must be a power of two from 1 to 256, got {block_size}")
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.prefix_hash = prefix_hash
+        self._chain_keys = chain_keys(prefix_hash)
         self.pool = PagePool(num_pages, block_size)
         self.swap_space = SwapSpace(num_swap_pages)
         self._tables: dict[int, PageTable] = {}
@@ -118,13 +120,10 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return hit
         max_pages = (len(token_ids) - 1) // self.block_size
-        packed = pack(token_ids[: max_pages * self.block_size])
-        width = ID_BYTES * self.block_size
-        parent = ROOT_HASH
-        for start in range(0, len(packed), width):
-            content = packed[start : start + width]
-            parent = page_hash(parent, content)
-            page = self.pool.lookup(parent, content)
+        parent, keys, lookup = ROOT_HASH, self._chain_keys, self.pool.lookup
+        for content in split(pack(token_ids[: max_pages * self.block_size]), self.block_size):
+            parent = keys(parent, (content,))[0]
+            page = lookup(parent, content)
             if page is None:
                 break
             hit.pages.append(page)
@@ -269,11 +268,11 @@ class KVCacheManager:
             return
         bs = self.block_size
         first = len(table.hashes)
-        packed = pack(token_ids[first * bs : num_full * bs])
-        keys = page_hashes(table.hashes[-1] if table.hashes else ROOT_HASH, packed, bs)
-        register, pages, width = self.pool.register, table.pages, ID_BYTES * bs
-        for i, key in enumerate(keys):
-            register(pages[first + i], key, packed[i * width : (i + 1) * width])
+        contents = split(pack(token_ids[first * bs : num_full * bs]), bs)
+        keys = self._chain_keys(table.hashes[-1] if table.hashes else ROOT_HASH, contents)
+        register = self.pool.register
+        for page, key, content in zip(table.pages[first:num_full], keys, contents):
+            register(page, key, content)
         table.hashes += keys
 
     def can_fork(self, parent_id: int) -> bool:

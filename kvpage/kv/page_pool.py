@@ -11,13 +11,18 @@ requests. Each page is in exactly one of three states:
   page is needed and the free queue is empty.
 * **in use**: reference count >= 1 (more than one when requests share it).
 
-All operations are O(1): the free queue is a deque, the LRU queue an
-insertion-ordered dict, the hash index a dict.
+All operations are O(1): the free queue is a deque, the hash index a dict,
+and the LRU queue a deque with lazy deletion (amortized O(1)). A revived
+page's entry is not searched for and removed: it goes stale, and eviction
+skips it. A page knows how many entries it has in the queue, so its last
+entry, the one of its latest release, is the one that counts. When stale
+entries outnumber live ones the queue is rebuilt. It is cheaper than an
+``OrderedDict``: a replay puts millions of pages through it.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -42,6 +47,7 @@ class Page:
     # hit can be checked token by token (defence in depth on top of sha256). Bytes, not a tuple of ints: a
     # replay registers millions of pages, and bytes cost less to build and nothing to the garbage collector.
     content: bytes | None = None
+    lru_entries: int = 0  # entries in the pool's LRU queue; only the last can be live (see the module docstring)
 
     @property
     def token_ids(self) -> tuple[int, ...] | None:
@@ -68,7 +74,8 @@ class PagePool:
         self.block_size = block_size
         self.pages: list[Page] = [Page(page_id=i) for i in range(num_pages)]
         self._free: deque[Page] = deque(self.pages)
-        self._cached_free: OrderedDict[int, Page] = OrderedDict()
+        self._lru: deque[Page] = deque()  # cached-free pages, oldest release first, and stale entries
+        self._num_cached_free = 0
         self._index: dict[bytes, Page] = {}
         self.counters = PoolCounters()
 
@@ -80,12 +87,12 @@ class PagePool:
 
     @property
     def num_cached_free_pages(self) -> int:
-        return len(self._cached_free)
+        return self._num_cached_free
 
     @property
     def num_available_pages(self) -> int:
         """Pages an allocation may take: free ones plus evictable cached ones."""
-        return len(self._free) + len(self._cached_free)
+        return len(self._free) + self._num_cached_free
 
     @property
     def num_used_pages(self) -> int:
@@ -94,7 +101,7 @@ class PagePool:
     def state_of(self, page: Page) -> PageState:
         if page.ref_count > 0:
             return PageState.IN_USE
-        if page.page_id in self._cached_free:
+        if page.content_hash is not None:  # a page keeps its key only while in use or cached
             return PageState.CACHED_FREE
         return PageState.FREE
 
@@ -103,10 +110,8 @@ class PagePool:
         """Take a fresh page (ref count 1). Evicts the oldest cached-free page if no free one is left."""
         if self._free:
             page = self._free.popleft()
-        elif self._cached_free:
-            _, page = self._cached_free.popitem(last=False)
-            self._drop_hash(page)
-            self.counters.evictions += 1
+        elif self._num_cached_free:
+            page = self._evict()
         else:
             raise RuntimeError("page pool exhausted: the caller must check num_available_pages first")
         page.ref_count = 1
@@ -117,8 +122,9 @@ class PagePool:
     def share(self, page: Page) -> None:
         """Add one reference; revives a cached-free page."""
         if page.ref_count == 0:
-            if self._cached_free.pop(page.page_id, None) is None:
+            if page.content_hash is None:
                 raise RuntimeError(f"page {page.page_id} is free and holds no cached content")
+            self._num_cached_free -= 1  # its LRU entry goes stale
             self.counters.pages_in_use += 1
             self.counters.filled_slots_in_use += page.num_filled
         page.ref_count += 1
@@ -133,7 +139,11 @@ class PagePool:
         self.counters.pages_in_use -= 1
         self.counters.filled_slots_in_use -= page.num_filled
         if page.content_hash is not None:
-            self._cached_free[page.page_id] = page
+            self._lru.append(page)
+            page.lru_entries += 1
+            self._num_cached_free += 1
+            if len(self._lru) > 2 * self._num_cached_free + 64:
+                self._drop_stale_entries()
         else:
             page.num_filled = 0
             self._free.append(page)
@@ -165,14 +175,52 @@ class PagePool:
         page.content_hash = None
         page.content = None
 
+    # ----- the LRU queue -------------------------------------------------------
+    def _evict(self) -> Page:
+        """Take the cached-free page released longest ago out of the cache (there is one)."""
+        lru = self._lru
+        while True:
+            page = lru.popleft()
+            page.lru_entries -= 1
+            if not page.lru_entries and not page.ref_count and page.content_hash is not None:
+                break  # its last entry, and it is cached-free: live
+        self._drop_hash(page)
+        self._num_cached_free -= 1
+        self.counters.evictions += 1
+        return page
+
+    def _live_entries(self) -> list[Page]:
+        """The cached-free pages in LRU order: each one's last entry, in queue order."""
+        seen: set[int] = set()
+        live = []
+        for page in reversed(self._lru):
+            if page.page_id not in seen:
+                seen.add(page.page_id)
+                if not page.ref_count and page.content_hash is not None:
+                    live.append(page)
+        live.reverse()
+        return live
+
+    def _drop_stale_entries(self) -> None:
+        live = self._live_entries()
+        for page in self._lru:
+            page.lru_entries = 0
+        for page in live:
+            page.lru_entries = 1
+        self._lru = deque(live)
+
     def clear_cache(self) -> int:
         """Evict every cached-free page (e.g. to reset the prefix cache). Returns how many."""
-        count = len(self._cached_free)
-        while self._cached_free:
-            _, page = self._cached_free.popitem(last=False)
+        count = 0
+        for page in self._live_entries():
             self._drop_hash(page)
             page.num_filled = 0
             self._free.append(page)
+            count += 1
+        for page in self._lru:
+            page.lru_entries = 0
+        self._lru.clear()
+        self._num_cached_free = 0
         return count
 
     def all_page_states(self) -> dict[PageState, int]:
@@ -186,7 +234,8 @@ class PagePool:
         return [p.page_id for p in self._free]
 
     def cached_free_ids(self) -> list[int]:
-        return list(self._cached_free)
+        """Cached-free pages, the next to be evicted first."""
+        return [p.page_id for p in self._live_entries()]
 
 
 @dataclass

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -15,7 +18,7 @@ from kvpage.config import KV_LAYOUTS
 from kvpage.gguf_metadata import is_gguf_path, read_gguf_metadata
 from kvpage.plan.cost import HARDWARE, CalibratedCostModel, ModelShape, PhysicsCostModel
 from kvpage.plan.onset import OnsetSearch, fast_thrashing_onset
-from kvpage.plan.replay import CostModel, ReplaySettings, replay
+from kvpage.plan.replay import REPLAY_PREFIX_HASH, CostModel, ReplaySettings, replay
 from kvpage.plan.report import PlanReport, table, to_json, write_report
 from kvpage.plan.sweep import (
     layout_savings,
@@ -30,7 +33,8 @@ from kvpage.plan.trace import TraceLimits, load_trace, synthetic_trace
 from kvpage.workloads import WORKLOAD_NAMES, Workload
 
 ENGINE_FLAGS = ("block_size", "max_num_seqs", "max_num_batched_tokens", "admission_cap", "headroom_policy",
-                "watermark", "preemption_mode", "swap_space", "kv_layout", "enable_prefix_caching", "async_scheduling")
+                "watermark", "preemption_mode", "swap_space", "kv_layout", "enable_prefix_caching",
+                "prefix_caching_hash_algo", "async_scheduling")
 
 
 def add_plan_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -62,6 +66,8 @@ def add_plan_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser
     engine.add_argument("--swap-space", type=float, default=4.0)
     engine.add_argument("--kv-layout", default="paged")
     engine.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    engine.add_argument("--prefix-caching-hash-algo", default=REPLAY_PREFIX_HASH,
+                        help="builtin | sha256 (the engine's default; the same replay, bar a 64-bit collision)")
     engine.add_argument("--async-scheduling", action="store_true",
                         help="replay the engine's asynchronous step order (its default on a GPU) exactly; "
                              "no decode fast-forward, so about 2.5x slower")
@@ -150,7 +156,30 @@ def plan_inputs(args: argparse.Namespace) -> PlanInputs:
     return PlanInputs(model_dir, model, cost, workload, settings, factors, sweep, slo)
 
 
+@contextmanager
+def rare_collections() -> Iterator[None]:
+    """Run the cyclic garbage collector rarely, as a replay wants, and as it was after.
+
+    A replay makes and drops millions of small containers (sequences, their
+    token lists, step records), and reference counting frees them: the
+    default thresholds (a young pass every 700 net allocations) would trace
+    them over and over for the few cycles there are, 3% of the default
+    command (docs/benchmarks.md).
+    """
+    thresholds = gc.get_threshold()
+    gc.set_threshold(100_000, 50, 100)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*thresholds)
+
+
 def run_plan(args: argparse.Namespace) -> int:
+    with rare_collections():
+        return _plan(args)
+
+
+def _plan(args: argparse.Namespace) -> int:
     inputs = plan_inputs(args)
     model_dir, model, cost, workload, settings = (inputs.model_dir, inputs.model, inputs.cost, inputs.workload,
                                                   inputs.settings)

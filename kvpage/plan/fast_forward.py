@@ -9,7 +9,7 @@ what a replay costs.  Yet such a run is predictable from its first step:
 sequence ``s``, with ``p`` tokens computed, fills a page at every step
 ``j`` where ``p + j`` is a multiple of ``block_size``, needs a fresh page
 at the step after, and stops by length at a step known in advance; its
-"sampled" tokens are a function of its id and position.
+"sampled" tokens are a function of its id.
 
 :func:`fast_forward` therefore advances every running sequence through
 such a run paying only for its *events*, and for O(1) bookkeeping a step:
@@ -67,24 +67,25 @@ from kvpage.sched import Scheduler, Sequence, SequenceStatus
 from kvpage.step_io import SampledToken, SchedulerOutput
 
 FIRST_FAKE_TOKEN = 3  # ids below are special tokens (the beams' synthetic candidates start here)
-POSITION_BITS = 32  # a sequence's fake tokens: vocab_size + (seq_id << POSITION_BITS) + position
 
 
-def fake_token(seq_id: int, position: int, vocab_size: int) -> int:
-    """The replay's "sampled" token of a sequence at a position.
+def fake_token(seq_id: int, vocab_size: int) -> int:
+    """The replay's "sampled" token of a sequence, at every position.
 
-    Distinct for every sequence and position, and never an id of the
-    vocabulary: no trace prompt, which holds only vocabulary ids, can match
-    a page of generated tokens (as with real sampling, no prompt could
-    predict them), and no two sequences share a generated page by accident.
+    Never an id of the vocabulary: no trace prompt, which holds only
+    vocabulary ids, can match a page of generated tokens (as with real
+    sampling, no prompt could predict them). Distinct for every sequence,
+    so no two sequences share a generated page by accident; the same at
+    every position of one, as the pages of a sequence already differ by
+    their chained keys, and a list of one repeated int costs nothing to
+    build (a replay generates tens of millions of tokens).
     """
-    return vocab_size + (seq_id << POSITION_BITS) + position
+    return vocab_size + seq_id
 
 
-def fake_token_ids(seq_id: int, start: int, stop: int, vocab_size: int) -> list[int]:
-    """``fake_token`` at positions ``start .. stop - 1``, without a call per token."""
-    first = vocab_size + (seq_id << POSITION_BITS)
-    return list(range(first + start, first + stop))
+def fake_token_ids(seq_id: int, count: int, vocab_size: int) -> list[int]:
+    """``count`` tokens of :func:`fake_token`."""
+    return [vocab_size + seq_id] * count
 
 
 # (how many, K/V tokens they read, the longest context) of the decodes of a step that the run accounts for
@@ -256,6 +257,8 @@ class _RunLoop:
         # While admission holds no pages back (no conservative promise: its reservation is not affine in the
         # pages in use), each step is recorded as a RunStep, all at once when the run ends.
         bulk = sched.admission.promised_pages == 0
+        in_use, evictions = kv.num_pages_in_use, kv.num_evictions  # change only where pages do: read again there
+        base_kv = run.base_kv  # changes only at events
         while batch:
             admitting = now >= arrivals.next_time
             if admitting:
@@ -267,6 +270,7 @@ class _RunLoop:
                 if len(allocating) > kv.num_available_pages:
                     break  # the stepped scheduler would preempt
                 grow(allocating)  # a fresh page each, in running order
+                in_use, evictions = kv.num_pages_in_use, kv.num_evictions
             step += 1
             touched += len(allocating)
             stored += batch
@@ -274,10 +278,10 @@ class _RunLoop:
             counters.num_generated_tokens += batch
             done = finishing.pop(step, None)
             if not (admitting or done):
-                now += timer(run.base_kv + batch * step, batch * (longest + step))
+                now += timer(base_kv + batch * step, batch * (longest + step))
                 if bulk:
-                    buffered.append((now, stored, touched, kv.num_pages_in_use, kv.num_evictions,
-                                     counters.num_tokens_computed, counters.num_generated_tokens, batch))
+                    buffered.append((now, stored, touched, in_use, evictions, counters.num_tokens_computed,
+                                     counters.num_generated_tokens, batch))
                 else:
                     record(now, batch, waste_given(stored, touched, reserved_pages()))
                 continue
@@ -290,10 +294,11 @@ class _RunLoop:
                 record(now, step_batch, sched.kv_waste())
                 return now, step
             batch, longest, timer = self.batch, self.longest, self.timer
+            in_use, evictions, base_kv = kv.num_pages_in_use, kv.num_evictions, run.base_kv
             bulk = sched.admission.promised_pages == 0
             if bulk:
-                buffered.append((now, stored, touched, kv.num_pages_in_use, kv.num_evictions,
-                                 counters.num_tokens_computed, counters.num_generated_tokens, step_batch))
+                buffered.append((now, stored, touched, in_use, evictions, counters.num_tokens_computed,
+                                 counters.num_generated_tokens, step_batch))
                 if len(buffered) >= FLUSH_STEPS:
                     self._flush()
             else:
@@ -350,7 +355,7 @@ class _RunLoop:
         for seq in done:
             p = run.start[seq.seq_id]
             computed = p + step
-            sched.results.commit_decodes(seq, fake_token_ids(seq.seq_id, len(seq.token_ids), computed + 1,
+            sched.results.commit_decodes(seq, fake_token_ids(seq.seq_id, computed + 1 - len(seq.token_ids),
                                                              vocab_size), computed)
             held = kv.num_tokens_stored
             sched.life.finish(seq, SequenceStatus.FINISHED_LENGTH)
@@ -400,5 +405,5 @@ def _commit_run(sched: Scheduler, run: _Run, alive: list[Sequence], step: int, v
             continue  # admitted in the last step, and committed by it
         computed = run.start[seq.seq_id] + step
         if computed > seq.num_computed_tokens:
-            sched.results.commit_decodes(seq, fake_token_ids(seq.seq_id, len(seq.token_ids), computed + 1,
+            sched.results.commit_decodes(seq, fake_token_ids(seq.seq_id, computed + 1 - len(seq.token_ids),
                                                              vocab_size), computed)

@@ -127,8 +127,8 @@ class StepRecorder:
         """
         steps = self.buffered
         counters = self.counters
-        self.waste_stats.add_run(origin, deltas, [step[1] for step in steps], [step[2] for step in steps],
-                                 [step[3] for step in steps], [step[7] for step in steps])
+        _, slots, pages, held, _, _, _, batch_sizes = zip(*steps)  # RunStep's fields, each in one pass
+        self.waste_stats.add_run(origin, deltas, slots, pages, held, batch_sizes)
         counts = (counters.num_preemptions, counters.num_recomputed_tokens)
         if counts != self._unsampled_counts:
             self._sample()

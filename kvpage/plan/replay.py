@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from kvpage.config import EngineConfig
-from kvpage.modes import KVLayout
+from kvpage.modes import KVLayout, PrefixHash
 from kvpage.plan.cost import DecodeTimer, ModelShape, StepShape
 from kvpage.plan.fast_forward import FIRST_FAKE_TOKEN, DecodeSums, fake_token, fast_forward
 from kvpage.plan.recorder import RequestTiming, StepRecorder
@@ -166,10 +166,16 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
 
+# The same chained page keys as the engine's, by Python's hash instead of sha256: a third of the cost a page,
+# and a replay keys tens of millions of pages for no one to attack (kvpage.kv.prefix_hash).
+REPLAY_PREFIX_HASH: PrefixHash = "builtin"
+
+
 def build_scheduler(settings: ReplaySettings, model: ModelShape) -> tuple[Scheduler, int, int]:
     """The engine's KV manager and scheduler for these settings; returns (scheduler, pages, bytes a page)."""
     options = dict(settings.options)
     options.setdefault("max_model_len", settings.max_model_len)
+    options.setdefault("prefix_caching_hash_algo", REPLAY_PREFIX_HASH)
     config = EngineConfig.from_kwargs(**options)
     cache, sched_config = config.cache, config.scheduler
     bytes_per_page = model.kv_bytes_per_token * cache.block_size
@@ -200,22 +206,22 @@ def trace_sampling_params(request: WorkloadRequest, **extra: Any) -> SamplingPar
 
 
 def _fake_tokens(out: SchedulerOutput, vocab: int) -> list[SampledToken]:
-    """Distinct tokens for every sequence and position; beams get synthetic candidates."""
+    """Each sequence's :func:`fake_token`; beams get synthetic candidates, in the vocabulary, that vary by position."""
     sampled = []
     span = vocab - FIRST_FAKE_TOKEN
     for seq in out.sequences:
         if not seq.sample:
             continue
-        position = seq.start_position + len(seq.input_token_ids)
-        token = fake_token(seq.seq_id, position, vocab)
         if seq.sampling_params.use_beam_search:
+            position = seq.start_position + len(seq.input_token_ids)
+            seed = vocab + (seq.seq_id << 32) + position
             width = seq.sampling_params.beam_width or 1
-            candidates = [(3 + (token + 31 * k) % span, -0.1 * k - ((seq.seq_id * 31 + k * 17) % 7) * 0.01)
+            candidates = [(3 + (seed + 31 * k) % span, -0.1 * k - ((seq.seq_id * 31 + k * 17) % 7) * 0.01)
                           for k in range(2 * width)]
             candidates.sort(key=lambda c: -c[1])
             sampled.append(SampledToken(candidates[0][0], None, candidates))
         else:
-            sampled.append(SampledToken(token))
+            sampled.append(SampledToken(fake_token(seq.seq_id, vocab)))
     return sampled
 
 

@@ -90,8 +90,8 @@ class WasteStats:
             self.max_batch_size = batch_size
         self._last, self._last_run = waste, None
 
-    def add_run(self, origin: KVWaste, deltas: tuple[tuple[int, ...], ...], stored: list[int], touched: list[int],
-                in_use: list[int], batch_sizes: list[int]) -> None:
+    def add_run(self, origin: KVWaste, deltas: tuple[tuple[int, ...], ...], stored: Sequence[int],
+                touched: Sequence[int], in_use: Sequence[int], batch_sizes: Sequence[int]) -> None:
         """:meth:`add` of steps whose snapshots are affine in their stored slots, touched pages and pages in use.
 
         Step ``i``'s snapshot is ``origin`` (the snapshot of none) plus, field

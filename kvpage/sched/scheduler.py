@@ -73,6 +73,7 @@ class Scheduler:
         """The scheduler and KV manager the engine and the planner build from the same configuration."""
         kv = make_kv_manager(cache.kv_layout, num_pages, cache.block_size, max_model_len,
                              enable_prefix_caching=cache.enable_prefix_caching,
+                             prefix_hash=cache.prefix_caching_hash_algo,
                              num_swap_pages=num_swap_pages(cache, config, bytes_per_page))
         return cls(config, kv, max_model_len, eos_token_ids, swap_cost)
 
