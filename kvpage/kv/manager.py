@@ -57,7 +57,6 @@ class KVCacheManager:
             raise ValueError(f"block_size must be a power of two from 1 to 256, got {block_size}")
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
-        self.prefix_hash = prefix_hash
         self._chain_keys = chain_keys(prefix_hash)
         self.pool = PagePool(num_pages, block_size)
         self.swap_space = SwapSpace(num_swap_pages)

@@ -85,7 +85,7 @@ def fake_token(seq_id: int, vocab_size: int) -> int:
 
 def fake_token_ids(seq_id: int, count: int, vocab_size: int) -> list[int]:
     """``count`` tokens of :func:`fake_token`."""
-    return [vocab_size + seq_id] * count
+    return [fake_token(seq_id, vocab_size)] * count
 
 
 # (how many, K/V tokens they read, the longest context) of the decodes of a step that the run accounts for
