@@ -53,7 +53,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                        help="schedule each step while the previous one runs (default: on with CUDA)")
     group.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false")
     group.add_argument("--attention-backend", default="auto",
-                       help="auto | triton | torch (auto: the Triton kernels on CUDA, the torch reference on CPU)")
+                       help="auto | sdpa | torch | triton (auto: the Triton kernels on CUDA, sdpa elsewhere; "
+                            "torch: the pure-torch reference, the numerical spec)")
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:

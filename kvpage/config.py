@@ -53,8 +53,9 @@ class LoadConfig:
     seed: int = 0
     """Seed of the engine's random generators."""
     attention_backend: AttentionBackend = "auto"
-    """"auto": the Triton kernels on a GPU, the pure-torch reference on a CPU; "triton" off a GPU needs
-    TRITON_INTERPRET=1 (slow: for tests)."""
+    """"auto": the Triton kernels on a GPU, "sdpa" (torch's scaled_dot_product_attention over gathered key
+    slots, kvpage.ops.sdpa_attention) on a CPU; "torch": the pure-torch reference, the numerical spec;
+    "triton" off a GPU needs TRITON_INTERPRET=1 (slow: for tests)."""
     enforce_eager: bool = False
     """Run decode steps eagerly instead of replaying captured CUDA graphs."""
 

@@ -18,8 +18,10 @@ KVLayout = Literal["paged", "contiguous-request", "contiguous-max"]
 HeadroomPolicy = Literal["none", "watermark", "conservative"]
 # What a preempted sequence loses: its K/V, recomputed later, or nothing, its pages copied to host memory.
 PreemptionMode = Literal["recompute", "swap", "auto"]
-# Which attention (and fused-step) code the runner calls.
-AttentionBackend = Literal["auto", "torch", "triton"]
+# Which attention (and fused-step) code the runner calls: "torch" is the reference (the spec), "sdpa" the fast
+# torch path over scaled_dot_product_attention, "triton" the kernels; "auto" is "triton" on CUDA, else "sdpa".
+AttentionPath = Literal["torch", "sdpa", "triton"]
+AttentionBackend = Literal["auto", "torch", "sdpa", "triton"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 # The digest of the prefix cache's chained page keys (see kvpage.kv.prefix_hash).
 PrefixHash = Literal["sha256", "builtin"]
@@ -28,5 +30,6 @@ KV_LAYOUTS: tuple[KVLayout, ...] = get_args(KVLayout)
 HEADROOM_POLICIES: tuple[HeadroomPolicy, ...] = get_args(HeadroomPolicy)
 PREEMPTION_MODES: tuple[PreemptionMode, ...] = get_args(PreemptionMode)
 ATTENTION_BACKENDS: tuple[AttentionBackend, ...] = get_args(AttentionBackend)
+ATTENTION_PATHS: tuple[AttentionPath, ...] = get_args(AttentionPath)
 DTYPES: tuple[DType, ...] = get_args(DType)
 PREFIX_HASHES: tuple[PrefixHash, ...] = get_args(PrefixHash)

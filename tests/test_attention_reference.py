@@ -1,8 +1,9 @@
-"""The paged reference attention must equal dense causal attention.
+"""Paged attention, the reference and the SDPA path alike, must equal dense causal attention.
 
 Every test scatters sequences over randomly shuffled physical pages, writes
 their K/V through ``write_kv_cache`` and compares ``paged_attention`` with a
-dense softmax over the same keys and values.
+dense softmax over the same keys and values. The attention tests run once
+per CPU backend: ``"torch"`` (the reference) and ``"sdpa"`` (the fast path).
 """
 
 from __future__ import annotations
@@ -13,11 +14,15 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from kvpage.ops import AttentionMetadata, copy_pages, paged_attention, write_kv_cache
+from kvpage.ops import AttentionMetadata, copy_pages, paged_attention, sdpa_attention, write_kv_cache
+from kvpage.ops.metadata import resolve_backend
 
 HEAD_DIM = 16
 NUM_KV_HEADS = 2
+CPU_BACKENDS = ["torch", "sdpa"]
 
 
 @dataclass
@@ -43,6 +48,7 @@ class PagedBatch:
     key_cache: torch.Tensor
     value_cache: torch.Tensor
     meta: AttentionMetadata
+    spare_pages: list[int]  # pages no sequence owns; they hold NaN
 
 
 def _make_batch(
@@ -51,6 +57,7 @@ def _make_batch(
     num_q_heads: int,
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
+    backend: str = "torch",
 ) -> PagedBatch:
     generator = torch.Generator().manual_seed(seed)
     shuffler = random.Random(seed)
@@ -92,7 +99,8 @@ def _make_batch(
         )
 
     meta = AttentionMetadata.build(
-        [case.query_len for case in cases], [case.seq_len for case in cases], page_lists, block_size
+        [case.query_len for case in cases], [case.seq_len for case in cases], page_lists, block_size,
+        backend=backend,
     )
     write_kv_cache(
         torch.cat([k[case.context_len :] for case, k in zip(cases, keys)]),
@@ -101,7 +109,7 @@ def _make_batch(
         value_cache,
         meta.slot_mapping,
     )
-    return PagedBatch(cases, keys, values, queries, key_cache, value_cache, meta)
+    return PagedBatch(cases, keys, values, queries, key_cache, value_cache, meta, physical)
 
 
 def _dense_reference(batch: PagedBatch, scale: float, sliding_window: int | None = None) -> torch.Tensor:
@@ -139,13 +147,14 @@ MIXED = [
 ]
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("block_size", [1, 16, 256])
 @pytest.mark.parametrize("gqa_ratio", [1, 2, 4])
 @pytest.mark.parametrize(
     "cases", [PREFILL, CHUNKED, DECODE, MIXED], ids=["prefill", "chunked", "decode", "mixed"]
 )
-def test_paged_matches_dense(cases: list[SequenceCase], block_size: int, gqa_ratio: int) -> None:
-    batch = _make_batch(cases, block_size, NUM_KV_HEADS * gqa_ratio)
+def test_paged_matches_dense(cases: list[SequenceCase], block_size: int, gqa_ratio: int, backend: str) -> None:
+    batch = _make_batch(cases, block_size, NUM_KV_HEADS * gqa_ratio, backend=backend)
     scale = HEAD_DIM**-0.5
     query = torch.cat(batch.queries)
     actual = paged_attention(query, batch.key_cache, batch.value_cache, batch.meta, scale)
@@ -153,10 +162,11 @@ def test_paged_matches_dense(cases: list[SequenceCase], block_size: int, gqa_rat
     assert _relative_error(actual, _dense_reference(batch, scale)) < 1e-5
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("block_size", [1, 16])
 @pytest.mark.parametrize("sliding_window", [1, 4, 20])
-def test_sliding_window_matches_dense(block_size: int, sliding_window: int) -> None:
-    batch = _make_batch(MIXED, block_size, NUM_KV_HEADS * 2)
+def test_sliding_window_matches_dense(block_size: int, sliding_window: int, backend: str) -> None:
+    batch = _make_batch(MIXED, block_size, NUM_KV_HEADS * 2, backend=backend)
     scale = 0.3
     query = torch.cat(batch.queries)
     actual = paged_attention(
@@ -166,9 +176,60 @@ def test_sliding_window_matches_dense(block_size: int, sliding_window: int) -> N
     assert _relative_error(actual, expected) < 1e-5
 
 
+def _with_padding_row(batch: PagedBatch, query: torch.Tensor, at: int,
+                      backend: str) -> tuple[torch.Tensor, AttentionMetadata]:
+    """The batch with one padding sequence inserted at ``at``: one token over a NaN page, written nowhere."""
+    meta = batch.meta
+    row = meta.token_starts[at]
+    pad_table = torch.zeros(1, meta.page_tables.shape[1], dtype=torch.int32)
+    pad_table[0, 0] = batch.spare_pages[0]
+    padded = AttentionMetadata(
+        query_lens=meta.query_lens[:at] + [1] + meta.query_lens[at:],
+        seq_lens=meta.seq_lens[:at] + [1] + meta.seq_lens[at:],
+        page_tables=torch.cat([meta.page_tables[:at], pad_table, meta.page_tables[at:]]),
+        slot_mapping=torch.cat([meta.slot_mapping[:row], torch.tensor([-1]), meta.slot_mapping[row:]]),
+        block_size=meta.block_size, backend=backend)
+    return torch.cat([query[:row], torch.randn(1, *query.shape[1:]), query[row:]]), padded
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    contexts=st.lists(st.tuples(st.integers(0, 600), st.one_of(st.just(1), st.integers(1, 40))), min_size=1,
+                      max_size=7),
+    block_size=st.sampled_from([1, 3, 16]),
+    gqa_ratio=st.sampled_from([1, 2, 4]),
+    sliding_window=st.one_of(st.none(), st.integers(1, 60)),
+    padding_at=st.one_of(st.none(), st.integers(0, 7)),
+    seed=st.integers(0, 2**16),
+)
+def test_sdpa_path_equals_reference(contexts: list[tuple[int, int]], block_size: int, gqa_ratio: int,
+                                    sliding_window: int | None, padding_at: int | None, seed: int) -> None:
+    """Random ragged batches (prefill, cached prefix, chunks, decode of any length, windows, padding rows)."""
+    cases = [SequenceCase(context, new) for context, new in contexts]
+    batch = _make_batch(cases, block_size, NUM_KV_HEADS * gqa_ratio, seed=seed)
+    query = torch.cat(batch.queries)
+    outputs = {}
+    for backend in CPU_BACKENDS:
+        step_query, meta = query, AttentionMetadata(batch.meta.query_lens, batch.meta.seq_lens,
+                                                    batch.meta.page_tables, batch.meta.slot_mapping,
+                                                    block_size, backend)
+        if padding_at is not None:
+            torch.manual_seed(seed)
+            step_query, meta = _with_padding_row(batch, query, min(padding_at, len(cases)), backend)
+        out = paged_attention(step_query, batch.key_cache, batch.value_cache, meta, 0.25, sliding_window)
+        if padding_at is not None:  # the padding row reads NaN and is dropped, the rest must not notice
+            row = meta.token_starts[min(padding_at, len(cases))]
+            out = torch.cat([out[:row], out[row + 1:]])
+        outputs[backend] = out
+    assert torch.isfinite(outputs["sdpa"]).all()
+    assert _relative_error(outputs["sdpa"], outputs["torch"]) < 1e-5
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_close_to_float32(dtype: torch.dtype) -> None:
-    low = _make_batch(MIXED, 16, NUM_KV_HEADS * 2, dtype=dtype)
+def test_low_precision_close_to_float32(dtype: torch.dtype, backend: str) -> None:
+    low = _make_batch(MIXED, 16, NUM_KV_HEADS * 2, dtype=dtype, backend=backend)
+    # The float32 side is the reference, so a 16-bit path is held to float32 attention of its own inputs.
     high = _make_batch(MIXED, 16, NUM_KV_HEADS * 2, dtype=torch.float32)
     scale = HEAD_DIM**-0.5
     low_out = paged_attention(torch.cat(low.queries), low.key_cache, low.value_cache, low.meta, scale)
@@ -242,3 +303,25 @@ def test_metadata_positions_and_slots() -> None:
     assert meta.slot_mapping.tolist() == [7 * 4 + 3, 2 * 4 + 0, 4 * 4 + 2]
     assert meta.page_tables.tolist() == [[7, 2], [4, 0]]
     assert meta.page_tables.dtype == torch.int32
+
+
+def test_auto_runs_the_sdpa_path_on_cpu_and_torch_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    fast = sdpa_attention.paged_attention
+
+    def spy(*args: object) -> torch.Tensor:
+        calls.append("sdpa")
+        return fast(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sdpa_attention, "paged_attention", spy)
+    for backend, expected in (("auto", ["sdpa"]), ("torch", []), ("sdpa", ["sdpa"])):
+        calls.clear()
+        batch = _make_batch(MIXED, 16, NUM_KV_HEADS * 2, backend=backend)
+        query = torch.cat(batch.queries)
+        out = paged_attention(query, batch.key_cache, batch.value_cache, batch.meta, HEAD_DIM**-0.5)
+        assert calls == expected, backend
+        assert _relative_error(out, _dense_reference(batch, HEAD_DIM**-0.5)) < 1e-5
+    cpu = torch.zeros(1)
+    assert [resolve_backend(b, cpu) for b in ("auto", "torch", "sdpa", "triton")] == ["sdpa", "torch", "sdpa", "triton"]
+    with pytest.raises(ValueError, match="attention backend must be one of"):
+        resolve_backend("flash", cpu)

@@ -171,3 +171,14 @@ def test_half_precision_runs_and_mostly_agrees(checkpoints: dict[str, Path], dty
     assert all(len(out.outputs[0].token_ids) == m for out, m in zip(outputs, max_tokens))
     assert agree >= 12, f"only {agree}/16 first tokens agree with float32"
     assert_all_pages_back(llm)
+
+
+@pytest.mark.parametrize("backend", ["torch", "sdpa"])
+def test_both_cpu_attention_paths_match_transformers(checkpoints: dict[str, Path], backend: str) -> None:
+    """The reference (the spec) and the SDPA path ("auto" on a CPU), named explicitly, over chunks and prefix hits."""
+    rng = random.Random(10)
+    prompts, max_tokens = mixed_batch(seed=10, shared_prefix=[rng.randrange(3, VOCAB) for _ in range(40)])
+    llm = run_and_compare(checkpoints["qwen3"], prompts, max_tokens, block_size=16, max_num_seqs=6,
+                          max_num_batched_tokens=96, attention_backend=backend)
+    assert llm.engine.runner.options.attention_backend == backend
+    assert llm.get_metrics()["prefix_cache_hits"] > 0

@@ -15,13 +15,28 @@ operations used by transformers so that float32 results are bitwise equal.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from kvpage.model.config import ModelConfig, RopeConfig
 
-__all__ = ["RotaryEmbedding", "rope_inverse_frequencies"]
+__all__ = ["RotaryEmbedding", "StepRope", "rope_inverse_frequencies"]
+
+
+class StepRope(NamedTuple):
+    """One forward pass's rotary inputs, shared by every layer.
+
+    The Triton kernels read the tables at ``positions`` themselves; the torch
+    paths get each token's ``cos``/``sin`` rows ``[T, head_dim]``, gathered
+    once per pass instead of once per layer (None when the kernels run).
+    """
+
+    positions: torch.Tensor
+    cos_table: torch.Tensor
+    sin_table: torch.Tensor
+    angles: tuple[torch.Tensor, torch.Tensor] | None
 
 
 def _default_inverse_frequencies(theta: float, head_dim: int) -> torch.Tensor:
@@ -115,3 +130,9 @@ class RotaryEmbedding(nn.Module):
         sin = (angles.sin() * attention_scaling).to(dtype)
         self.register_buffer("cos_table", cos.to(device), persistent=False)
         self.register_buffer("sin_table", sin.to(device), persistent=False)
+
+    def for_step(self, positions: torch.Tensor, gather: bool) -> StepRope:
+        """The pass's :class:`StepRope`; ``gather``: also each token's cos/sin rows (the torch paths)."""
+        angles = (self.cos_table.index_select(0, positions), self.sin_table.index_select(0, positions)) \
+            if gather else None
+        return StepRope(positions, self.cos_table, self.sin_table, angles)

@@ -17,18 +17,21 @@ the page table (:func:`paged_attention`).  This one rule covers prefill from
 an empty cache, prefill over a cached (shared) prefix, chunked prefill, and
 decode, so all of them can share a batch.
 
-This module is the numerical specification that optimized kernels must match:
-scores and softmax are computed in float32 and the result is cast back to the
-query dtype.  Cache contents outside a sequence's valid range (padding pages,
-unwritten tail of the last page) may hold anything, including NaN, and never
-influence the output.
+This module is the numerical specification that the fast paths must match
+(:mod:`kvpage.ops.sdpa_attention` on CPU, the Triton kernels on CUDA), and it
+dispatches to them by the metadata's backend. Here scores and softmax are
+computed in float32 and the result is cast back to the query dtype. Cache
+contents outside a sequence's valid range (padding pages, unwritten tail of
+the last page) may hold anything, including NaN, and never influence the
+output.
 """
 
 from __future__ import annotations
 
 import torch
 
-from kvpage.ops.metadata import AttentionMetadata, StepMasks, wants_kernels
+from kvpage.ops import sdpa_attention
+from kvpage.ops.metadata import AttentionMetadata, StepMasks, resolve_backend, wants_kernels
 
 __all__ = ["copy_pages", "paged_attention", "write_kv_cache"]
 
@@ -73,10 +76,12 @@ def write_kv_cache(
         return
     flat_keys = key_cache.view(-1, num_kv_heads, head_dim)
     flat_values = value_cache.view(-1, num_kv_heads, head_dim)
-    writes = slot_mapping >= 0
-    slots = slot_mapping[writes]
-    flat_keys[slots] = key[writes].to(key_cache.dtype)
-    flat_values[slots] = value[writes].to(value_cache.dtype)
+    # Only padding rows (CUDA graphs) have slot -1; without them the write is one plain row copy.
+    if bool((slot_mapping < 0).any()):
+        writes = slot_mapping >= 0
+        slot_mapping, key, value = slot_mapping[writes], key[writes], value[writes]
+    flat_keys.index_copy_(0, slot_mapping, key.to(key_cache.dtype))
+    flat_values.index_copy_(0, slot_mapping, value.to(value_cache.dtype))
 
 
 def _masked_attention(
@@ -152,10 +157,13 @@ def paged_attention(
         raise ValueError(f"cache block_size {block_size} != meta.block_size {meta.block_size}")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be None or >= 1, got {sliding_window}")
-    if meta.uses_kernels(query):
+    path = resolve_backend(meta.backend, query)
+    if path == "triton":
         from kvpage.ops import triton_attention  # Triton is needed only where the kernels run
 
         return triton_attention.paged_attention(query, key_cache, value_cache, meta, scale, sliding_window)
+    if path == "sdpa":
+        return sdpa_attention.paged_attention(query, key_cache, value_cache, meta, scale, sliding_window)
     masks = meta.masks(sliding_window)
     work = meta.reference
     if meta.all_decode:

@@ -46,13 +46,15 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 def qkv_norm_rope_cache(qkv: torch.Tensor, positions: torch.Tensor, cos_table: torch.Tensor,
                         sin_table: torch.Tensor, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None,
                         eps: float, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                        slot_mapping: torch.Tensor, num_q_heads: int, backend: str = "auto") -> torch.Tensor:
+                        slot_mapping: torch.Tensor, num_q_heads: int, backend: str = "auto",
+                        angles: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """From the fused projection ``qkv [T, (Hq + 2 Hkv) D]``: the rotated queries ``[T, Hq, D]``.
 
     On the way, q and k are RMS-normalized per head when ``q_norm``/``k_norm``
     are given (Qwen3), rotated by RoPE at ``positions`` (``cos_table`` and
-    ``sin_table`` are ``[max_positions, D]``), and k and v are stored into
-    the cache at ``slot_mapping`` (-1: not stored).
+    ``sin_table`` are ``[max_positions, D]``; ``angles``, when given, are
+    those tables' rows at ``positions``, gathered once for all layers), and k
+    and v are stored into the cache at ``slot_mapping`` (-1: not stored).
     """
     if wants_kernels(backend, qkv):
         from kvpage.ops import triton_fused
@@ -61,16 +63,16 @@ def qkv_norm_rope_cache(qkv: torch.Tensor, positions: torch.Tensor, cos_table: t
                                                 key_cache, value_cache, slot_mapping, num_q_heads)
     num_tokens = qkv.shape[0]
     _, _, num_kv_heads, head_dim = key_cache.shape
-    query, key, value = qkv.split([num_q_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim],
-                                  dim=-1)
-    query = query.reshape(num_tokens, num_q_heads, head_dim)
-    key = key.reshape(num_tokens, num_kv_heads, head_dim)
-    value = value.reshape(num_tokens, num_kv_heads, head_dim)
+    cos, sin = angles if angles is not None else (cos_table.index_select(0, positions),
+                                                  sin_table.index_select(0, positions))
+    # q and k side by side as heads of one [T, Hq + Hkv, D] view: one rotation covers both.
+    query_key = qkv[:, : (num_q_heads + num_kv_heads) * head_dim].view(num_tokens, num_q_heads + num_kv_heads,
+                                                                      head_dim)
+    value = qkv[:, (num_q_heads + num_kv_heads) * head_dim:].view(num_tokens, num_kv_heads, head_dim)
     if q_norm is not None and k_norm is not None:
-        query = rms_norm_reference(query, q_norm, eps)
-        key = rms_norm_reference(key, k_norm, eps)
-    cos, sin = cos_table[positions], sin_table[positions]
-    query, key = _rotate(query, cos, sin), _rotate(key, cos, sin)
+        query_key = torch.cat((rms_norm_reference(query_key[:, :num_q_heads], q_norm, eps),
+                               rms_norm_reference(query_key[:, num_q_heads:], k_norm, eps)), dim=1)
+    query, key = _rotate(query_key, cos, sin).split([num_q_heads, num_kv_heads], dim=1)
     write_kv_cache(key, value, key_cache, value_cache, slot_mapping, backend="torch")
     return query
 

@@ -24,23 +24,36 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
 from kvpage.config import ATTENTION_BACKENDS
+from kvpage.modes import ATTENTION_PATHS, AttentionPath
 from kvpage.ops.transfer import to_device_segments
 
+if TYPE_CHECKING:
+    from kvpage.ops.sdpa_attention import SdpaWork
+
 __all__ = ["ATTENTION_BACKENDS", "AttentionMetadata", "KernelWork", "PrefillSegment", "ReferenceWork", "StepMasks",
-           "wants_kernels"]
+           "resolve_backend", "wants_kernels"]
 
 # Query tokens per prefill program; the tile table is cut to this size.
 PREFILL_TILE = 64
 
 
+def resolve_backend(backend: str, tensor: torch.Tensor) -> AttentionPath:
+    """The code that runs on ``tensor``: ``"auto"`` is the Triton kernels on CUDA, SDPA elsewhere."""
+    if backend == "auto":
+        return "triton" if tensor.is_cuda else "sdpa"
+    if backend not in ATTENTION_PATHS:
+        raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
+    return backend
+
+
 def wants_kernels(backend: str, tensor: torch.Tensor) -> bool:
-    """Whether to run the Triton kernels on ``tensor`` (else the torch reference)."""
-    return backend == "triton" or (backend == "auto" and tensor.is_cuda)
+    """Whether to run the Triton kernels on ``tensor`` (else torch code: the SDPA path or the reference)."""
+    return resolve_backend(backend, tensor) == "triton"
 
 
 class PrefillSegment(NamedTuple):
@@ -80,6 +93,7 @@ class AttentionMetadata:
 
     num_tokens: int = field(init=False, repr=False, compare=False)
     all_decode: bool = field(init=False, repr=False, compare=False)
+    token_starts: list[int] = field(init=False, repr=False, compare=False)  # [S + 1]: sequence i's first row
     decode_seqs: list[int] = field(init=False, repr=False, compare=False)  # sequences with one new token
     prefill_segments: tuple[PrefillSegment, ...] = field(init=False, repr=False, compare=False)
 
@@ -88,13 +102,14 @@ class AttentionMetadata:
         self.num_tokens = sum(self.query_lens)
         decode_seqs: list[int] = []
         segments: list[PrefillSegment] = []
-        token_start = 0
+        token_starts = [0]
         for index, (query_len, seq_len) in enumerate(zip(self.query_lens, self.seq_lens)):
             if query_len == 1:
                 decode_seqs.append(index)
             else:
-                segments.append(PrefillSegment(index, token_start, query_len, seq_len))
-            token_start += query_len
+                segments.append(PrefillSegment(index, token_starts[-1], query_len, seq_len))
+            token_starts.append(token_starts[-1] + query_len)
+        self.token_starts = token_starts
         self.decode_seqs = decode_seqs
         self.prefill_segments = tuple(segments)
         self.all_decode = not segments
@@ -183,6 +198,12 @@ class AttentionMetadata:
     @cached_property
     def reference(self) -> ReferenceWork:
         return ReferenceWork.build(self)
+
+    @cached_property
+    def sdpa(self) -> SdpaWork:
+        from kvpage.ops.sdpa_attention import SdpaWork  # it imports this module
+
+        return SdpaWork(self)
 
     @cached_property
     def kernel(self) -> KernelWork:

@@ -55,7 +55,7 @@ class RunnerOptions:
 
     def captures_graphs(self, device: torch.device) -> bool:
         """Decode replays CUDA graphs on a GPU with the Triton kernels, unless told to stay eager."""
-        return device.type == "cuda" and self.attention_backend != "torch" and not self.enforce_eager
+        return device.type == "cuda" and self.attention_backend in ("auto", "triton") and not self.enforce_eager
 
 
 @dataclass

@@ -34,6 +34,7 @@ EXECUTION = {  # name: engine options
     "kernels+graphs": {},
     "kernels-eager": {"enforce_eager": True},
     "torch-reference": {"attention_backend": "torch"},
+    "sdpa": {"attention_backend": "sdpa"},  # the CPU fast path, which runs on CUDA as well
 }
 
 
