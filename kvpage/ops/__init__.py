@@ -1,9 +1,11 @@
 """Attention operators over the paged KV cache.
 
 ``attention`` holds the pure-torch reference implementation; it defines the
-numerics that the Triton kernels (``triton_attention``, ``triton_cache``)
-must reproduce, and dispatches to them where they run (a CUDA device, or
-``backend="triton"``). ``metadata`` describes one step's batch to both.
+numerics that the fast paths must reproduce and dispatches to them by
+backend: ``sdpa_attention`` (torch's scaled_dot_product_attention over
+gathered key slots: what ``"auto"`` runs on a CPU) and the Triton kernels
+(``triton_attention``, ``triton_cache``: a CUDA device, or
+``backend="triton"``). ``metadata`` describes one step's batch to all three.
 The Triton modules are imported only when used, so a CPU install needs no
 Triton.
 """
