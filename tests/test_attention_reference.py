@@ -321,7 +321,7 @@ def test_auto_runs_the_sdpa_path_on_cpu_and_torch_the_reference(monkeypatch: pyt
         out = paged_attention(query, batch.key_cache, batch.value_cache, batch.meta, HEAD_DIM**-0.5)
         assert calls == expected, backend
         assert _relative_error(out, _dense_reference(batch, HEAD_DIM**-0.5)) < 1e-5
-    cpu = torch.zeros(1)
+    cpu = torch.device("cpu")
     assert [resolve_backend(b, cpu) for b in ("auto", "torch", "sdpa", "triton")] == ["sdpa", "torch", "sdpa", "triton"]
     with pytest.raises(ValueError, match="attention backend must be one of"):
         resolve_backend("flash", cpu)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from kvpage.model.config import ModelConfig, RopeConfig
+from kvpage.ops.fused import rope_rows
 
 __all__ = ["RotaryEmbedding", "StepRope", "rope_inverse_frequencies"]
 
@@ -133,6 +134,5 @@ class RotaryEmbedding(nn.Module):
 
     def for_step(self, positions: torch.Tensor, gather: bool) -> StepRope:
         """The pass's :class:`StepRope`; ``gather``: also each token's cos/sin rows (the torch paths)."""
-        angles = (self.cos_table.index_select(0, positions), self.sin_table.index_select(0, positions)) \
-            if gather else None
+        angles = rope_rows(self.cos_table, self.sin_table, positions) if gather else None
         return StepRope(positions, self.cos_table, self.sin_table, angles)

@@ -157,7 +157,7 @@ def paged_attention(
         raise ValueError(f"cache block_size {block_size} != meta.block_size {meta.block_size}")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be None or >= 1, got {sliding_window}")
-    path = resolve_backend(meta.backend, query)
+    path = resolve_backend(meta.backend, query.device)
     if path == "triton":
         from kvpage.ops import triton_attention  # Triton is needed only where the kernels run
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from kvpage.ops.attention import write_kv_cache
 from kvpage.ops.metadata import wants_kernels
 
-__all__ = ["add_rms_norm", "qkv_norm_rope_cache", "rms_norm_reference", "silu_and_mul"]
+__all__ = ["add_rms_norm", "qkv_norm_rope_cache", "rms_norm_reference", "rope_rows", "silu_and_mul"]
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -43,6 +43,12 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos[:, None, :] + torch.cat((-second, first), dim=-1) * sin[:, None, :]
 
 
+def rope_rows(cos_table: torch.Tensor, sin_table: torch.Tensor,
+              positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's rows ``[T, D]`` of the cos and sin tables, at ``positions``."""
+    return cos_table.index_select(0, positions), sin_table.index_select(0, positions)
+
+
 def qkv_norm_rope_cache(qkv: torch.Tensor, positions: torch.Tensor, cos_table: torch.Tensor,
                         sin_table: torch.Tensor, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None,
                         eps: float, key_cache: torch.Tensor, value_cache: torch.Tensor,
@@ -63,8 +69,7 @@ def qkv_norm_rope_cache(qkv: torch.Tensor, positions: torch.Tensor, cos_table: t
                                                 key_cache, value_cache, slot_mapping, num_q_heads)
     num_tokens = qkv.shape[0]
     _, _, num_kv_heads, head_dim = key_cache.shape
-    cos, sin = angles if angles is not None else (cos_table.index_select(0, positions),
-                                                  sin_table.index_select(0, positions))
+    cos, sin = angles if angles is not None else rope_rows(cos_table, sin_table, positions)
     # q and k side by side as heads of one [T, Hq + Hkv, D] view: one rotation covers both.
     query_key = qkv[:, : (num_q_heads + num_kv_heads) * head_dim].view(num_tokens, num_q_heads + num_kv_heads,
                                                                       head_dim)

@@ -42,10 +42,10 @@ __all__ = ["ATTENTION_BACKENDS", "AttentionMetadata", "KernelWork", "PrefillSegm
 PREFILL_TILE = 64
 
 
-def resolve_backend(backend: str, tensor: torch.Tensor) -> AttentionPath:
-    """The code that runs on ``tensor``: ``"auto"`` is the Triton kernels on CUDA, SDPA elsewhere."""
+def resolve_backend(backend: str, device: torch.device) -> AttentionPath:
+    """The code that runs on ``device``: ``"auto"`` is the Triton kernels on CUDA, SDPA elsewhere."""
     if backend == "auto":
-        return "triton" if tensor.is_cuda else "sdpa"
+        return "triton" if device.type == "cuda" else "sdpa"
     if backend not in ATTENTION_PATHS:
         raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
     return backend
@@ -53,7 +53,7 @@ def resolve_backend(backend: str, tensor: torch.Tensor) -> AttentionPath:
 
 def wants_kernels(backend: str, tensor: torch.Tensor) -> bool:
     """Whether to run the Triton kernels on ``tensor`` (else torch code: the SDPA path or the reference)."""
-    return resolve_backend(backend, tensor) == "triton"
+    return resolve_backend(backend, tensor.device) == "triton"
 
 
 class PrefillSegment(NamedTuple):

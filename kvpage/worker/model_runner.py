@@ -37,6 +37,7 @@ else:  # pragma: no cover
 
 from kvpage.model import CausalLM
 from kvpage.ops import AttentionMetadata
+from kvpage.ops.metadata import resolve_backend
 from kvpage.ops.transfer import to_device, to_device_segments
 from kvpage.step_io import INFLIGHT_TOKEN, PageOpKind, PageOps, SampledToken, ScheduledSequence, SchedulerOutput
 from kvpage.worker.cuda_graphs import DecodeGraphs
@@ -55,7 +56,8 @@ class RunnerOptions:
 
     def captures_graphs(self, device: torch.device) -> bool:
         """Decode replays CUDA graphs on a GPU with the Triton kernels, unless told to stay eager."""
-        return device.type == "cuda" and self.attention_backend in ("auto", "triton") and not self.enforce_eager
+        return device.type == "cuda" and resolve_backend(self.attention_backend, device) == "triton" \
+            and not self.enforce_eager
 
 
 @dataclass
