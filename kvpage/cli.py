@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="extra paged runs with these modes (swap, auto), beside recompute; '' to skip")
     bench.add_argument("--out", default="bench-report", help="folder for report.md, report.json and plots")
     bench.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")
+    bench.add_argument("--html", action="store_true", help="also write OUT/dashboard.html: each case's KV page "
+                       "map over time, with a time scrubber; opens from the file")
     bench.add_argument("--calibrate", action="store_true",
                        help="instead: time the engine's steps at a grid of batch shapes and save the fitted "
                             "cost model for kvpage plan --cost-model")
@@ -107,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_arguments(srv)
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     srv.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port)")
-    srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    srv.add_argument("--api-key", default=None,
+                     help="require 'Authorization: Bearer KEY' on /v1 routes and the dashboard's data")
     srv.add_argument("--served-model-name", default=None, help="model id in the API (default: --model, "
                      "or 'kvpage-demo' for the built-in model)")
     srv.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body accepted")
@@ -170,13 +173,19 @@ def run_bench(args: argparse.Namespace) -> int:
                          num_requests=args.num_requests, kv_tokens=args.kv_tokens, block_size=args.block_size,
                          max_num_seqs=args.max_num_seqs, seed=args.seed, sharing_ns=sharing, beam_widths=widths,
                          sharing_requests=args.sharing_requests, engine_options=options,
-                         preemption_modes=tuple(m.strip() for m in args.preemption_modes.split(",") if m.strip()))
+                         preemption_modes=tuple(m.strip() for m in args.preemption_modes.split(",") if m.strip()),
+                         timelines=args.html)
     progress = None if args.json else (lambda message: print(f"# {message}", file=sys.stderr, flush=True))
     results = bench(config, progress)
     write_report(results, Path(args.out), "kvpage " + " ".join(sys.argv[1:]))
     print(json.dumps(to_json(results), indent=1) if args.json else table(results))
+    if args.html:
+        from kvpage.dashboard import write_offline_page
+
+        page = write_offline_page(Path(args.out) / "dashboard.html", f"kvpage bench: {results.model}",
+                                  [(timeline.name, timeline.frames) for timeline in results.timelines])
     if not args.json:
-        print(f"\nreport: {Path(args.out) / 'report.md'}")
+        print(f"\nreport: {Path(args.out) / 'report.md'}" + (f"\nKV page map: {page}" if args.html else ""))
     return 0
 
 

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from kvpage.config import EngineConfig
+from kvpage.dashboard import Frame, SeriesPoint, capture
 from kvpage.metrics import RequestCounters, StepTimings
 from kvpage.model.source import open_model_source
 from kvpage.output_builder import OutputBuilder
@@ -122,6 +123,8 @@ class LLMEngine:
         self.scheduler = Scheduler.from_config(config.cache, config.scheduler, num_pages, per_page,
                                                self.max_model_len, self.eos_token_ids, swap_cost)
         self.kv = self.scheduler.kv
+        self.started = time.monotonic()  # the dashboard's time 0 (kvpage.dashboard)
+        self.scheduler.life.events.clock = self.uptime
         # The last step that ran (not an empty one): the planner's calibration reads its shape.
         self.last_step: SchedulerOutput | None = None
         self.waste_stats = WasteStats()
@@ -282,6 +285,19 @@ class LLMEngine:
                                           c.num_recomputed_tokens, c.num_tokens_computed, c.num_generated_tokens))
 
     # ----- introspection ---------------------------------------------------------------
+    def uptime(self) -> float:
+        """Seconds since the engine was built: the time of dashboard frames and events."""
+        return time.monotonic() - self.started
+
+    def frame(self) -> Frame:
+        """The KV page map now, with the pressure signals (:mod:`kvpage.dashboard`); call it between steps."""
+        sched = self.scheduler
+        batch = len(self.last_step.sequences) if self.last_step is not None and sched.running else 0
+        now = self.uptime()
+        point = SeriesPoint.of(now, self.kv.usage(), self.waste_stats.last, batch, len(sched.waiting),
+                               self.thrashing.rates(), self.thrashing.is_thrashing)
+        return capture(sched, now, self.timings.num_steps, point)
+
     def get_metrics(self) -> dict[str, float | int]:
         usage = self.kv.usage()
         counters = self.scheduler.counters

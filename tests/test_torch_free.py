@@ -1,4 +1,4 @@
-"""The scheduler, the KV manager and the planner run without torch: the planner's promise to a laptop."""
+"""The scheduler, the KV manager, the planner and the page map run without torch: the planner's promise to a laptop."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ class NoTorch(importlib.abc.MetaPathFinder):
 
 sys.meta_path.insert(0, NoTorch())
 imported = []
-for package in ("kvpage.sched", "kvpage.kv", "kvpage.plan"):
+for package in ("kvpage.sched", "kvpage.kv", "kvpage.plan", "kvpage.dashboard"):
     module = importlib.import_module(package)
     imported.append(package)
     for info in pkgutil.walk_packages(module.__path__, package + "."):
@@ -37,7 +37,7 @@ def test_sched_kv_and_plan_import_with_torch_blocked() -> None:
 
 def test_the_blocker_catches_a_torch_import() -> None:
     """The check itself can fail: a module that imports torch is caught."""
-    code = CHECK.replace('for package in ("kvpage.sched", "kvpage.kv", "kvpage.plan"):',
+    code = CHECK.replace('for package in ("kvpage.sched", "kvpage.kv", "kvpage.plan", "kvpage.dashboard"):',
                          'for package in ("kvpage.sched", "kvpage.worker"):')
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode != 0 and "torch is blocked" in done.stderr

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kvpage.config import PREEMPTION_MODES
+from kvpage.dashboard import Timeline
 from kvpage.llm import LLM
 from kvpage.sampling_params import RequestOutputKind, SamplingParams
 from kvpage.sched.pressure import WasteStats
@@ -46,6 +47,7 @@ class BenchConfig:
     preemption_modes: tuple[str, ...] = ("swap",)
     sharing_requests: int = 16
     engine_options: dict[str, Any] = field(default_factory=dict)  # model, device, dtype, ...
+    timelines: bool = False  # record each case's KV page map (kvpage bench --html)
 
     def validate(self) -> None:
         for name in self.workloads:
@@ -104,11 +106,13 @@ class CaseResult:
         return dict(self.__dict__)
 
 
-def run_case(llm: LLM, workload: Workload, layout: str, n: int = 1, beam_width: int = 0) -> CaseResult:
+def run_case(llm: LLM, workload: Workload, layout: str, n: int = 1, beam_width: int = 0,
+             timeline: Timeline | None = None) -> CaseResult:
     """Submit every request of ``workload`` at once and step the engine until all are done.
 
     ``n`` samples per request, or with ``beam_width`` a beam search of that
-    width returning its best beam.
+    width returning its best beam.  A ``timeline`` is offered the engine's
+    dashboard frame after every step.
     """
     engine = llm.engine
     engine.waste_stats = WasteStats()  # step averages of this case only
@@ -123,6 +127,8 @@ def run_case(llm: LLM, workload: Workload, layout: str, n: int = 1, beam_width: 
     start = time.perf_counter()
     while engine.has_unfinished_requests():
         engine.step()
+        if timeline is not None:
+            timeline.offer(engine.thrashing.is_thrashing, engine.frame)
     wall = time.perf_counter() - start
     after = engine.get_metrics()
     def delta(name: str) -> int:
@@ -172,6 +178,14 @@ class BenchResults:
     cases: list[CaseResult] = field(default_factory=list)
     sharing: list[CaseResult] = field(default_factory=list)  # parallel samples, then beam searches
     preemption: list[CaseResult] = field(default_factory=list)  # paged, other preemption modes
+    timelines: list[Timeline] = field(default_factory=list)  # with config.timelines: one per case, in order
+
+    def timeline(self, name: str) -> Timeline | None:
+        """A new timeline for the case ``name`` if the config asks for them."""
+        if not self.config.timelines:
+            return None
+        self.timelines.append(Timeline(name))
+        return self.timelines[-1]
 
 
 def run_bench(config: BenchConfig, progress: Any = None) -> BenchResults:
@@ -187,7 +201,7 @@ def run_bench(config: BenchConfig, progress: Any = None) -> BenchResults:
         for name in config.workloads:
             workload = workload_for(config, name, engine.max_model_len, engine.model_config.vocab_size)
             say(f"{name} on {layout} ({len(workload.requests)} requests)")
-            results.cases.append(run_case(llm, workload, layout))
+            results.cases.append(run_case(llm, workload, layout, timeline=results.timeline(f"{name} / {layout}")))
             engine.kv.reset_prefix_cache()  # each workload starts cold
     assert results is not None  # validate() requires a layout
     for mode in config.preemption_modes if "paged" in config.layouts else ():
@@ -197,7 +211,8 @@ def run_bench(config: BenchConfig, progress: Any = None) -> BenchResults:
         for name in config.workloads:
             workload = workload_for(config, name, llm.engine.max_model_len, llm.engine.model_config.vocab_size)
             say(f"{name} on paged, preemption by {mode}")
-            results.preemption.append(run_case(llm, workload, "paged"))
+            results.preemption.append(run_case(llm, workload, "paged",
+                                               timeline=results.timeline(f"{name} / paged, {mode}")))
             llm.engine.kv.reset_prefix_cache()
     if (config.sharing_ns or config.beam_widths) and "paged" in config.layouts:
         llm = new_llm(config, "paged")
@@ -206,8 +221,10 @@ def run_bench(config: BenchConfig, progress: Any = None) -> BenchResults:
             base = workload_for(replace(config, num_requests=config.sharing_requests), name,
                                 llm.engine.max_model_len, llm.engine.model_config.vocab_size)
             for n, width in runs:
-                say(f"{name} with " + (f"beam width {width}" if width else f"n={n}") + " on paged")
-                results.sharing.append(run_case(llm, base, "paged", n=n, beam_width=width))
+                what = f"beam width {width}" if width else f"n={n}"
+                say(f"{name} with {what} on paged")
+                results.sharing.append(run_case(llm, base, "paged", n=n, beam_width=width,
+                                                timeline=results.timeline(f"{name} / paged, {what}")))
                 llm.engine.kv.reset_prefix_cache()
     return results
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from kvpage.kv.interface import Claim, KVUsage, PageCopy
+from kvpage.kv.page_map import PageMap
 from kvpage.kv.page_pool import PrefixHit
 from kvpage.kv.waste import KVWaste
 
@@ -38,6 +39,7 @@ class _Reservation:
     start: int  # first page id
     num_pages: int
     num_computed_tokens: int = 0
+    num_copied: int = 0  # leading pages holding a copy of the parent's K/V (a forked sample)
     _page_ids: list[int] | None = None
 
     @property
@@ -213,6 +215,7 @@ class ContiguousKVCacheManager:
         self._tokens_stored += child.num_computed_tokens
         self._tables[child_id] = child
         used = self.pages_for_tokens(parent.num_computed_tokens)
+        child.num_copied = used
         self._pending_copies[child_id] = [(parent.start + i, child.start + i) for i in range(used)]
 
     # ----- swap: a contiguous layout always recomputes -----------------------------------
@@ -235,6 +238,17 @@ class ContiguousKVCacheManager:
             self._give_back(reservation)
 
     # ----- accounting ------------------------------------------------------------------
+    def page_map(self, min_pending_pages: int | None = None) -> PageMap:
+        """The runs (a sample's run not forked yet counts as its parent's reservation) and the holes."""
+        tables = {seq_id: list(r.page_ids) for seq_id, r in self._tables.items()}
+        computed = {seq_id: r.num_computed_tokens for seq_id, r in self._tables.items()}
+        for seq_id, spare in self._spare.items():
+            tables[-1 - seq_id] = [page for r in spare for page in r.page_ids]  # no sequence yet: never written
+        return PageMap(self.num_pages, self.block_size, tables, computed, holes=list(self._holes), reserved=True,
+                       copied={seq_id: list(range(r.num_copied)) for seq_id, r in self._tables.items()
+                               if r.num_copied},
+                       min_pending_pages=min_pending_pages)
+
     def usage(self) -> KVUsage:
         stored = self.num_tokens_stored
         return KVUsage(block_size=self.block_size, num_pages_total=self.num_pages,

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from kvpage.kv.page_map import PageMap
 from kvpage.kv.page_pool import PrefixHit
 from kvpage.kv.waste import KVWaste
 from kvpage.modes import KVLayout
@@ -160,6 +161,9 @@ class KVManager(Protocol):
     def free(self, seq_id: int) -> None: ...
 
     # ----- accounting -----
+    def page_map(self, min_pending_pages: int | None = None) -> PageMap:
+        """The page array now, copied (for the dashboard: :mod:`kvpage.kv.page_map`)."""
+
     def usage(self) -> KVUsage: ...
 
     def waste(self, reserved_pages: int = 0, min_pending_pages: int | None = None) -> KVWaste: ...

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from kvpage.kv.interface import Claim, KVUsage, PageCopy
+from kvpage.kv.page_map import PageMap
 from kvpage.kv.page_pool import Page, PagePool, PrefixHit
 from kvpage.kv.prefix_hash import ROOT_HASH, chain_keys, pack, split
 from kvpage.kv.swap import SwappedTable, SwapSpace
@@ -46,6 +47,7 @@ class PageTable:
     # Chained keys of the leading full pages whose K/V is computed.
     hashes: list[bytes] = field(default_factory=list)
     num_computed_tokens: int = 0
+    copied: list[int] = field(default_factory=list)  # indices of pages it got by copy-on-write
 
 
 class KVCacheManager:
@@ -207,6 +209,7 @@ class KVCacheManager:
             self.pool.release(shared)
             table.pages[index] = private
             table.page_ids[index] = private.page_id
+            table.copied.append(index)
             copies.append((shared.page_id, private.page_id))
         target = self.pages_for_tokens(table.num_computed_tokens + num_new_tokens)
         while len(table.pages) < target:
@@ -342,6 +345,15 @@ class KVCacheManager:
         return self.pool.clear_cache()
 
     # ----- accounting --------------------------------------------------------------
+    def page_map(self, min_pending_pages: int | None = None) -> PageMap:
+        """Copies of the page tables, the LRU order and the swapped tables (paging has no holes)."""
+        tables = self._tables
+        return PageMap(self.pool.num_pages, self.block_size, {seq_id: list(t.page_ids) for seq_id, t in tables.items()},
+                       {seq_id: t.num_computed_tokens for seq_id, t in tables.items()}, self.pool.cached_free_ids(),
+                       copied={seq_id: list(t.copied) for seq_id, t in tables.items() if t.copied},
+                       num_host_pages=self.swap_space.num_pages,
+                       host={seq_id: list(t.host_page_ids) for seq_id, t in self._swapped.items()})
+
     def waste(self, reserved_pages: int = 0, min_pending_pages: int | None = None) -> KVWaste:
         """Snapshot by kind (:mod:`kvpage.kv.waste`). ``reserved_pages``: held back by admission, unallocated.
 

@@ -15,12 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from kvpage.config import KV_LAYOUTS
+from kvpage.dashboard import Timeline, write_offline_page
 from kvpage.gguf_metadata import is_gguf_path, read_gguf_metadata
+from kvpage.modes import KVLayout
 from kvpage.plan.cost import HARDWARE, CalibratedCostModel, ModelShape, PhysicsCostModel
 from kvpage.plan.onset import OnsetSearch, fast_thrashing_onset
 from kvpage.plan.replay import REPLAY_PREFIX_HASH, CostModel, ReplaySettings, replay
 from kvpage.plan.report import PlanReport, table, to_json, write_report
 from kvpage.plan.sweep import (
+    apply_setting,
     layout_savings,
     offered_rate,
     parse_bytes,
@@ -84,6 +87,8 @@ def add_plan_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser
                       help="skip the paged-versus-contiguous comparison")
     plan.add_argument("--out", default="plan-report", help="folder for plan.md, plan.json and plots")
     plan.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")
+    plan.add_argument("--html", action="store_true", help="also write OUT/dashboard.html: the KV page map of the "
+                      "replay (and of each contiguous layout), with a time scrubber; opens from the file")
 
 
 def _model_path(model: str | None) -> Path:
@@ -212,6 +217,21 @@ def _plan(args: argparse.Namespace) -> int:
         report.phase_seconds["layouts"] = time.perf_counter() - start
     write_report(report, Path(args.out), "kvpage " + " ".join(sys.argv[1:]))
     print(json.dumps(to_json(report), indent=1, default=str) if args.json else table(report))
+    if args.html:
+        page = write_timelines(workload, settings, cost, model, list(shadows),
+                               Path(args.out) / "dashboard.html", f"kvpage plan: {report.trace}")
     if not args.json:
-        print(f"\nreport: {Path(args.out) / 'plan.md'}")
+        print(f"\nreport: {Path(args.out) / 'plan.md'}" + (f"\nKV page map: {page}" if args.html else ""))
     return 0
+
+
+def write_timelines(workload: Workload, settings: ReplaySettings, cost: CostModel, model: ModelShape,
+                    other_layouts: list[KVLayout], path: Path, title: str) -> Path:
+    """The offline KV page map of the replay, and of each of ``other_layouts``, every step (no fast-forward)."""
+    own = settings.options.get("kv_layout", "paged")
+    runs = []
+    for layout in [own, *(layout for layout in other_layouts if layout != own)]:
+        timeline = Timeline(layout)
+        replay(workload, apply_setting(settings, "kv_layout", layout), cost, model, fast=False, timeline=timeline)
+        runs.append((layout, timeline.frames))
+    return write_offline_page(path, title, runs)

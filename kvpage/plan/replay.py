@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from kvpage.config import EngineConfig
+from kvpage.dashboard import SeriesPoint, Timeline, capture
 from kvpage.modes import KVLayout, PrefixHash
 from kvpage.plan.cost import DecodeTimer, ModelShape, StepShape
 from kvpage.plan.fast_forward import FIRST_FAKE_TOKEN, DecodeSums, fake_token, fast_forward
@@ -226,17 +227,20 @@ def _fake_tokens(out: SchedulerOutput, vocab: int) -> list[SampledToken]:
 
 
 def replay(workload: Workload, settings: ReplaySettings, cost: CostModel, model: ModelShape,
-           fast: bool = True, shadow_layouts: Iterable[KVLayout] = ()) -> ReplayResult:
+           fast: bool = True, shadow_layouts: Iterable[KVLayout] = (),
+           timeline: Timeline | None = None) -> ReplayResult:
     """Run ``workload`` through the scheduler in virtual time; see the module docstring.
 
     ``fast`` lets :func:`~kvpage.plan.fast_forward.fast_forward` run the
     decode-only stretches (the same result; False steps through every one).
     ``shadow_layouts`` (contiguous layouts, beside a paged replay) are
     followed by :class:`~kvpage.plan.shadow.LayoutShadow` s: the result's
-    ``shadows`` say what each measured, or why it could not.
+    ``shadows`` say what each measured, or why it could not.  A
+    ``timeline`` is offered a dashboard frame after every step that is not
+    fast-forwarded (``kvpage plan --html`` replays with ``fast=False``).
     """
     with _fewer_collections():
-        return _replay(workload, settings, cost, model, fast, tuple(shadow_layouts))
+        return _replay(workload, settings, cost, model, fast, tuple(shadow_layouts), timeline)
 
 
 @contextmanager
@@ -331,7 +335,7 @@ class TraceArrivals:
 
 
 def _replay(workload: Workload, settings: ReplaySettings, cost: CostModel, model: ModelShape,
-            fast: bool, shadow_layouts: tuple[KVLayout, ...]) -> ReplayResult:
+            fast: bool, shadow_layouts: tuple[KVLayout, ...], timeline: Timeline | None) -> ReplayResult:
     sched, num_pages, bytes_per_page = build_scheduler(settings, model)
     if shadow_layouts and sched.kv.reservation_tokens(1) is not None:
         raise ValueError("layout shadows follow a paged replay; this one is contiguous")
@@ -340,12 +344,19 @@ def _replay(workload: Workload, settings: ReplaySettings, cost: CostModel, model
                             recorder.waste_stats, lambda: recorder.num_steps) for layout in shadow_layouts]
     sched.life.observers.extend(shadows)
     device = VirtualDevice(cost, bytes_per_page, settings.vocab_size)
+    sched.life.events.clock = lambda: device.host
 
     def after_step(out: SchedulerOutput, touched: list[Sequence]) -> list[None]:
         at = device.host  # the step's end: the host has just waited for it
         recorder.tokens(touched, at)
         if not out.is_empty:  # a step that did nothing is no sample (as in the engine)
-            recorder.step(at, len(out.sequences), sched.kv_waste())
+            waste = sched.kv_waste()
+            recorder.step(at, len(out.sequences), waste)
+            if timeline is not None:
+                monitor = recorder.monitor
+                timeline.offer(monitor.is_thrashing, lambda: capture(sched, at, recorder.num_steps, SeriesPoint.of(
+                    at, sched.kv.usage(), waste, len(out.sequences), len(sched.waiting), monitor.rates(),
+                    monitor.is_thrashing)))
         return []
 
     loop: StepLoop[VirtualStep, None] = StepLoop(sched, device, settings.async_scheduling, after_step)

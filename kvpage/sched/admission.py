@@ -34,6 +34,7 @@ from typing import Literal, get_args
 
 from kvpage.config import SchedulerConfig
 from kvpage.kv import Claim, KVManager, PrefixHit
+from kvpage.sched.events import EventLog
 from kvpage.sched.sequence import Request, Sequence
 
 DelayRule = Literal["max_num_seqs", "admission_cap", "headroom", "pages"]
@@ -65,9 +66,10 @@ def group_size(seq: Sequence) -> int:
 class AdmissionController:
     """Applies the admission rules and keeps the conservative policy's promises."""
 
-    def __init__(self, config: SchedulerConfig, kv: KVManager) -> None:
+    def __init__(self, config: SchedulerConfig, kv: KVManager, events: EventLog | None = None) -> None:
         self.config = config
         self.kv = kv
+        self.events = events if events is not None else EventLog()
         self.counters = AdmissionCounters()
         self.promised_pages = 0  # conservative policy: pages promised to running sequences
         # seq_id (a beam search's request_id: its beams come and go) -> pages it carries in promised_pages
@@ -145,6 +147,7 @@ class AdmissionController:
         if rule not in seen:
             seen.add(rule)
             setattr(self.counters, rule, getattr(self.counters, rule) + 1)
+            self.events.delayed(seq.request.request_id, rule)
         return rule
 
     # ----- the conservative policy's promises -------------------------------------------

@@ -22,6 +22,7 @@ from kvpage.kv import KVManager, KVWaste, PageCopy, PrefixHit
 from kvpage.sampling_params import SamplingParams
 from kvpage.sched.admission import AdmissionController
 from kvpage.sched.beam import BeamGroup
+from kvpage.sched.events import EventLog
 from kvpage.sched.limits import LengthLimit
 from kvpage.sched.preemption import SwapPreference, should_swap
 from kvpage.sched.prompt_logprobs import reads_prefix_cache
@@ -69,7 +70,8 @@ class Lifecycle:
         self.eos_token_ids = frozenset(eos_token_ids)
         self.swap_cost = swap_cost
         self.queues = SequenceQueues()
-        self.admission = AdmissionController(config, kv)
+        self.events = EventLog()
+        self.admission = AdmissionController(config, kv, self.events)
         self.counters = SchedulerCounters()
         self.beam_requests: dict[str, Request] = {}  # admitted beam searches, holding their seats
         self.finished_since_last_step: list[int] = []
@@ -151,15 +153,21 @@ class Lifecycle:
         self._next_admit += 1
         return order
 
-    def preempt(self, seq: Sequence) -> list[PageCopy] | None:
-        """Take a running sequence's pages: swapped out (returns the copies) or freed for recompute (None)."""
+    def preempt(self, seq: Sequence, reason: str) -> list[PageCopy] | None:
+        """Take a running sequence's pages: swapped out (returns the copies) or freed for recompute (None).
+
+        ``reason`` says what needed the pages, for the event log.
+        """
         self.counters.num_preemptions += 1
+        request_id, computed = seq.request.request_id, seq.num_computed_tokens
         if should_swap(self.config.preemption_mode, seq, self.kv, self.swap_cost):
             copies = self.kv.swap_out(seq.seq_id)
             if copies is not None:
                 self.counters.num_swapped_out += 1
                 self.queues.move(seq, SequenceStatus.SWAPPED)
+                self.events.preempted(request_id, seq.seq_id, "swap", computed, reason)
                 return copies
+        self.events.preempted(request_id, seq.seq_id, "recompute", computed, reason)
         self.kv.free(seq.seq_id)
         self.admission.on_release(seq)
         seq.num_computed_tokens = 0
@@ -236,15 +244,20 @@ class Lifecycle:
 
     def kv_waste(self) -> KVWaste:
         """The cache by kind of waste now; external fragmentation is judged against the waiting requests."""
+        return self.kv.waste(self.admission.reserved_pages(), self.min_pending_pages())
+
+    def min_pending_pages(self) -> int | None:
+        """The smallest reservation a waiting request needs, in pages (None: paging, or nobody waits).
+
+        A hole smaller than this is external fragmentation.
+        """
         admission, queues = self.admission, self.queues
-        min_pending = None
-        if queues.waiting and self.kv.reservation_tokens(1) is not None:
-            # A waiting sequence's reservation never changes, so the minimum holds until the queue does
-            # (a walk of the whole queue every step was most of a contiguous replay under pressure).
-            if self._min_pending[0] != queues.waiting_version:
-                reservations = (admission.reservation_tokens(seq.num_prompt_tokens, self.limit.max_new_tokens(
-                    seq.num_prompt_tokens, seq.request.sampling_params.max_tokens)) for seq in queues.waiting)
-                self._min_pending = (queues.waiting_version,
-                                     min(self.kv.pages_for_tokens(r or 0) for r in reservations))
-            min_pending = self._min_pending[1]
-        return self.kv.waste(admission.reserved_pages(), min_pending)
+        if not queues.waiting or self.kv.reservation_tokens(1) is None:
+            return None
+        # A waiting sequence's reservation never changes, so the minimum holds until the queue does
+        # (a walk of the whole queue every step was most of a contiguous replay under pressure).
+        if self._min_pending[0] != queues.waiting_version:
+            reservations = (admission.reservation_tokens(seq.num_prompt_tokens, self.limit.max_new_tokens(
+                seq.num_prompt_tokens, seq.request.sampling_params.max_tokens)) for seq in queues.waiting)
+            self._min_pending = (queues.waiting_version, min(self.kv.pages_for_tokens(r or 0) for r in reservations))
+        return self._min_pending[1]

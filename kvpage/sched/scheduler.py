@@ -164,7 +164,7 @@ class Scheduler:
             copies = allocate(seq.seq_id, num_new)
             while copies is None:
                 victim = choose_victim(running)
-                self._preempt(victim, step)
+                self._preempt(victim, step, f"pages for seq {seq.seq_id}'s next tokens")
                 if victim is seq:
                     break
                 copies = allocate(seq.seq_id, num_new)
@@ -260,12 +260,13 @@ class Scheduler:
                 return False
             if other is not request and (other.priority > request.priority
                                          or (request.beam is not None and ranks_before(request, other))):
-                self._preempt(victim, step)
+                why = "a higher priority" if other.priority > request.priority else "an older beam search"
+                self._preempt(victim, step, f"admission of {why}: request {request.request_id}")
                 return True
         if request.beam is not None:
             for other_seq in reversed(self.running):
                 if other_seq.request is request and is_parked(other_seq) and other_seq.seq_id not in step.resumed:
-                    self._preempt(other_seq, step)
+                    self._preempt(other_seq, step, f"beam search {request.request_id}: a parked beam yields")
                     return True
         return False
 
@@ -287,11 +288,11 @@ class Scheduler:
             scheduled.prompt_logprob_positions = positions_to_score(seq, start, end)
         return scheduled
 
-    def _preempt(self, seq: Sequence, step: StepDraft) -> None:
+    def _preempt(self, seq: Sequence, step: StepDraft, reason: str) -> None:
         # A beam keeps its next-token candidates: they depend on its tokens, not on where its K/V is.
         step.withdraw(seq.seq_id)  # it may already be scheduled in this step (priority preemption)
         step.preempted.append(seq.seq_id)
-        copies = self.life.preempt(seq)
+        copies = self.life.preempt(seq, reason)
         if copies is not None:
             step.log(PageOpKind.SWAP_OUT, copies)
 

@@ -2,7 +2,7 @@
 
 Every refusal is OpenAI's error JSON with a 4xx status: schema violations
 and unparsable bodies (400), a missing or wrong API key on ``/v1`` routes
-(401), unknown routes (404), wrong methods (405), bodies over the limit
+(401; also on the dashboard's data routes), unknown routes (404), wrong methods (405), bodies over the limit
 (413).  A 5xx means a fault of the server itself, and only the request that
 hit it sees one.
 """
@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kvpage.engine import LLMEngine
 from kvpage.server.async_engine import AsyncEngine, EngineDeadError
+from kvpage.server.dashboard import add_dashboard_routes
 from kvpage.server.openai_api import (
     ApiContext,
     ClientGone,
@@ -40,6 +41,7 @@ from kvpage.server.protocol import (
 )
 
 logger = logging.getLogger("kvpage.server")
+PROTECTED_PREFIXES = ("/v1", "/dashboard/api")  # routes that need the API key, when the server has one
 _STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                  405: "invalid_request_error", 413: "invalid_request_error", 503: "service_unavailable"}
 
@@ -57,7 +59,7 @@ def _error(status: int, message: str, param: str | None = None, code: str | None
 
 
 class GuardMiddleware:
-    """Refuses oversized bodies (413) and, on /v1 routes, requests without the API key (401).
+    """Refuses oversized bodies (413) and, on /v1 and dashboard data routes, requests without the API key (401).
 
     Pure ASGI, so it sees the body as it streams in and stops reading at the
     limit, whatever Content-Length claims (or if it claims nothing).
@@ -72,7 +74,7 @@ class GuardMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if self.api_key is not None and scope["path"].startswith("/v1"):
+        if self.api_key is not None and scope["path"].startswith(PROTECTED_PREFIXES):
             headers = dict(scope["headers"])
             given = headers.get(b"authorization", b"").decode("latin-1")
             if not secrets.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
@@ -156,6 +158,7 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
     _add_tokenizer_routes(app, engine, config)
+    add_dashboard_routes(app, engine, engine.feed)
     return app
 
 

@@ -32,6 +32,7 @@ from typing import TypeVar
 from kvpage.engine import LLMEngine, PromptInput
 from kvpage.outputs import PromptLogprobs, RequestOutput
 from kvpage.sampling_params import SamplingParams
+from kvpage.server.feed import DashboardFeed
 from kvpage.server.telemetry import Telemetry
 
 logger = logging.getLogger("kvpage.server")
@@ -129,6 +130,7 @@ class AsyncEngine:
     def __init__(self, engine: LLMEngine, telemetry: Telemetry | None = None) -> None:
         self.engine = engine
         self.telemetry = telemetry or Telemetry()
+        self.feed = DashboardFeed()
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._ids = itertools.count()
@@ -192,6 +194,7 @@ class AsyncEngine:
         while not self._stopping.is_set():
             self._drain_commands(block=not engine.has_unfinished_requests())
             if self._stopping.is_set() or not engine.has_unfinished_requests():
+                self.feed.after_step(engine)  # idle: watchers still see aborts and the cache settle
                 continue
             try:
                 outputs = engine.step()
@@ -200,6 +203,7 @@ class AsyncEngine:
                 self._fail_all(exc)
                 continue
             self.telemetry.on_step(engine)
+            self.feed.after_step(engine)
             now = time.monotonic()
             for output in outputs:
                 self._deliver(output, now)

@@ -60,7 +60,7 @@ def describe(engine: Any, url: str) -> str:
     gib = engine.cache_shape.bytes_per_page * usage.num_pages_total / 2**30
     return (f"model {engine.model_dir} ({engine.model_config.architecture}, {engine.dtype}) on {engine.device}; "
             f"KV cache {usage.num_pages_total} pages of {usage.block_size} tokens = {gib:.2f} GiB; "
-            f"max_model_len {engine.max_model_len}; serving at {url}")
+            f"max_model_len {engine.max_model_len}; serving at {url}/v1, the KV page map at {url}/dashboard")
 
 
 def serve(engine_options: dict[str, Any], options: ServeOptions) -> int:
@@ -68,7 +68,7 @@ def serve(engine_options: dict[str, Any], options: ServeOptions) -> int:
 
     logging.basicConfig(level=options.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app, async_engine = build_app(engine_options, options)
-    url = f"http://{options.host}:{options.port}/v1"
+    url = f"http://{options.host}:{options.port}"
     logger.info(describe(async_engine.engine, url))
     if options.host not in ("127.0.0.1", "localhost", "::1") and options.api_key is None:
         logger.warning("listening on %s without --api-key: anyone who can reach it can use it", options.host)
