@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 STATIC = Path(__file__).parent / "static"
-STATIC_FILES = {"dashboard.css": "text/css; charset=utf-8", "dashboard.js": "text/javascript; charset=utf-8"}
+SCRIPTS = ("common.js", "grid.js", "charts.js", "dashboard.js")  # in load order: each adds to window.kvpage
+STATIC_FILES = {"dashboard.css": "text/css; charset=utf-8",
+                **{name: "text/javascript; charset=utf-8" for name in SCRIPTS}}
 _CSS, _JS, _DATA = "<!--kvpage:css-->", "<!--kvpage:js-->", "<!--kvpage:data-->"
 
 
@@ -29,8 +31,9 @@ def _template() -> str:
 
 def live_page() -> str:
     """The page ``/dashboard`` serves: its files linked, its data from the stream."""
+    scripts = "\n".join(f'<script src="/dashboard/static/{name}"></script>' for name in SCRIPTS)
     return (_template().replace(_CSS, '<link rel="stylesheet" href="/dashboard/static/dashboard.css">')
-            .replace(_JS, '<script src="/dashboard/static/dashboard.js"></script>').replace(_DATA, ""))
+            .replace(_JS, scripts).replace(_DATA, ""))
 
 
 def _inline_json(value: Any) -> str:
@@ -38,18 +41,23 @@ def _inline_json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":")).replace("<", "\\u003c").replace(">", "\\u003e")
 
 
+def _inline_script(name: str) -> str:
+    """A script's text, safe inside a <script> element (no '</script' can close it early)."""
+    return (STATIC / name).read_text().replace("</script", "<\\/script")
+
+
 def offline_page(title: str, runs: Sequence[tuple[str, list[dict[str, Any]]]]) -> str:
     """One HTML file holding the page, its files and ``runs`` (name, frames as :meth:`Frame.to_json` gives)."""
     timeline = {"title": title, "runs": [{"name": name, "frames": frames} for name, frames in runs]}
     css = (STATIC / "dashboard.css").read_text()
-    js = (STATIC / "dashboard.js").read_text().replace("</script", "<\\/script")
+    js = "\n".join(f"<script>\n{_inline_script(name)}\n</script>" for name in SCRIPTS)
     data = f'<script id="kvpage-timeline" type="application/json">{_inline_json(timeline)}</script>'
-    # str.replace with a function-free literal: the inlined text may contain anything, including the markers.
+    # Split the template on its markers before anything is inlined: the inlined text may contain anything.
     html = _template()
     head, rest = html.split(_CSS, 1)
     middle, tail = rest.split(_DATA, 1)
     between, end = tail.split(_JS, 1)
-    return "".join((head, f"<style>\n{css}\n</style>", middle, data, between, f"<script>\n{js}\n</script>", end))
+    return "".join((head, f"<style>\n{css}\n</style>", middle, data, between, js, end))
 
 
 def write_offline_page(path: Path, title: str, runs: Sequence[tuple[str, list[dict[str, Any]]]]) -> Path:

@@ -1,73 +1,29 @@
-/* kvpage KV page map dashboard.
+/* kvpage KV page map dashboard: the page's state, its requests, details and events, live and offline.
  *
- * Plain ES2020, no dependencies, no modules: Python either links this file
- * (live, under /dashboard) or inlines it into a self-contained HTML file with
- * a recorded timeline (offline).  It runs at the end of <body>, so the DOM is
- * already there.  Everything that comes from data is written with textContent
+ * Plain ES2020, no dependencies, no modules: Python either links the scripts
+ * (live, under /dashboard) or inlines them into a self-contained HTML file with
+ * a recorded timeline (offline).  They run at the end of <body>, so the DOM is
+ * already there; common.js, grid.js and charts.js come first (window.kvpage).  Everything that comes from data is written with textContent
  * or setAttribute, never innerHTML: prompts and request ids are user input.
  */
-(function () {
+(function (kv) {
   "use strict";
 
-  const SVG_NS = "http://www.w3.org/2000/svg";
-  const MAX_CELLS = 2048;    // above this many pages, one rect stands for k pages
   const MAX_POINTS = 3000;   // live series history kept in memory
   const KEY_STORE = "kvpage-api-key";
-  const STATES = { ".": "free", x: "frag", c: "cached", u: "used", s: "shared", r: "reserved" };
-  // Tie-break of a bin's majority: occupied states win, they are what one looks for.
-  const STATE_ORDER = ["used", "shared", "reserved", "cached", "frag", "free"];
   const COUNTERS = [["pages-in-use", "kv_blocks_used"], ["pages-cached", "kv_blocks_cached"],
     ["pages-free", "kv_blocks_free"], ["pages-total", "kv_blocks_total"],
     ["running-requests", "num_requests_running"], ["waiting-requests", "num_requests_waiting"],
     ["swapped-requests", "num_requests_swapped"]];
 
-  const $ = (id) => document.getElementById(id);
+  const { $, html, setText, int, num, secs, pushNew } = kv;
+  const { drawGrid, drawHostGrid } = kv.grid, { drawCharts } = kv.charts;
 
   let currentFrame = null;       // the frame on screen
   let series = [];               // points drawn in the charts, oldest first
   let selectedRequestId = null;  // string or null
   let offline = null;            // {data, frames, index} in offline mode
   let drawPending = false;
-
-  // ---------------------------------------------------------------- helpers
-
-  function html(tag, cls, text) {
-    const e = document.createElement(tag);
-    if (cls) e.className = cls;
-    if (text != null) e.textContent = String(text);
-    return e;
-  }
-
-  function svgEl(tag, attrs, parent) {
-    const e = document.createElementNS(SVG_NS, tag);
-    for (const k in attrs) e.setAttribute(k, attrs[k]);
-    if (parent) parent.appendChild(e);
-    return e;
-  }
-
-  function setText(el, value) {
-    const e = typeof el === "string" ? $(el) : el, s = String(value);
-    if (e && e.textContent !== s) e.textContent = s;  // skip no-op writes at 10 Hz
-  }
-
-  const int = (v) => (Number.isFinite(+v) ? Math.round(+v) : 0);
-  const num = (v) => (Number.isFinite(+v) ? +v : 0);
-  const secs = (t) => num(t).toFixed(2);
-  const pushNew = (arr, vals) => { for (const v of vals) if (!arr.includes(v)) arr.push(v); };
-
-  // FNV-1a of the request id -> hue, so a request keeps its colour across frames.
-  function hue(str) {
-    let h = 0x811c9dc5;
-    for (let i = 0; i < str.length; i++) h = Math.imul(h ^ str.charCodeAt(i), 16777619);
-    return ((h >>> 0) * 137.508) % 360;  // golden angle spreads close hashes apart
-  }
-
-  function niceMax(v) {
-    if (!(v > 0)) return 1;
-    const e = Math.pow(10, Math.floor(Math.log10(v)));
-    for (const m of [1, 2, 2.5, 5, 10]) if (m * e >= v * 0.9999) return m * e;
-    return 10 * e;
-  }
 
   function setStatus(s) {
     setText("status", s);
@@ -94,104 +50,6 @@
     return (indexed = { owners, hostOwners, requests });
   }
 
-  // ----------------------------------------------------------------- grids
-
-  // A grid keeps its rects between frames; only their class/fill/title change,
-  // and only when they differ from the last write (2048 rects at 10 Hz).
-  const makeGrid = (svg, maxPx, host) => ({ svg, maxPx, host, n: -1, k: 1, rects: [], titles: [], cache: [] });
-  const grid = makeGrid($("grid"), 30, false);
-  const hostGrid = makeGrid($("host-grid"), 16, true);
-  const binOf = (n) => (n > MAX_CELLS ? Math.ceil(n / MAX_CELLS) : 1);
-  const range = (a, b) => (a === b ? `page ${a}` : `pages ${a}–${b}`);
-
-  function layoutGrid(g, n, k) {
-    if (g.n === n && g.k === k) return;
-    for (const r of g.rects) r.remove();
-    const cells = Math.ceil(n / k);
-    // Columns in multiples of 8 so page ids are easy to count; roughly 3:1 wide.
-    const cols = Math.min(64, Math.max(8, Math.ceil(Math.sqrt(cells * 3) / 8) * 8));
-    const rows = Math.max(1, Math.ceil(cells / cols));
-    g.svg.setAttribute("viewBox", `0 0 ${cols * 10} ${rows * 10}`);
-    g.svg.style.maxWidth = cols * g.maxPx + "px";
-    g.rects = new Array(cells);
-    g.titles = new Array(cells);
-    g.cache = new Array(cells);
-    const frag = document.createDocumentFragment();
-    const [a, b] = g.host ? ["data-host-first", "data-host-last"] : ["data-first", "data-last"];
-    for (let i = 0; i < cells; i++) {
-      g.rects[i] = svgEl("rect", { x: (i % cols) * 10 + 0.6, y: Math.floor(i / cols) * 10 + 0.6, width: 8.8,
-        height: 8.8, rx: 1.4, class: "cell free", [a]: i * k, [b]: Math.min(n, i * k + k) - 1 }, frag);
-      g.titles[i] = svgEl("title", {}, g.rects[i]);
-    }
-    g.svg.appendChild(frag);
-    Object.assign(g, { n, k });
-  }
-
-  function paintCell(g, i, cls, fill, opacity, title) {
-    const key = cls + "|" + fill + "|" + opacity + "|" + title;
-    if (g.cache[i] === key) return;
-    g.cache[i] = key;
-    const r = g.rects[i];
-    r.setAttribute("class", cls);
-    r.style.fill = fill || "";
-    r.style.fillOpacity = opacity == null ? "" : String(opacity);
-    g.titles[i].textContent = title;
-  }
-
-  function drawGrid(f, idx, selPages) {
-    const pages = typeof f.pages === "string" ? f.pages : "";
-    const n = pages.length, k = binOf(n);
-    layoutGrid(grid, n, k);
-    const rank = new Map();
-    (f.lru || []).forEach((p, i) => rank.set(p, i));
-    const L = Math.max(1, rank.size);
-    for (let i = 0; i < grid.rects.length; i++) {
-      const first = i * k, last = Math.min(n, first + k) - 1, counts = {}, owners = [];
-      let minRank = Infinity, lit = false;
-      for (let p = first; p <= last; p++) {
-        const st = STATES[pages[p]] || "free";
-        counts[st] = (counts[st] || 0) + 1;
-        if (idx.owners.has(p)) pushNew(owners, idx.owners.get(p));
-        if (st === "cached" && rank.has(p)) minRank = Math.min(minRank, rank.get(p));
-        if (selPages.has(p)) lit = true;
-      }
-      let state = "free", best = -1;
-      for (const s of STATE_ORDER) if ((counts[s] || 0) > best) { best = counts[s] || 0; state = s; }
-      const owned = (state === "used" || state === "shared") && owners.length;
-      const fill = owned ? `hsl(${hue(owners[0]).toFixed(0)}, 62%, 58%)` : "";
-      // LRU age: index 0 is evicted next and drawn palest.
-      const aged = state === "cached" && minRank !== Infinity;
-      const opacity = aged ? (0.22 + 0.78 * (minRank + 1) / L).toFixed(2) : null;
-      let title = `${range(first, last)}: ${state}`;
-      if (k > 1) title += " (" + STATE_ORDER.filter((s) => counts[s]).map((s) => `${s} ${counts[s]}`).join(", ") + ")";
-      else if (aged) title += `, LRU rank ${minRank} (0 = evicted next)`;
-      if (owners.length) title += " — " + owners.join(", ");
-      paintCell(grid, i, "cell " + state + (lit ? " hl" : ""), fill, opacity, title);
-    }
-    grid.svg.classList.toggle("has-sel", selectedRequestId != null);
-    setText("grid-info", k > 1 ? `${n} pages, ${k} per cell` : `${n} pages`);
-  }
-
-  function drawHostGrid(f, idx, selHost) {
-    const n = Math.max(0, int(f.host_pages)), k = binOf(n);
-    layoutGrid(hostGrid, n, k);
-    let used = 0;
-    for (let i = 0; i < hostGrid.rects.length; i++) {
-      const first = i * k, last = Math.min(n, first + k) - 1, owners = [];
-      let lit = false, owned = 0;
-      for (let p = first; p <= last; p++) {
-        if (idx.hostOwners.has(p)) { owned++; pushNew(owners, idx.hostOwners.get(p)); }
-        if (selHost.has(p)) lit = true;
-      }
-      used += owned;
-      const busy = owned * 2 > last - first + 1 || (k === 1 && owned > 0);
-      const title = `host ${range(first, last)}: ` + (owners.length ? `swapped — ${owners.join(", ")}` : "free");
-      paintCell(hostGrid, i, (busy ? "cell host-used" : "cell free") + (lit ? " hl" : ""), "", null, title);
-    }
-    hostGrid.svg.classList.toggle("has-sel", selectedRequestId != null);
-    hostGrid.svg.classList.toggle("empty", n === 0);
-    setText("host-info", n ? `${used} of ${n} pages hold swapped K/V` : "none");
-  }
 
   // -------------------------------------------------------------- counters
 
@@ -339,94 +197,6 @@
     if (tr) select(tr.dataset.request === selectedRequestId ? null : tr.dataset.request);
   });
 
-  // ---------------------------------------------------------------- charts
-
-  const CHARTS = [
-    { name: "kv_usage", title: "KV usage", max: 1, keys: [["kv_usage", "usage"]] },
-    { name: "waste", title: "Waste (fraction of slots)", keys: [["waste_internal", "internal"],
-      ["waste_reservation", "reservation"], ["waste_external", "external"]] },
-    { name: "batch", title: "Batch and queue", keys: [["batch_size", "batch"], ["queue_length", "queue"]] },
-    { name: "pressure", title: "Pressure (per s)", keys: [["preemptions_per_s", "preemptions"],
-      ["evictions_per_s", "evictions"]] },
-    { name: "recompute_fraction", title: "Recomputed fraction", max: 1, keys: [["recompute_fraction", "recomputed"]] },
-    { name: "goodput", title: "Goodput vs throughput (tok/s)", keys: [["goodput_tokens_per_s", "goodput"],
-      ["throughput_tokens_per_s", "throughput"]] },
-  ];
-  const COLORS = ["#2563eb", "#ea580c", "#16a34a"];
-  const W = 240, H = 132, PL = 26, PR = 5, PT = 31, PB = 15;  // chart box and plot margins
-
-  // Static parts (title, legend, frame) are built once; the plot group is rebuilt per draw.
-  const charts = CHARTS.map((c) => {
-    const svg = svgEl("svg", { class: "chart", "data-series": c.name, viewBox: `0 0 ${W} ${H}` }, $("series"));
-    svgEl("text", { class: "chart-title", x: 2, y: 11 }, svg).textContent = c.title;
-    const legend = svgEl("g", { class: "legend" }, svg);
-    let x = 2;
-    c.keys.forEach(([key, label], i) => {
-      const item = svgEl("g", { class: "legend-item", "data-key": key }, legend);
-      svgEl("rect", { x, y: 17, width: 10, height: 4, fill: COLORS[i] }, item);
-      svgEl("text", { x: x + 13, y: 23 }, item).textContent = label;
-      x += 19 + label.length * 5.2;
-    });
-    svgEl("rect", { class: "frame", x: PL, y: PT, width: W - PL - PR, height: H - PT - PB }, svg);
-    return { spec: c, plot: svgEl("g", { class: "plot" }, svg) };
-  });
-
-  // At most four vertices per half pixel (first, min, max, last): 3000 samples
-  // become a few hundred vertices without losing spikes.
-  function linePoints(pts, key, xs, ys) {
-    const out = [];
-    let cur = null;
-    const flush = () => {
-      if (!cur) return;
-      for (const v of cur.min === cur.max ? [cur.min] : [cur.first, cur.min, cur.max, cur.last]) {
-        out.push(cur.px.toFixed(1) + "," + ys(v).toFixed(1));
-      }
-    };
-    for (const p of pts) {
-      const v = num(p[key]), px = Math.round(xs(num(p.t)) * 2) / 2;
-      if (cur && cur.px === px) Object.assign(cur, { min: Math.min(cur.min, v), max: Math.max(cur.max, v), last: v });
-      else { flush(); cur = { px, min: v, max: v, first: v, last: v }; }
-    }
-    flush();
-    return out.join(" ");
-  }
-
-  // Times where is_thrashing goes 0 -> 1 (or starts at 1).
-  function thrashingOnsets(pts) {
-    const out = [];
-    pts.forEach((p, i) => {
-      if (num(p.is_thrashing) >= 1 && (i === 0 || num(pts[i - 1].is_thrashing) < 1)) out.push(num(p.t));
-    });
-    return out;
-  }
-
-  function drawCharts(cursorT) {
-    const pts = series.filter((p) => p && Number.isFinite(+p.t));
-    let t0 = pts.length ? num(pts[0].t) : 0, t1 = pts.length ? num(pts[pts.length - 1].t) : 1;
-    if (cursorT != null) { t0 = Math.min(t0, cursorT); t1 = Math.max(t1, cursorT); }
-    if (t1 <= t0) { t0 -= 0.5; t1 += 0.5; }
-    const xs = (t) => PL + (t - t0) / (t1 - t0) * (W - PL - PR);
-    const onsets = thrashingOnsets(pts);
-    for (const { spec, plot } of charts) {
-      let peak = 0;
-      for (const p of pts) for (const [k] of spec.keys) peak = Math.max(peak, num(p[k]));
-      const ymax = spec.max || niceMax(peak);
-      const ys = (v) => H - PB - Math.min(1, Math.max(0, v / ymax)) * (H - PT - PB);
-      const vline = (cls, t, y1) => { const x = xs(t).toFixed(1); return svgEl("line", { class: cls, x1: x, x2: x, y1, y2: H - PB }, plot); };
-      const label = (cls, x, y, text, anchor) =>
-        (svgEl("text", { class: cls, x, y, "text-anchor": anchor || "start" }, plot).textContent = text);
-      plot.replaceChildren();
-      label("ymax", PL - 3, PT + 7, +ymax.toPrecision(3), "end");
-      label("axis", PL - 3, H - PB, "0", "end");
-      label("axis", PL, H - 4, secs(t0) + " s");
-      label("axis", W - PR, H - 4, secs(t1) + " s", "end");
-      svgEl("line", { class: "grid-line", x1: PL, x2: W - PR, y1: ys(ymax / 2), y2: ys(ymax / 2) }, plot);
-      for (const t of onsets) svgEl("title", {}, vline("onset", t, PT)).textContent = `thrashing onset at ${secs(t)} s`;
-      if (pts.length) spec.keys.forEach(([key], i) => svgEl("polyline", { class: "line", "data-key": key,
-        stroke: COLORS[i], points: linePoints(pts, key, xs, ys) }, plot));
-      if (cursorT != null) vline("cursor", cursorT, PT - 2);
-    }
-  }
 
   // ---------------------------------------------------------------- events
 
@@ -484,11 +254,11 @@
       for (const h of s.host || []) selHost.add(h);
     }
     drawCounters(f);
-    drawGrid(f, idx, selPages);
-    drawHostGrid(f, idx, selHost);
+    drawGrid(f, idx, selPages, r != null);
+    drawHostGrid(f, idx, selHost, r != null);
     drawRequests(idx);
     drawDetails(f, r);
-    drawCharts(offline ? num(f.point ? f.point.t : f.t) : null);
+    drawCharts(series, offline ? num(f.point ? f.point.t : f.t) : null);
     drawEvents(f);
   }
 
@@ -654,4 +424,4 @@
   const embedded = $("kvpage-timeline");
   if (embedded) startOffline(embedded.textContent);
   else connect();
-})();
+})(window.kvpage);
