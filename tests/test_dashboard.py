@@ -126,23 +126,29 @@ def pressured() -> LLM:
     return llm
 
 
+def check_paged_frame(frame: dict[str, Any]) -> None:
+    """A paged frame's pages agree with its counters and its sequences' page tables."""
+    states, metrics, block = frame["pages"], frame["metrics"], frame["block_size"]
+    assert len(states) == metrics["kv_blocks_total"]
+    assert states.count("u") + states.count("s") == metrics["kv_blocks_used"]
+    assert states.count("c") == metrics["kv_blocks_cached"] == len(frame["lru"])
+    holders = Counter(page for seq in frame["sequences"] for page in seq["pages"])
+    assert {p for p, n in holders.items() if n > 1} == {i for i, c in enumerate(states) if c == "s"}
+    assert {p for p in holders} == {i for i, c in enumerate(states) if c in "us"}
+    for seq in frame["sequences"]:
+        assert len(seq["pages"]) * block >= seq["computed"]
+        assert all(0 <= index < len(seq["pages"]) for index in seq["copied"])
+        assert (seq["status"] == "running") == bool(seq["pages"])
+    json.dumps(frame)  # plain JSON
+
+
 def test_frames_agree_with_the_engine(pressured: LLM) -> None:
     frames: list[dict[str, Any]] = pressured.frames  # type: ignore[attr-defined]
     assert any("s" in f["pages"] for f in frames), "no frame shows a shared page"
     assert any(f["events"]["preemptions"] for f in frames), "no preemption was recorded"
     for frame in frames:
-        states, metrics = frame["pages"], frame["metrics"]
-        assert len(states) == metrics["kv_blocks_total"] == 16
-        assert states.count("u") + states.count("s") == metrics["kv_blocks_used"]
-        assert states.count("c") == metrics["kv_blocks_cached"] == len(frame["lru"])
-        holders = Counter(page for seq in frame["sequences"] for page in seq["pages"])
-        assert {p for p, n in holders.items() if n > 1} == {i for i, c in enumerate(states) if c == "s"}
-        assert {p for p in holders} == {i for i, c in enumerate(states) if c in "us"}
-        for seq in frame["sequences"]:
-            assert len(seq["pages"]) * 16 >= seq["computed"]
-            assert all(0 <= index < len(seq["pages"]) for index in seq["copied"])
-            assert (seq["status"] == "running") == bool(seq["pages"])
-    json.dumps(frames)  # every frame is plain JSON
+        assert frame["metrics"]["kv_blocks_total"] == 16
+        check_paged_frame(frame)
     assert pressured.engine.kv.num_pages_in_use == 0
 
 
@@ -285,3 +291,20 @@ def test_contiguous_frames_hold_the_samples_runs(layout: str) -> None:
         assert len(owned) == len(set(owned)) == metrics["kv_blocks_used"]  # every run belongs to a sequence
         spare_seen |= any(seq.get("spare") for seq in frame["sequences"])
     assert spare_seen
+
+
+def test_a_long_queue_is_counted_but_not_all_listed() -> None:
+    from kvpage.dashboard.frame import WAITING_SHOWN
+
+    llm = LLM(device="cpu", num_kv_blocks=8, block_size=16, max_model_len=64, max_num_seqs=2)
+    engine = llm.engine
+    for i in range(WAITING_SHOWN + 40):
+        engine.add_request(f"q{i}", [5, 6, 7], SamplingParams(max_tokens=2))
+    engine.step()
+    frame = engine.frame().to_json()
+    waiting = [seq["request"] for seq in frame["sequences"] if seq["status"] == "waiting"]
+    assert len(waiting) == WAITING_SHOWN < frame["metrics"]["num_requests_waiting"] == WAITING_SHOWN + 38
+    assert waiting == [f"q{i}" for i in range(2, WAITING_SHOWN + 2)]  # the head of the queue
+    for rid in list(engine.scheduler.requests):
+        engine.abort_request(rid)
+    assert engine.kv.num_pages_in_use == 0

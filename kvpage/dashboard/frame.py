@@ -26,6 +26,9 @@ from kvpage.sched.admission import DELAY_RULES
 from kvpage.sched.events import DelayEvent, PreemptionEvent
 
 PREEMPTIONS_SHOWN = 32
+# Waiting sequences listed (oldest first): a queue of thousands would make every frame as large, and the
+# page's table as long; the counters still give the whole queue. Running and swapped ones are all listed.
+WAITING_SHOWN = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +140,7 @@ def capture(sched: Scheduler, time: float, step: int, point: SeriesPoint) -> Fra
     life = sched.life
     sequences = [SequenceView(seq.seq_id, seq.request.request_id, seq.status, seq.num_tokens,
                               seq.num_computed_tokens, seq.num_cached_prompt_tokens)
-                 for seq in (*sched.running, *sched.swapped, *sched.waiting)]
+                 for seq in (*sched.running, *sched.swapped, *sched.waiting[:WAITING_SHOWN])]
     num_requests = {name: len({seq.request.request_id for seq in queue}) for name, queue in
                     (("running", sched.running), ("waiting", sched.waiting), ("swapped", sched.swapped))}
     counters = sched.admission.counters

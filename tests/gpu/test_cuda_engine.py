@@ -158,3 +158,26 @@ def test_gpu_memory_utilization_bounds_the_peak(tmp_path: Path) -> None:
     assert kv_bytes > 0.5 * fraction * total
     assert peak <= fraction * total
     release(llm)
+
+
+def test_dashboard_frames_on_the_asynchronous_cuda_engine() -> None:
+    """Frames taken between steps with a step in flight agree with the KV manager, as on the CPU."""
+    from tests.test_dashboard import check_paged_frame
+
+    llm = LLM(device="cuda", num_kv_blocks=16, block_size=16, max_model_len=256)
+    engine = llm.engine
+    assert engine.async_scheduling
+    prefix = "The quick brown fox jumps over the lazy dog. " * 4
+    for i in range(6):
+        engine.add_request(f"r{i}", prefix + f"Story {i}:", SamplingParams(max_tokens=60, ignore_eos=True, n=1 + i % 2,
+                                                                           temperature=0.8, seed=i))
+    shared = preempted = False
+    while engine.has_unfinished_requests():
+        engine.step()
+        frame = engine.frame().to_json()
+        check_paged_frame(frame)
+        shared |= "s" in frame["pages"]
+        preempted |= bool(frame["events"]["preemptions"])
+    assert shared and preempted
+    assert engine.kv.num_pages_in_use == 0
+    release(llm)
