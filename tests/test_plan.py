@@ -218,6 +218,45 @@ def test_calibration_records_every_step_once(async_scheduling: bool) -> None:
     assert not llm.engine.has_unfinished_requests()
 
 
+def test_a_calibration_of_an_asynchronous_engine_replays_in_its_order(tmp_path: Path) -> None:
+    """The calibration says which order its engine ran in; a replay follows it unless its settings say otherwise.
+
+    Then the memory figures equal the asynchronous engine's exactly, as if ``async_scheduling`` were given.
+    """
+    from kvpage.bench.calibrate import CalibrationGrid, fit_steps, measure_steps
+    from kvpage.bench.trace_run import run_trace
+    from kvpage.llm import LLM
+
+    grid = CalibrationGrid(batch_sizes=(1, 3), contexts=(16, 40), decode_steps=4, repeats=1)
+    costs = {}
+    for overlapped in (False, True):
+        llm = LLM(device="cpu", num_kv_blocks=64, block_size=16, async_scheduling=overlapped)
+        costs[overlapped] = fit_steps(llm, measure_steps(llm, grid, clock=StandInDevice(curve=1.0)))
+        assert costs[overlapped].async_scheduling is overlapped
+        assert ("asynchronous" in costs[overlapped].describe()) is overlapped
+    path = tmp_path / "cal.json"
+    costs[True].save(path)
+    assert CalibratedCostModel.load(path) == costs[True]
+    data = json.loads(path.read_text())
+    del data["async_scheduling"]  # a file of the version before: measured, as then, in the synchronous order
+    path.write_text(json.dumps(data))
+    assert CalibratedCostModel.load(path).async_scheduling is False
+
+    workload = synthetic_trace("uniform", 16, None, LIMITS)
+    real = run_trace(LLM(device="cpu", num_kv_blocks=48, block_size=16, async_scheduling=True), workload).metrics
+    by_default = replay(workload, settings(48 * 16), costs[True], MODEL).summary()
+    asked = replay(workload, settings(48 * 16, async_scheduling=True), costs[True], MODEL).summary()
+    overridden = replay(workload, settings(48 * 16, async_scheduling=False), costs[True], MODEL).summary()
+    synchronous = replay(workload, settings(48 * 16), costs[False], MODEL).summary()
+    assert by_default == asked
+    assert by_default["num_preemptions"] == real["num_preemptions"] > 0
+    assert by_default["num_recomputed_tokens"] == real["num_recomputed_tokens"]
+    assert by_default["kv_waste_mean"] == real["kv_waste_mean"]
+    # Asked for the synchronous order, it replays that one, whose memory figures are not the engine's.
+    assert overridden == synchronous
+    assert overridden["num_recomputed_tokens"] != real["num_recomputed_tokens"]
+
+
 def test_calibration_fit_recovers_a_known_linear_model(tmp_path: Path) -> None:
     truth = (2e-3, 1e-5, 3e-4, 2e-6, 1e-5, 1e-8, 0.0, 5e-9)
     shapes = [StepShape(s, p, t, s, t * 7, t * 9, t * t) for s in (1, 4, 16, 64) for p in (0, 1, 3)

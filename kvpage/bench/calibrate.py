@@ -91,7 +91,7 @@ def fit_steps(llm: LLM, samples: list[tuple[StepShape, float]]) -> CalibratedCos
     engine = llm.engine
     link = 2.5e10 if engine.device.type == "cuda" else 1e10
     return CalibratedCostModel.fit(samples, link_bytes_per_s=link, device=str(engine.device),
-                                   model=str(engine.model_dir))
+                                   model=str(engine.model_dir), async_scheduling=engine.async_scheduling)
 
 
 def calibrate(llm: LLM, grid: CalibrationGrid | None = None) -> CalibratedCostModel:

@@ -71,9 +71,11 @@ def add_plan_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser
     engine.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
     engine.add_argument("--prefix-caching-hash-algo", default=REPLAY_PREFIX_HASH,
                         help="builtin | sha256 (the engine's default; the same replay, bar a 64-bit collision)")
-    engine.add_argument("--async-scheduling", action="store_true",
+    engine.add_argument("--async-scheduling", dest="async_scheduling", action="store_true", default=None,
                         help="replay the engine's asynchronous step order (its default on a GPU) exactly; "
-                             "no decode fast-forward, so about 2.5x slower")
+                             "no decode fast-forward, so about 2.5x slower (default: the order of the engine "
+                             "--cost-model was measured on, else synchronous)")
+    engine.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false")
     plan.add_argument("--sweep", nargs="*", default=[], metavar="NAME=V1,V2",
                       help="settings to sweep: block_size, admission_cap, kv_memory, kv_tokens, max_num_seqs, "
                            "max_num_batched_tokens, preemption_mode, headroom_policy, watermark, kv_layout")

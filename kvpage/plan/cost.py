@@ -118,6 +118,7 @@ HARDWARE = {
 class PhysicsCostModel:
     hardware: Hardware
     model: ModelShape
+    async_scheduling = False  # a preset knows no engine: the replay's order is what the settings say
 
     def step_time(self, shape: StepShape) -> float:
         seconds = self._timer(shape.num_seqs, shape.num_tokens)(shape.attention_pairs, shape.kv_tokens_read)
@@ -158,6 +159,9 @@ class CalibratedCostModel:
     model: str = ""
     num_samples: int = 0
     mean_abs_error: float = 0.0  # relative, on the calibration steps
+    # The engine measured overlapped its steps (asynchronous scheduling, its default on a GPU): its steps'
+    # times are the pipeline's period, and a replay with this model follows that step order by default.
+    async_scheduling: bool = False
 
     def step_time(self, shape: StepShape) -> float:
         timer = self._timer(shape.num_seqs, shape.num_prefill_seqs, shape.num_tokens, shape.num_sampled)
@@ -185,7 +189,9 @@ class CalibratedCostModel:
         return seconds
 
     def describe(self) -> str:
-        return f"calibrated on {self.device} ({self.num_samples} steps, mean error {self.mean_abs_error:.1%})"
+        order = ", asynchronous scheduling" if self.async_scheduling else ""
+        return (f"calibrated on {self.device}{order} ({self.num_samples} steps, "
+                f"mean error {self.mean_abs_error:.1%})")
 
     def save(self, path: str | Path) -> None:
         data = asdict(self)
@@ -204,7 +210,7 @@ class CalibratedCostModel:
 
     @classmethod
     def fit(cls, samples: list[tuple[StepShape, float]], link_bytes_per_s: float = 1e10, device: str = "",
-            model: str = "") -> CalibratedCostModel:
+            model: str = "", async_scheduling: bool = False) -> CalibratedCostModel:
         """Least squares, then again without the outliers (a pause of the host, say).
 
         A step more than three times the median relative error off the
@@ -219,7 +225,7 @@ class CalibratedCostModel:
         fitted = cls._fit(kept if len(kept) > len(FEATURES) else samples)
         error = sum(abs(fitted.step_time(s) - t) / t for s, t in samples) / len(samples)
         return cls(fitted.coefficients, link_bytes_per_s, device, model, num_samples=len(samples),
-                   mean_abs_error=error)
+                   mean_abs_error=error, async_scheduling=async_scheduling)
 
     @classmethod
     def _fit(cls, samples: list[tuple[StepShape, float]]) -> CalibratedCostModel:

@@ -28,7 +28,7 @@ import gc
 import math
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from kvpage.config import EngineConfig
@@ -46,6 +46,10 @@ from kvpage.workloads import Workload, WorkloadRequest
 
 
 class CostModel(Protocol):
+    @property
+    def async_scheduling(self) -> bool:
+        """Measured on an engine that overlapped its steps: replays follow that order (ReplaySettings.ordered_by)."""
+
     def step_time(self, shape: StepShape) -> float: ...
 
     def decode_step(self, batch: int) -> DecodeTimer:
@@ -69,6 +73,8 @@ class ReplaySettings:
     def async_scheduling(self) -> bool:
         """Replay the engine's asynchronous step order (``async_scheduling=True``); the default is synchronous.
 
+        Unset (None), a replay takes its cost model's order (:meth:`ordered_by`).
+
         The engine plans step N+1 before step N's tokens are known, so a
         request that ends in step N frees its pages one plan later.  The
         replay follows that order exactly when asked, but not by default:
@@ -76,6 +82,17 @@ class ReplaySettings:
         it a replay runs about 2.5 times slower.
         """
         return bool(self.options.get("async_scheduling"))
+
+    def ordered_by(self, cost: CostModel) -> ReplaySettings:
+        """These settings, in the step order of the engine ``cost`` was measured on unless they name one.
+
+        A calibration of an asynchronous engine times the pipeline's period,
+        and the engine frees a finished request's pages a plan later: replayed
+        in the synchronous order, the same schedule would preempt differently.
+        """
+        if self.options.get("async_scheduling") is not None or not cost.async_scheduling:
+            return self
+        return replace(self, options={**self.options, "async_scheduling": True})
 
 
 def step_shape(out: SchedulerOutput, bytes_per_page: int, decodes: DecodeSums = (0, 0, 0)) -> StepShape:
@@ -240,7 +257,7 @@ def replay(workload: Workload, settings: ReplaySettings, cost: CostModel, model:
     fast-forwarded (``kvpage plan --html`` replays with ``fast=False``).
     """
     with _fewer_collections():
-        return _replay(workload, settings, cost, model, fast, tuple(shadow_layouts), timeline)
+        return _replay(workload, settings.ordered_by(cost), cost, model, fast, tuple(shadow_layouts), timeline)
 
 
 @contextmanager
