@@ -49,7 +49,7 @@ def serve(options: dict[str, Any]) -> tuple[str, Any, uvicorn.Server]:
     return f"http://127.0.0.1:{sock.getsockname()[1]}", engine, server
 
 
-class StepClock:
+class StepIntervals:
     """The engine loop's step-to-step intervals: the engine's ``step`` wrapped to note when each one starts.
 
     The interval covers everything the loop does per step (the step, telemetry, the dashboard's frame,
@@ -119,14 +119,14 @@ def main() -> None:
         asyncio.run(engine.call(add_all))
         while len(engine.engine.scheduler.running) < n or engine.engine.scheduler.running[-1].num_output_tokens < 2:
             time.sleep(0.1)
-        clock = StepClock(engine.engine)
+        intervals = StepIntervals(engine.engine)
         results: dict[str, list[float]] = {"unwatched": [], "watched": []}
         frame_rates = []
         def watched() -> float:
             client = subprocess.Popen([sys.executable, __file__, "--watch", root], stdout=subprocess.PIPE, text=True)
             time.sleep(1.0)  # connected and streaming
             began = time.monotonic()
-            measured = clock.window(args.window)
+            measured = intervals.window(args.window)
             ended = time.monotonic()
             client.terminate()
             received = [float(line) for line in client.communicate()[0].split()]
@@ -135,7 +135,7 @@ def main() -> None:
 
         def unwatched() -> float:
             time.sleep(1.0)  # as long as the client's start, so that both kinds see the same drift
-            return clock.window(args.window)
+            return intervals.window(args.window)
 
         # The step slows as contexts grow: rounds alternate the order (ABBA), so the drift falls on both kinds.
         ratios = []

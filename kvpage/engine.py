@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from kvpage.config import EngineConfig
-from kvpage.dashboard import Frame, SeriesPoint, capture
+from kvpage.dashboard import Frame, capture
 from kvpage.metrics import RequestCounters, StepTimings
 from kvpage.model.source import open_model_source
 from kvpage.output_builder import OutputBuilder
@@ -293,10 +293,7 @@ class LLMEngine:
         """The KV page map now, with the pressure signals (:mod:`kvpage.dashboard`); call it between steps."""
         sched = self.scheduler
         batch = len(self.last_step.sequences) if self.last_step is not None and sched.running else 0
-        now = self.uptime()
-        point = SeriesPoint.of(now, self.kv.usage(), self.waste_stats.last, batch, len(sched.waiting),
-                               self.thrashing.rates(), self.thrashing.is_thrashing)
-        return capture(sched, now, self.timings.num_steps, point)
+        return capture(sched, self.uptime(), self.timings.num_steps, self.waste_stats.last, batch, self.thrashing)
 
     def get_metrics(self) -> dict[str, float | int]:
         usage = self.kv.usage()

@@ -24,6 +24,7 @@ from kvpage.kv.page_map import PageMap
 from kvpage.sched import Scheduler, SequenceStatus
 from kvpage.sched.admission import DELAY_RULES
 from kvpage.sched.events import DelayEvent, PreemptionEvent
+from kvpage.sched.pressure import ThrashingMonitor
 
 PREEMPTIONS_SHOWN = 32
 # Waiting sequences listed (oldest first): a queue of thousands would make every frame as large, and the
@@ -60,14 +61,15 @@ class SeriesPoint:
     is_thrashing: bool
 
     @classmethod
-    def of(cls, time: float, usage: KVUsage, waste: KVWaste | None, batch_size: int, queue_length: int,
-           rates: dict[str, float], is_thrashing: bool) -> SeriesPoint:
-        """From a waste snapshot and a :class:`~kvpage.sched.pressure.ThrashingMonitor`'s rates (engine or replay)."""
+    def of(cls, now: float, usage: KVUsage, waste: KVWaste | None, batch_size: int, queue_length: int,
+           monitor: ThrashingMonitor) -> SeriesPoint:
+        """From the cache's usage, a waste snapshot and a thrashing monitor (the engine's or a replay's)."""
         shares = waste.fractions() if waste is not None else {}
-        return cls(time, usage.usage_fraction, shares.get("internal_fragmentation", usage.internal_fragmentation),
+        rates = monitor.rates()
+        return cls(now, usage.usage_fraction, shares.get("internal_fragmentation", usage.internal_fragmentation),
                    shares.get("reservation_waste", 0.0), shares.get("external_fragmentation", 0.0), batch_size,
                    queue_length, rates["preemptions_per_s"], rates["evictions_per_s"], rates["recompute_fraction"],
-                   rates["goodput_tokens_per_s"], rates["throughput_tokens_per_s"], is_thrashing)
+                   rates["goodput_tokens_per_s"], rates["throughput_tokens_per_s"], monitor.is_thrashing)
 
     def to_json(self) -> dict[str, float]:
         return {"t": round(self.time, 4), "kv_usage": self.kv_usage, "waste_internal": self.waste_internal,
@@ -106,7 +108,7 @@ class Frame:
                 "computed": seq.num_computed_tokens, "cached_tokens": seq.num_cached_tokens,
                 "pages": tables.get(seq.seq_id, []), "host": host.get(seq.seq_id, []),
                 "copied": copied.get(seq.seq_id, [])}
-            spare = tables.get(-1 - seq.seq_id)  # a contiguous run held for samples not forked yet
+            spare = pages.spare.get(seq.seq_id)  # contiguous runs held for its samples not forked yet
             if spare:
                 entry["spare"] = spare
             sequences.append(entry)
@@ -135,9 +137,15 @@ class Frame:
         return self._encoded
 
 
-def capture(sched: Scheduler, time: float, step: int, point: SeriesPoint) -> Frame:
-    """Copy what a frame shows, between two steps (the cost scales with the pages in use, not the cache)."""
+def capture(sched: Scheduler, now: float, step: int, waste: KVWaste | None, batch_size: int,
+            monitor: ThrashingMonitor) -> Frame:
+    """Copy what a frame shows, between two steps (the cost scales with the pages in use, not the cache).
+
+    ``waste`` is the last step's snapshot, ``batch_size`` its sequences, ``monitor`` the run's thrashing monitor.
+    """
     life = sched.life
+    usage = sched.kv.usage()
+    point = SeriesPoint.of(now, usage, waste, batch_size, len(sched.waiting), monitor)
     sequences = [SequenceView(seq.seq_id, seq.request.request_id, seq.status, seq.num_tokens,
                               seq.num_computed_tokens, seq.num_cached_prompt_tokens)
                  for seq in (*sched.running, *sched.swapped, *sched.waiting[:WAITING_SHOWN])]
@@ -145,7 +153,7 @@ def capture(sched: Scheduler, time: float, step: int, point: SeriesPoint) -> Fra
                     (("running", sched.running), ("waiting", sched.waiting), ("swapped", sched.swapped))}
     counters = sched.admission.counters
     events = life.events
-    return Frame(time, step, sched.kv.layout, sched.kv.page_map(life.min_pending_pages()), sequences,
-                 sched.kv.usage(), num_requests, point, list(events.preemptions)[-PREEMPTIONS_SHOWN:][::-1],
+    return Frame(now, step, sched.kv.layout, sched.kv.page_map(life.min_pending_pages()), sequences,
+                 usage, num_requests, point, list(events.preemptions)[-PREEMPTIONS_SHOWN:][::-1],
                  list(events.delays)[-PREEMPTIONS_SHOWN:][::-1],
                  {rule: getattr(counters, rule) for rule in DELAY_RULES})

@@ -240,14 +240,14 @@ class ContiguousKVCacheManager:
     # ----- accounting ------------------------------------------------------------------
     def page_map(self, min_pending_pages: int | None = None) -> PageMap:
         """The runs (a sample's run not forked yet counts as its parent's reservation) and the holes."""
-        tables = {seq_id: list(r.page_ids) for seq_id, r in self._tables.items()}
-        computed = {seq_id: r.num_computed_tokens for seq_id, r in self._tables.items()}
-        for seq_id, spare in self._spare.items():
-            tables[-1 - seq_id] = [page for r in spare for page in r.page_ids]  # no sequence yet: never written
-        return PageMap(self.num_pages, self.block_size, tables, computed, holes=list(self._holes), reserved=True,
-                       copied={seq_id: list(range(r.num_copied)) for seq_id, r in self._tables.items()
-                               if r.num_copied},
-                       min_pending_pages=min_pending_pages)
+        runs = self._tables
+        return PageMap(self.num_pages, self.block_size, {seq_id: list(r.page_ids) for seq_id, r in runs.items()},
+                       {seq_id: r.num_computed_tokens for seq_id, r in runs.items()}, holes=list(self._holes),
+                       reserved=True,
+                       copied={seq_id: list(range(r.num_copied)) for seq_id, r in runs.items() if r.num_copied},
+                       min_pending_pages=min_pending_pages,
+                       spare={seq_id: [page for r in spare for page in r.page_ids]
+                              for seq_id, spare in self._spare.items()})
 
     def usage(self) -> KVUsage:
         stored = self.num_tokens_stored

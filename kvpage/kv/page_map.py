@@ -47,6 +47,8 @@ class PageMap:
     num_host_pages: int = 0
     host: dict[int, list[int]] = field(default_factory=dict)  # swapped-out seq_id -> its host pages
     min_pending_pages: int | None = None  # the smallest reservation a waiting request needs (contiguous)
+    # seq_id -> the contiguous runs it holds for its samples not forked yet (in use, never written)
+    spare: dict[int, list[int]] = field(default_factory=dict)
 
     def states(self) -> str:
         """One character per page (the module's table); holes shorter than ``min_pending_pages`` are ``x``."""
@@ -61,6 +63,8 @@ class PageMap:
             for seq_id, pages in self.tables.items():
                 for page in pages[-(-self.computed.get(seq_id, 0) // self.block_size):]:
                     chars[page] = reserved
+        for page in chain.from_iterable(self.spare.values()):
+            chars[page] = reserved
         if self.min_pending_pages is not None:
             for start, length in self.holes:
                 if length < self.min_pending_pages:

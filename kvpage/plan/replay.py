@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from kvpage.config import EngineConfig
-from kvpage.dashboard import SeriesPoint, Timeline, capture
+from kvpage.dashboard import Timeline, capture
 from kvpage.modes import KVLayout, PrefixHash
 from kvpage.plan.cost import DecodeTimer, ModelShape, StepShape
 from kvpage.plan.fast_forward import FIRST_FAKE_TOKEN, DecodeSums, fake_token, fast_forward
@@ -371,9 +371,8 @@ def _replay(workload: Workload, settings: ReplaySettings, cost: CostModel, model
             recorder.step(at, len(out.sequences), waste)
             if timeline is not None:
                 monitor = recorder.monitor
-                timeline.offer(monitor.is_thrashing, lambda: capture(sched, at, recorder.num_steps, SeriesPoint.of(
-                    at, sched.kv.usage(), waste, len(out.sequences), len(sched.waiting), monitor.rates(),
-                    monitor.is_thrashing)))
+                timeline.offer(monitor.is_thrashing,
+                               lambda: capture(sched, at, recorder.num_steps, waste, len(out.sequences), monitor))
         return []
 
     loop: StepLoop[VirtualStep, None] = StepLoop(sched, device, settings.async_scheduling, after_step)
