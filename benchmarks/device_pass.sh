@@ -14,6 +14,9 @@
 #   replay: the planner's speed on the host's CPU cores, all at once, one core a run: the 100,000-request
 #        replay three times for this tree and for .base (the commit before #14, kvpage and benchmarks), the
 #        default planner command for this tree and for .prev (an earlier checkout, kvpage and benchmarks);
+#   tp: issue #18 on one GPU: the CUDA-engine, async, kernel and tensor-parallel tests (gloo ranks on the
+#        host's CPUs; NCCL needs two GPUs), then kvpage's offline throughput at tp = 1 against .base (the
+#        commit before tensor parallelism, kvpage and benchmarks), alternated, two rounds;
 #   real: issue #15 on the GPU: a GGUF file (.gpu/smollm2-4l.gguf, the first layers of SmolLM2's, made by
 #        benchmarks/small_gguf.py) against transformers, the prompt-logprob, sampling, kernel, async and CUDA
 #        tests, and host overhead against .base (the commit before, kvpage and benchmarks), alternated.
@@ -27,6 +30,22 @@ export PYTHONPATH=/tmp/site:$PWD
 print('python', sys.version.split()[0], 'torch', torch.__version__, 'transformers', transformers.__version__)"; } \
   > "$OUT/versions.txt" 2>&1
 STAGE=${1:-tests}
+# against_base ROUNDS [host]: kvpage's offline throughput (and host overhead) for this tree and .base, alternated.
+against_base() {
+  for round in $(seq "$1"); do
+    for tree in "$PWD" "$PWD/.base"; do
+      name=$([ "$tree" = "$PWD" ] && echo this || echo base)
+      PYTHONPATH=/tmp/site:$tree timeout 90 python benchmarks/offline_throughput.py --systems kvpage \
+        --model-dir /tmp/qwen3 >> "$OUT/log.txt" 2>&1
+      echo "offline $name $round rc=$?" >> "$OUT/log.txt"
+      if [ "${2:-}" = host ]; then
+        PYTHONPATH=/tmp/site:$tree timeout 60 python benchmarks/host_overhead.py --model-dir /tmp/qwen3 \
+          >> "$OUT/log.txt" 2>&1
+        echo "host $name $round rc=$?" >> "$OUT/log.txt"
+      fi
+    done
+  done
+}
 if [ "$STAGE" = tests ] || [ "$STAGE" = swap ]; then
 timeout 300 python -m pytest -q -x -p no:cacheprovider > "$OUT/pytest.txt" 2>&1; echo "pytest rc=$?" >> "$OUT/pytest.txt"
 fi
@@ -98,17 +117,14 @@ if [ "$STAGE" = core ]; then  # three files come back: versions.txt, pytest.txt,
   timeout 200 python -m pytest -q -p no:cacheprovider tests/gpu tests/test_async_scheduling.py tests/test_triton_kernels.py \
     tests/test_fused_kernels.py tests/test_engine_triton.py tests/test_step_loop.py > "$OUT/pytest.txt" 2>&1
   echo "pytest rc=$?" >> "$OUT/pytest.txt"
-  for round in 1 2; do
-    for tree in "$PWD" "$PWD/.base"; do
-      name=$([ "$tree" = "$PWD" ] && echo this || echo base)
-      PYTHONPATH=/tmp/site:$tree timeout 90 python benchmarks/offline_throughput.py --systems kvpage \
-        --model-dir /tmp/qwen3 >> "$OUT/log.txt" 2>&1
-      echo "offline $name $round rc=$?" >> "$OUT/log.txt"
-      PYTHONPATH=/tmp/site:$tree timeout 60 python benchmarks/host_overhead.py --model-dir /tmp/qwen3 \
-        >> "$OUT/log.txt" 2>&1
-      echo "host $name $round rc=$?" >> "$OUT/log.txt"
-    done
-  done
+  against_base 2 host
+fi
+if [ "$STAGE" = tp ]; then  # versions.txt, pytest.txt, log.txt
+  export PYTHONUNBUFFERED=1
+  timeout 200 python -m pytest -q -p no:cacheprovider tests/gpu tests/test_async_scheduling.py \
+    tests/test_tensor_parallel.py > "$OUT/pytest.txt" 2>&1
+  echo "pytest rc=$?" >> "$OUT/pytest.txt"
+  against_base 2
 fi
 if [ "$STAGE" = replay ]; then  # one file a run, plus versions.txt
   export PYTHONUNBUFFERED=1

@@ -52,6 +52,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--async-scheduling", dest="async_scheduling", action="store_true", default=None,
                        help="schedule each step while the previous one runs (default: on with CUDA)")
     group.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false")
+    group.add_argument("-tp", "--tensor-parallel-size", type=int, default=1,
+                       help="split the model and its KV heads over this many devices (GPUs, or CPU processes)")
+    group.add_argument("--distributed-backend", default="auto", help="auto | nccl | gloo (auto: NCCL on CUDA)")
+    group.add_argument("--distributed-timeout", type=float, default=300.0,
+                       help="seconds a collective waits for the other ranks before the engine fails")
     group.add_argument("--attention-backend", default="auto",
                        help="auto | sdpa | torch | triton (auto: the Triton kernels on CUDA, sdpa elsewhere; "
                             "torch: the pure-torch reference, the numerical spec)")
@@ -62,7 +67,8 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     names = ("model", "tokenizer", "dtype", "device", "seed", "block_size", "num_kv_blocks", "kv_cache_memory",
              "gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
              "enable_prefix_caching", "prefix_caching_hash_algo", "kv_layout", "admission_cap", "headroom_policy",
-             "watermark", "preemption_mode", "swap_space", "enforce_eager", "async_scheduling", "attention_backend")
+             "watermark", "preemption_mode", "swap_space", "enforce_eager", "async_scheduling", "attention_backend",
+             "tensor_parallel_size", "distributed_backend", "distributed_timeout")
     return {name: getattr(args, name) for name in names}
 
 

@@ -13,12 +13,14 @@ from typing import Any
 
 from kvpage.modes import (
     ATTENTION_BACKENDS,
+    DISTRIBUTED_BACKENDS,
     DTYPES,
     HEADROOM_POLICIES,
     KV_LAYOUTS,
     PREEMPTION_MODES,
     PREFIX_HASHES,
     AttentionBackend,
+    DistributedBackend,
     DType,
     HeadroomPolicy,
     KVLayout,
@@ -29,7 +31,7 @@ from kvpage.validation import is_int, is_number, one_of, require
 
 __all__ = [
     "ATTENTION_BACKENDS", "DEVICES", "DTYPES", "GIB", "HEADROOM_POLICIES", "KV_LAYOUTS", "PREEMPTION_MODES",
-    "CacheConfig", "EngineConfig", "LoadConfig", "SchedulerConfig",
+    "CacheConfig", "EngineConfig", "LoadConfig", "ParallelConfig", "SchedulerConfig",
 ]
 
 GIB = 1 << 30
@@ -164,8 +166,28 @@ class SchedulerConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Tensor parallelism: one engine over several devices (kvpage.parallel)."""
+
+    tensor_parallel_size: int = 1
+    """Ranks the model and its KV heads are split over, one process and one device each (GPUs cuda:0..N-1,
+    or CPU processes); the engine starts the other ranks' processes itself, or joins torchrun's."""
+    distributed_backend: DistributedBackend = "auto"
+    """torch.distributed backend between ranks: "nccl" (GPUs), "gloo" (CPUs); "auto": NCCL on CUDA, else gloo."""
+    distributed_timeout: float = 300.0
+    """Seconds a collective may wait for the other ranks before the engine fails with an error."""
+
+    def validate(self) -> None:
+        tp = self.tensor_parallel_size
+        require(is_int(tp) and tp >= 1, "tensor_parallel_size", tp, "an integer >= 1")
+        one_of("distributed_backend", self.distributed_backend, DISTRIBUTED_BACKENDS)
+        require(is_number(self.distributed_timeout) and self.distributed_timeout > 0, "distributed_timeout",
+                self.distributed_timeout, "a positive number of seconds")
+
+
+@dataclass
 class EngineConfig:
-    """The whole engine's configuration, in its three parts."""
+    """The whole engine's configuration, in its four parts."""
 
     load: LoadConfig = field(default_factory=LoadConfig)
     """What to load and where."""
@@ -173,23 +195,27 @@ class EngineConfig:
     """The KV cache."""
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     """The batching of each step."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Tensor parallelism."""
 
     def validate(self) -> None:
         self.load.validate()
         self.cache.validate()
         self.scheduler.validate()
+        self.parallel.validate()
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
         """Build from flat keyword arguments (``block_size=16, max_num_seqs=64, ...``)."""
-        parts: dict[str, dict[str, Any]] = {"load": {}, "cache": {}, "scheduler": {}}
+        parts: dict[str, dict[str, Any]] = {"load": {}, "cache": {}, "scheduler": {}, "parallel": {}}
         owners = {f.name: part for part, klass in (("load", LoadConfig), ("cache", CacheConfig),
-                                                   ("scheduler", SchedulerConfig)) for f in fields(klass)}
+                                                   ("scheduler", SchedulerConfig), ("parallel", ParallelConfig))
+                  for f in fields(klass)}
         for name, value in kwargs.items():
             if name not in owners:
                 raise ValueError(f"unknown engine option {name!r}; known options: {sorted(owners)}")
             parts[owners[name]][name] = value
         config = cls(LoadConfig(**parts["load"]), CacheConfig(**parts["cache"]),
-                     SchedulerConfig(**parts["scheduler"]))
+                     SchedulerConfig(**parts["scheduler"]), ParallelConfig(**parts["parallel"]))
         config.validate()
         return config

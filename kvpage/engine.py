@@ -24,6 +24,11 @@ preparation, stop checks, outputs) hides behind device work. Sequences of
 step N whose input is the token N-1 is sampling get it on the device; a
 sequence that N-1 stops (EOS, a stop string) wastes its one token of step
 N, which is discarded.
+
+With ``tensor_parallel_size`` > 1 this process is rank 0, the driver: it
+starts the follower ranks (:mod:`kvpage.parallel`), builds its own shard as
+they build theirs, and hands each step to them before running it; the
+scheduler, the KV manager and sampling stay here, once.
 """
 
 from __future__ import annotations
@@ -33,52 +38,46 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-import torch
-
 from kvpage.config import EngineConfig
 from kvpage.dashboard import Frame, capture
 from kvpage.metrics import RequestCounters, StepTimings
 from kvpage.model.source import open_model_source
+from kvpage.ops.collectives import TPGroup
 from kvpage.output_builder import OutputBuilder
 from kvpage.outputs import RequestOutput
+from kvpage.parallel import Ranks, build_rank, rank_device, resolve_device, runner_options, start_ranks
 from kvpage.sampling_params import SamplingParams
 from kvpage.sched import Request, RequestTimes, Scheduler, Sequence, StepLoop
 from kvpage.sched.admission import DELAY_RULES
 from kvpage.sched.preemption import SwapCostModel
 from kvpage.sched.pressure import PressureSample, ThrashingMonitor, WasteStats
-from kvpage.sched.scheduler import num_swap_pages
 from kvpage.step_io import SampledToken, SchedulerOutput
-from kvpage.worker import (
-    KVCacheShape,
-    LaunchedStep,
-    ModelRunner,
-    RunnerOptions,
-    page_bytes,
-    profile_activations,
-    size_kv_cache_pages,
-)
+from kvpage.worker import LaunchedStep, ModelRunner, RunnerOptions
 
 PromptInput = str | dict[str, Any] | list[int]
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} was asked for but CUDA is not available; use 'cpu' or 'auto'")
-    return device
-
-
 class RunnerExecutor:
-    """The engine's :class:`~kvpage.sched.step_loop.Executor`: steps run on the model, timed by phase."""
+    """The engine's :class:`~kvpage.sched.step_loop.Executor`: steps run on the model, timed by phase.
 
-    def __init__(self, runner: ModelRunner, timings: StepTimings) -> None:
+    Under tensor parallelism each step first goes to the follower ranks (``ranks``), which run it on their
+    shards beside this one.
+    """
+
+    def __init__(self, runner: ModelRunner, timings: StepTimings, ranks: Ranks | None = None) -> None:
         self.runner = runner
         self.timings = timings
+        self.ranks = ranks
 
     def launch(self, out: SchedulerOutput, previous: LaunchedStep | None) -> LaunchedStep:
         start = time.perf_counter()
+        if self.ranks is not None:
+            return self.ranks.guard(lambda: self._launch(out, previous, start))
+        return self._launch(out, previous, start)
+
+    def _launch(self, out: SchedulerOutput, previous: LaunchedStep | None, start: float) -> LaunchedStep:
+        if self.ranks is not None:
+            self.ranks.send(out)
         inputs = self.runner.prepare(out)
         prepared = time.perf_counter()
         launched = self.runner.launch(out, inputs, previous)
@@ -88,7 +87,7 @@ class RunnerExecutor:
 
     def wait(self, handle: LaunchedStep) -> list[SampledToken]:
         start = time.perf_counter()
-        sampled = handle.result()
+        sampled = handle.result() if self.ranks is None else self.ranks.guard(handle.result)
         self.timings.model_s += time.perf_counter() - start
         return sampled
 
@@ -100,26 +99,27 @@ class LLMEngine:
         config.validate()
         self.config = config
         load = config.load
-        self.device = resolve_device(load.device)
-        source = open_model_source(load.model)  # a Hugging Face directory or a GGUF file
-        self.model_dir = source.path  # the directory, or the .gguf file
-        torch.manual_seed(load.seed)
-        loaded = source.load(load.dtype, self.device, load.tokenizer)
+        base_device = resolve_device(load.device)
+        self.ranks = start_ranks(config, base_device)  # None: one device
+        tp = self.ranks.tp if self.ranks is not None else TPGroup.single()
+        try:
+            rank = build_rank(config, tp, rank_device(base_device, 0))
+        except BaseException:
+            if self.ranks is not None:
+                self.ranks.shutdown()
+            raise
+        self.device, self.max_model_len, self.runner = rank.device, rank.max_model_len, rank.runner
+        self.model_dir = open_model_source(load.model).path  # the directory, or the .gguf file
+        loaded = rank.loaded
         self.model_config, self.model, self.dtype = loaded.config, loaded.model, loaded.dtype
         self.tokenizer, self.eos_token_ids = loaded.tokenizer, loaded.eos_token_ids
-
-        max_positions = self.model_config.max_position_embeddings
-        self.max_model_len = config.scheduler.max_model_len or max_positions
-        if self.max_model_len > max_positions:
-            raise ValueError(f"max_model_len ({self.max_model_len}) exceeds the model's "
-                             f"max_position_embeddings ({max_positions})")
-        mc = self.model_config
-        per_page = page_bytes(mc.num_layers, config.cache.block_size, mc.num_kv_heads, mc.head_dim, self.dtype)
-        num_pages = self._size_kv_cache(per_page)
-        self.cache_shape = KVCacheShape(mc.num_layers, num_pages, config.cache.block_size, mc.num_kv_heads,
-                                        mc.head_dim, self.dtype)
+        self.cache_shape = rank.cache_shape
+        mc, per_page, num_pages = self.model_config, rank.bytes_per_page, rank.cache_shape.num_pages
+        # A page's K/V over every rank (replicated KV heads count on each rank that holds them).
+        self.bytes_per_page = per_page * tp.size
+        # Recompute against swap, as one rank weighs them: its shard's FLOPs, its share of a page over the link.
         swap_cost = SwapCostModel.for_device(self.device.type, sum(p.numel() for p in self.model.parameters()),
-                                             per_page, mc.num_layers, mc.num_attention_heads, mc.head_dim)
+                                             per_page, mc.num_layers, self.model.shard.num_heads, mc.head_dim)
         self.scheduler = Scheduler.from_config(config.cache, config.scheduler, num_pages, per_page,
                                                self.max_model_len, self.eos_token_ids, swap_cost)
         self.kv = self.scheduler.kv
@@ -129,40 +129,27 @@ class LLMEngine:
         self.last_step: SchedulerOutput | None = None
         self.waste_stats = WasteStats()
         self.thrashing = ThrashingMonitor()
-        self.runner = ModelRunner(self.model, self.cache_shape, self.device, load.seed, self.eos_token_ids,
-                                  max_num_seqs=config.scheduler.max_num_seqs,
-                                  max_pages_per_seq=self.kv.pages_for_tokens(self.max_model_len),
-                                  num_host_pages=num_swap_pages(config.cache, config.scheduler, per_page),
-                                  options=self.runner_options)
         self.timings = StepTimings()
         self.request_counters = RequestCounters()
         self.outputs = OutputBuilder(self.tokenizer, self.scheduler.life, self.request_counters)
         self._request_ids = itertools.count()
         requested = config.scheduler.async_scheduling
         self.async_scheduling = self.device.type == "cuda" if requested is None else requested
-        self.loop = StepLoop(self.scheduler, RunnerExecutor(self.runner, self.timings), self.async_scheduling,
-                             self._after_step, self.timings)
+        self.loop = StepLoop(self.scheduler, RunnerExecutor(self.runner, self.timings, self.ranks),
+                             self.async_scheduling, self._after_step, self.timings)
 
     @property
     def runner_options(self) -> RunnerOptions:
-        return RunnerOptions(self.config.load.attention_backend, self.config.load.enforce_eager)
+        return runner_options(self.config)
 
-    def _size_kv_cache(self, bytes_per_page: int) -> int:
-        """Pages for the KV cache; on a GPU with no explicit size, after profiling the activations."""
-        cache, sched = self.config.cache, self.config.scheduler
-        explicit = cache.num_kv_blocks is not None or cache.kv_cache_memory is not None
-        activations = None
-        if self.device.type == "cuda" and not explicit:
-            activations = profile_activations(self.model, sched.max_num_batched_tokens, sched.max_num_seqs,
-                                              self.max_model_len, cache.block_size,
-                                              self.runner_options.attention_backend, self.device)
-        pages_per_seq = -(-self.max_model_len // cache.block_size)
-        return size_kv_cache_pages(
-            num_kv_blocks=cache.num_kv_blocks, kv_cache_memory=cache.kv_cache_memory,
-            gpu_memory_utilization=cache.gpu_memory_utilization, cpu_kv_cache_space=cache.cpu_kv_cache_space,
-            bytes_per_page=bytes_per_page, max_useful_bytes=sched.max_num_seqs * pages_per_seq * bytes_per_page,
-            device=self.device, activations=activations,
-            uses_graphs=self.runner_options.captures_graphs(self.device))
+    @property
+    def tensor_parallel_size(self) -> int:
+        return self.ranks.tp.size if self.ranks is not None else 1
+
+    def shutdown(self) -> None:
+        """Stop the follower ranks' processes (tensor parallelism); a one-device engine has none."""
+        if self.ranks is not None:
+            self.ranks.shutdown()
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> LLMEngine:
@@ -321,7 +308,8 @@ class LLMEngine:
             "kv_internal_fragmentation_slots": usage.internal_fragmentation_slots,
             "kv_internal_fragmentation": usage.internal_fragmentation,
             "kv_evictions": usage.num_evictions,
-            "kv_cache_bytes": self.cache_shape.bytes_per_page * usage.num_pages_total,
+            "kv_cache_bytes": self.bytes_per_page * usage.num_pages_total,
+            "tensor_parallel_size": self.tensor_parallel_size,
         }
         rc = self.request_counters
         metrics.update(num_requests_added=rc.num_requests_added, num_requests_finished=rc.num_requests_finished,

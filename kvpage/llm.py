@@ -97,6 +97,10 @@ class LLM:
             bar.close()
         return [finished[i] for i in ids]
 
+    def shutdown(self) -> None:
+        """Stop the engine's follower processes (tensor parallelism); also done at interpreter exit."""
+        self.engine.shutdown()
+
     def get_metrics(self) -> dict[str, float | int]:
         """Engine counters: preemptions, prefix-cache queries and hits, KV pages, step timings, ..."""
         return self.engine.get_metrics()

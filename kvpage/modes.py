@@ -26,6 +26,9 @@ DType = Literal["auto", "float32", "bfloat16", "float16"]
 # The digest of the prefix cache's chained page keys (see kvpage.kv.prefix_hash).
 PrefixHash = Literal["sha256", "builtin"]
 
+# The torch.distributed backend between tensor-parallel ranks: NCCL between GPUs, gloo between CPU processes.
+DistributedBackend = Literal["auto", "nccl", "gloo"]
+
 KV_LAYOUTS: tuple[KVLayout, ...] = get_args(KVLayout)
 HEADROOM_POLICIES: tuple[HeadroomPolicy, ...] = get_args(HeadroomPolicy)
 PREEMPTION_MODES: tuple[PreemptionMode, ...] = get_args(PreemptionMode)
@@ -33,3 +36,4 @@ ATTENTION_BACKENDS: tuple[AttentionBackend, ...] = get_args(AttentionBackend)
 ATTENTION_PATHS: tuple[AttentionPath, ...] = get_args(AttentionPath)
 DTYPES: tuple[DType, ...] = get_args(DType)
 PREFIX_HASHES: tuple[PrefixHash, ...] = get_args(PrefixHash)
+DISTRIBUTED_BACKENDS: tuple[DistributedBackend, ...] = get_args(DistributedBackend)

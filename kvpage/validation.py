@@ -53,3 +53,14 @@ def is_number(value: object) -> TypeGuard[int | float]:
 def is_positive_number(value: object) -> TypeGuard[int | float]:
     """A finite number > 0 (not a ``bool``)."""
     return is_number(value) and math.isfinite(value) and value > 0
+
+
+def check_tensor_parallel(size: int, heads: int, kv_heads: int, intermediate_size: int) -> None:
+    """Refuse a ``tensor_parallel_size`` a model's heads or MLP cannot be split by (the engine and the planner)."""
+    where = f"tensor_parallel_size={size}"
+    if heads % size:
+        raise ValueError(f"{where} must divide the model's num_attention_heads={heads}")
+    if kv_heads % size and size % kv_heads:
+        raise ValueError(f"{where} must divide the model's num_key_value_heads={kv_heads} or be a multiple of it")
+    if intermediate_size % size:
+        raise ValueError(f"{where} must divide the model's intermediate_size={intermediate_size}")

@@ -22,7 +22,7 @@ class PagedRunner:
 
     def __init__(self, model: CausalLM, num_pages: int = 96, seed: int = 0) -> None:
         config = model.config
-        shape = (num_pages, BLOCK_SIZE, config.num_kv_heads, config.head_dim)
+        shape = (num_pages, BLOCK_SIZE, model.shard.num_kv_heads, config.head_dim)  # this rank's KV heads
         self.model = model
         self.kv_caches = [
             (torch.full(shape, float("nan"), dtype=model.dtype), torch.full(shape, float("nan"), dtype=model.dtype))

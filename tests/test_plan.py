@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 
 from kvpage.plan.cost import (
+    FEATURES,
     HARDWARE,
     CalibratedCostModel,
+    Link,
     ModelShape,
     PhysicsCostModel,
     StepShape,
@@ -21,7 +23,7 @@ from kvpage.plan.onset import (
     replay_until_thrashing,
     scale_rate,
 )
-from kvpage.plan.replay import ReplaySettings, replay
+from kvpage.plan.replay import ReplaySettings, build_scheduler, replay
 from kvpage.plan.sweep import (
     layout_savings,
     offered_rate,
@@ -38,7 +40,7 @@ from kvpage.plan.trace import (
     synthetic_trace,
 )
 from kvpage.step_io import SchedulerOutput
-from kvpage.workloads import Workload
+from kvpage.workloads import Workload, WorkloadRequest
 
 DEMO = Path(__file__).resolve().parent.parent / "kvpage" / "assets" / "demo-model"
 LIMITS = TraceLimits(max_model_len=1024, vocab_size=4096)
@@ -445,3 +447,75 @@ def test_the_plan_command_collects_rarely_and_restores_the_collector() -> None:
     with pytest.raises(KeyError), rare_collections():
         raise KeyError("a failed replay")
     assert gc.get_threshold() == before
+
+
+# ----- tensor parallelism ------------------------------------------------------------------------------
+@pytest.mark.parametrize("options", [{"preemption_mode": "recompute"},
+                                     {"preemption_mode": "swap", "swap_space": 0.002}])
+def test_a_tensor_parallel_replay_equals_the_tensor_parallel_engine(options: dict[str, object]) -> None:
+    """Per-rank KV memory holds twice the pages at tp = 2 (one KV head a rank); the memory figures stay exact."""
+    from kvpage.bench.trace_run import run_trace
+    from kvpage.llm import LLM
+
+    # Short requests (a tensor-parallel step on 2 cores is collectives' latency): 8 x 5 pages into 24.
+    workload = Workload("short", "8 requests of 50 + 30 tokens", tuple(
+        WorkloadRequest(tuple(range(3 + i, 53 + i)), 30) for i in range(8)))
+    budget = 24 * 16 * MODEL.kv_bytes_per_token_per_rank(2)  # 24 pages of a rank's KV heads
+
+    def at(tp: int) -> ReplaySettings:
+        return ReplaySettings(options={"block_size": 16, "kv_cache_memory": budget, "tensor_parallel_size": tp,
+                                       **options}, max_model_len=1024, vocab_size=4096, device_type="cpu")
+
+    planned = replay(workload, at(2), CPU, MODEL)
+    assert (planned.num_pages, build_scheduler(at(1), MODEL)[1]) == (24, 12)
+    llm = LLM(device="cpu", kv_cache_memory=budget, block_size=16, tensor_parallel_size=2, **options)
+    try:
+        assert llm.get_metrics()["kv_blocks_total"] == 24
+        real = run_trace(llm, workload).metrics
+    finally:
+        llm.shutdown()
+    summary = planned.summary()
+    assert summary["num_preemptions"] == real["num_preemptions"] > 0
+    for key in ("num_recomputed_tokens", "num_swapped_out", "batch_size_mean", "kv_waste_mean", "kv_stored_mean"):
+        assert summary[key] == real[key], key
+
+
+def test_the_physics_model_splits_a_step_over_the_ranks_and_adds_their_collectives() -> None:
+    gpu = PhysicsCostModel(HARDWARE["h200"], replace(MODEL, dtype_bytes=2, num_parameters=8_000_000_000))
+    decode = StepShapeFor(batch=64, context=512)
+    one, two = gpu.step_time(decode), gpu.for_ranks(2).step_time(decode)
+    assert gpu.for_ranks(1) is gpu and "2 ranks over nvlink" in gpu.for_ranks(2).describe()
+    assert one / 2 < two < one  # half the weights a rank, plus the collectives
+    # The collectives: 2 all-reduces a layer and the embedding's, and the logits' gather, each at least a latency.
+    slow = replace(gpu, link=Link("slow", 1e30, 1e-3)).for_ranks(2)
+    fast = replace(gpu, link=Link("free", 1e30, 0.0)).for_ranks(2)
+    assert slow.step_time(decode) - fast.step_time(decode) == pytest.approx((2 * MODEL.num_layers + 2) * 1e-3)
+    # Past the KV head count each rank still holds one KV head: replicated, not split further.
+    assert MODEL.num_kv_heads == 2 and MODEL.kv_bytes_per_token_per_rank(4) == MODEL.kv_bytes_per_token_per_rank(2)
+
+
+def StepShapeFor(batch: int, context: int) -> StepShape:  # noqa: N802 - reads as the shape it builds
+    return StepShape(batch, 0, batch, batch, batch * context, batch * context, batch * context)
+
+
+def test_a_calibration_times_its_own_rank_count_only(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from kvpage.cli import main
+
+    fitted = replace(CalibratedCostModel(tuple([1e-3] + [1e-6] * len(FEATURES)), device="cpu"),
+                     tensor_parallel_size=2)
+    path = tmp_path / "tp2.json"
+    fitted.save(path)
+    assert CalibratedCostModel.load(path).tensor_parallel_size == 2 and "2 ranks" in fitted.describe()
+    with pytest.raises(ValueError, match="calibrated at tensor_parallel_size=2 and cannot time 1 ranks"):
+        replay(synthetic_trace("uniform", 4, None, LIMITS), settings(), fitted, MODEL)
+    common = ["plan", "--synthetic", "uniform", "--num", "20", "--kv-tokens", "2048", "--rate-factors", "",
+              "--no-layouts", "--json", "--out", str(tmp_path / "out")]
+    assert main([*common, "--cost-model", str(path)]) == 0  # its rank count is the default
+    assert json.loads(capsys.readouterr().out)["base"]["num_generated_tokens"] > 0
+    assert main([*common, "--cost-model", str(path), "-tp", "1"]) == 1
+    assert "calibrated at tensor_parallel_size=2" in capsys.readouterr().err
+    assert main([*common, "--hardware", "cpu", "-tp", "3"]) == 1  # the demo model's 2 KV heads
+    assert "tensor_parallel_size=3 must divide the model's num_key_value_heads=2" in capsys.readouterr().err
+    assert main([*common, "--hardware", "cpu", "--sweep", "tensor_parallel_size=1,2", "--link", "pcie"]) == 0
+    points = json.loads(capsys.readouterr().out)["sweep"]
+    assert [p["setting"] for p in points] == [{"tensor_parallel_size": 1}, {"tensor_parallel_size": 2}]

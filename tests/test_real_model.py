@@ -100,6 +100,17 @@ def test_greedy_chat_from_the_hf_directory_matches_transformers(real_model: Any,
     assert llm.engine.eos_token_ids == (real_model.tokenizer.convert_tokens_to_ids(EOS),)
 
 
+def test_greedy_chat_over_three_tensor_parallel_ranks_matches_transformers(
+        real_model: Any, references: dict[str, list[int]]) -> None:
+    # SmolLM2's 9 query and 3 KV heads split over 3 ranks (gloo, one process each), its 49152-token vocabulary too.
+    llm = LLM(model=str(real_model.hf_dir), max_num_seqs=4, dtype="float32", tensor_parallel_size=3)
+    try:
+        assert (llm.engine.model.shard.num_heads, llm.engine.cache_shape.num_kv_heads) == (3, 1)
+        check_greedy_matches(llm, real_model, references)
+    finally:
+        llm.shutdown()
+
+
 def test_greedy_chat_from_the_gguf_file_matches_transformers(real_model: Any, references: dict[str, list[int]],
                                                              caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="kvpage"):

@@ -81,7 +81,8 @@ def test_one_bad_value_per_part(build: Callable[[], object], message: str) -> No
 def test_every_config_field_has_a_docstring() -> None:
     tree = ast.parse(inspect.getsource(config))
     classes = [node for node in tree.body if isinstance(node, ast.ClassDef) and node.name.endswith("Config")]
-    assert {c.name for c in classes} == {"LoadConfig", "CacheConfig", "SchedulerConfig", "EngineConfig"}
+    assert {c.name for c in classes} == {"LoadConfig", "CacheConfig", "SchedulerConfig", "ParallelConfig",
+                                         "EngineConfig"}
     for klass in classes:
         body = klass.body
         for i, node in enumerate(body):

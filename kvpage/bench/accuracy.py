@@ -59,8 +59,11 @@ def measure_accuracy(new_llm: Callable[[], LLM], workloads: list[tuple[str, Work
     for repeat in range(grid.repeats):
         calibrated = new_llm()  # a fresh engine, as `kvpage bench --calibrate` starts one
         samples += measure_steps(calibrated, one_repeat, seed=repeat, clock=clock)
+        calibrated.shutdown()  # a tensor-parallel engine's ranks: one engine a process at a time
         for name, workload in workloads:
-            runs[name].append(run_trace(new_llm(), workload, clock))
+            llm = new_llm()
+            runs[name].append(run_trace(llm, workload, clock))
+            llm.shutdown()
     assert calibrated is not None  # grid.repeats >= 1, checked above
     cost = fit_steps(calibrated, samples)
     rows = []

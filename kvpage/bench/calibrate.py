@@ -91,7 +91,8 @@ def fit_steps(llm: LLM, samples: list[tuple[StepShape, float]]) -> CalibratedCos
     engine = llm.engine
     link = 2.5e10 if engine.device.type == "cuda" else 1e10
     return CalibratedCostModel.fit(samples, link_bytes_per_s=link, device=str(engine.device),
-                                   model=str(engine.model_dir), async_scheduling=engine.async_scheduling)
+                                   model=str(engine.model_dir), async_scheduling=engine.async_scheduling,
+                                   tensor_parallel_size=engine.tensor_parallel_size)
 
 
 def calibrate(llm: LLM, grid: CalibrationGrid | None = None) -> CalibratedCostModel:

@@ -203,6 +203,7 @@ def run_bench(config: BenchConfig, progress: Any = None) -> BenchResults:
             say(f"{name} on {layout} ({len(workload.requests)} requests)")
             results.cases.append(run_case(llm, workload, layout, timeline=results.timeline(f"{name} / {layout}")))
             engine.kv.reset_prefix_cache()  # each workload starts cold
+        llm.shutdown()  # a tensor-parallel engine's ranks, before the next engine starts its own
     assert results is not None  # validate() requires a layout
     for mode in config.preemption_modes if "paged" in config.layouts else ():
         if mode == "recompute":
@@ -214,6 +215,7 @@ def run_bench(config: BenchConfig, progress: Any = None) -> BenchResults:
             results.preemption.append(run_case(llm, workload, "paged",
                                                timeline=results.timeline(f"{name} / paged, {mode}")))
             llm.engine.kv.reset_prefix_cache()
+        llm.shutdown()
     if (config.sharing_ns or config.beam_widths) and "paged" in config.layouts:
         llm = new_llm(config, "paged")
         runs = [(n, 0) for n in config.sharing_ns] + [(1, width) for width in config.beam_widths]
@@ -226,6 +228,7 @@ def run_bench(config: BenchConfig, progress: Any = None) -> BenchResults:
                 results.sharing.append(run_case(llm, base, "paged", n=n, beam_width=width,
                                                 timeline=results.timeline(f"{name} / paged, {what}")))
                 llm.engine.kv.reset_prefix_cache()
+        llm.shutdown()
     return results
 
 

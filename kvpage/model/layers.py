@@ -8,6 +8,11 @@ through the page tables.  The MLP is SiLU-gated with a fused gate/up
 matrix. The small per-token steps are :mod:`kvpage.ops.fused` (torch
 reference, or one Triton kernel each on a GPU).
 
+Under tensor parallelism a layer holds its rank's shard
+(:mod:`kvpage.model.shard`): its heads and MLP rows. The output
+projections are :class:`RowParallelLinear`, whose partial sums one
+all-reduce completes; on one rank that is a plain ``F.linear``.
+
 Parameters are allocated uninitialized; :mod:`kvpage.model.loader` fills
 every one of them from a checkpoint (and checks that none is left out).
 """
@@ -20,10 +25,13 @@ from torch import nn
 
 from kvpage.model.config import ModelConfig
 from kvpage.model.rope import StepRope
+from kvpage.model.shard import ModelShard
 from kvpage.ops import AttentionMetadata, paged_attention
+from kvpage.ops.collectives import TPGroup
 from kvpage.ops.fused import add_rms_norm, qkv_norm_rope_cache, silu_and_mul
 
-__all__ = ["Attention", "DecoderLayer", "GatedMLP", "Linear", "RMSNorm", "empty_parameter", "linear_weight"]
+__all__ = ["Attention", "DecoderLayer", "GatedMLP", "Linear", "RMSNorm", "RowParallelLinear", "empty_parameter",
+           "linear_weight"]
 
 
 def empty_parameter(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
@@ -63,6 +71,24 @@ class Linear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
+class RowParallelLinear(Linear):
+    """A linear layer split by input columns: each rank's partial product, summed over the group.
+
+    The bias is added once, after the sum. On one rank it is :class:`Linear`.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, tp: TPGroup, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        super().__init__(in_features, out_features, bias=bias, dtype=dtype, device=device)
+        self.tp = tp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return F.linear(x, self.weight, self.bias)
+        out = self.tp.all_reduce(F.linear(x, self.weight))
+        return out if self.bias is None else out + self.bias
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square normalization over the last dimension, computed in float32.
 
@@ -85,11 +111,12 @@ class Attention(nn.Module):
     """Grouped-query self-attention that reads and writes the paged KV cache."""
 
     def __init__(
-        self, config: ModelConfig, sliding_window: int | None, *, dtype: torch.dtype, device: torch.device
+        self, config: ModelConfig, sliding_window: int | None, shard: ModelShard, tp: TPGroup, *,
+        dtype: torch.dtype, device: torch.device
     ) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_kv_heads
+        self.num_heads = shard.num_heads
+        self.num_kv_heads = shard.num_kv_heads
         self.head_dim = config.head_dim
         self.scale = config.head_dim**-0.5
         self.eps = config.rms_norm_eps
@@ -103,8 +130,8 @@ class Attention(nn.Module):
             dtype=dtype,
             device=device,
         )
-        self.o_proj = Linear(
-            self.q_size, config.hidden_size, bias=config.attention_output_bias, dtype=dtype, device=device
+        self.o_proj = RowParallelLinear(
+            self.q_size, config.hidden_size, bias=config.attention_output_bias, tp=tp, dtype=dtype, device=device
         )
         self.q_norm: RMSNorm | None = None
         self.k_norm: RMSNorm | None = None
@@ -136,14 +163,13 @@ class Attention(nn.Module):
 class GatedMLP(nn.Module):
     """``down(silu(gate(x)) * up(x))`` with gate and up fused into one matrix."""
 
-    def __init__(self, config: ModelConfig, *, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, config: ModelConfig, shard: ModelShard, tp: TPGroup, *, dtype: torch.dtype,
+                 device: torch.device) -> None:
         super().__init__()
-        self.gate_up_proj = Linear(
-            config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias, dtype=dtype, device=device
-        )
-        self.down_proj = Linear(
-            config.intermediate_size, config.hidden_size, bias=config.mlp_bias, dtype=dtype, device=device
-        )
+        rows = shard.intermediate_size
+        self.gate_up_proj = Linear(config.hidden_size, 2 * rows, bias=config.mlp_bias, dtype=dtype, device=device)
+        self.down_proj = RowParallelLinear(rows, config.hidden_size, bias=config.mlp_bias, tp=tp, dtype=dtype,
+                                           device=device)
 
     def forward(self, x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x), backend))
@@ -158,16 +184,17 @@ class DecoderLayer(nn.Module):
     layer) and returns its own pair.
     """
 
-    def __init__(self, config: ModelConfig, layer_index: int, *, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, config: ModelConfig, layer_index: int, shard: ModelShard, tp: TPGroup, *,
+                 dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, device=device)
         self.self_attn = Attention(
-            config, config.sliding_windows[layer_index], dtype=dtype, device=device
+            config, config.sliding_windows[layer_index], shard, tp, dtype=dtype, device=device
         )
         self.post_attention_layernorm = RMSNorm(
             config.hidden_size, config.rms_norm_eps, dtype=dtype, device=device
         )
-        self.mlp = GatedMLP(config, dtype=dtype, device=device)
+        self.mlp = GatedMLP(config, shard, tp, dtype=dtype, device=device)
 
     def forward(
         self,

@@ -25,6 +25,7 @@ from safetensors import safe_open
 
 from kvpage.model.config import ModelConfig
 from kvpage.model.llama import CausalLM, CheckpointSlice
+from kvpage.ops.collectives import TPGroup
 
 __all__ = ["SUPPORTED_DTYPES", "find_safetensors_files", "load_model", "load_model_from_tensors", "resolve_dtype"]
 
@@ -93,9 +94,10 @@ def find_safetensors_files(model_dir: Path) -> list[Path]:
 
 
 def load_model(
-    model_dir: str | os.PathLike[str], dtype: torch.dtype | str, device: torch.device | str
+    model_dir: str | os.PathLike[str], dtype: torch.dtype | str, device: torch.device | str,
+    tp: TPGroup | None = None,
 ) -> CausalLM:
-    """Build a :class:`CausalLM` from a Hugging Face checkpoint directory.
+    """Build a :class:`CausalLM` from a Hugging Face checkpoint directory (``tp``: this rank's shard of it).
 
     ``dtype`` may also be a name accepted by :func:`resolve_dtype`, including ``"auto"``.
     """
@@ -104,7 +106,7 @@ def load_model(
         raise FileNotFoundError(f"model_dir {str(model_dir)!r} does not exist or is not a directory")
     config = ModelConfig.from_model_dir(directory)
     files = find_safetensors_files(directory)
-    model = CausalLM(config, dtype=resolve_dtype(dtype, config, device), device=torch.device(device))
+    model = CausalLM(config, dtype=resolve_dtype(dtype, config, device), device=torch.device(device), tp=tp)
     slices = model.checkpoint_slices()
 
     seen: dict[str, Path] = {}
@@ -126,11 +128,11 @@ def load_model(
 
 def load_model_from_tensors(
     config: ModelConfig, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype, device: torch.device | str,
-    where: str,
+    where: str, tp: TPGroup | None = None,
 ) -> CausalLM:
     """Build a :class:`CausalLM` from tensors in memory under Hugging Face names (a GGUF file's, dequantized
     by transformers), as strictly as :func:`load_model` reads a directory."""
-    model = CausalLM(config, dtype=dtype, device=torch.device(device))
+    model = CausalLM(config, dtype=dtype, device=torch.device(device), tp=tp)
     slices = model.checkpoint_slices()
     for name in _loaded_names(config, slices, list(tensors), where):
         _copy_weight(slices[name], name, tensors[name], where)
@@ -159,12 +161,12 @@ def _loaded_names(
 
 
 def _copy_weight(target: CheckpointSlice, name: str, tensor: torch.Tensor, where: str) -> None:
-    expected_shape = (target.rows, *target.parameter.shape[1:])
+    expected_shape = target.source_shape()
     if tuple(tensor.shape) != expected_shape:
         raise ValueError(
             f"weight {name!r} in {where} has shape {tuple(tensor.shape)}, expected {expected_shape} for this config"
         )
-    target.parameter.data[target.row_start : target.row_start + target.rows].copy_(tensor)
+    target.parameter.data[target.row_start : target.row_start + target.rows].copy_(target.take(tensor))
 
 
 def _preview(names: list[str], limit: int = 8) -> str:

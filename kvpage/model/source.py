@@ -33,6 +33,7 @@ from kvpage.model.config import ModelConfig, parse_token_ids
 from kvpage.model.demo_model import demo_model_dir
 from kvpage.model.llama import CausalLM
 from kvpage.model.loader import load_model, load_model_from_tensors, resolve_dtype
+from kvpage.ops.collectives import TPGroup
 
 __all__ = ["GGUFFile", "HFDirectory", "LoadedModel", "ModelSource", "load_tokenizer", "open_model_source"]
 
@@ -57,8 +58,14 @@ class ModelSource(Protocol):
     @property
     def path(self) -> Path: ...
 
-    def load(self, dtype: str | torch.dtype, device: torch.device, tokenizer: str | None) -> LoadedModel:
-        """Build the model in ``dtype`` ("auto" resolved as :func:`resolve_dtype` does) on ``device``."""
+    def read_config(self) -> ModelConfig:
+        """The model's config alone, without loading weights (checks before anything slow)."""
+        ...
+
+    def load(self, dtype: str | torch.dtype, device: torch.device, tokenizer: str | None,
+             tp: TPGroup | None = None) -> LoadedModel:
+        """Build the model in ``dtype`` ("auto" resolved as :func:`resolve_dtype` does) on ``device``;
+        with ``tp``, this rank's shard of it."""
         ...
 
 
@@ -93,10 +100,14 @@ class HFDirectory:
 
     path: Path
 
-    def load(self, dtype: str | torch.dtype, device: torch.device, tokenizer: str | None) -> LoadedModel:
-        config = ModelConfig.from_model_dir(self.path)
+    def read_config(self) -> ModelConfig:
+        return ModelConfig.from_model_dir(self.path)
+
+    def load(self, dtype: str | torch.dtype, device: torch.device, tokenizer: str | None,
+             tp: TPGroup | None = None) -> LoadedModel:
+        config = self.read_config()
         model_dtype = resolve_dtype(dtype, config, device)
-        model = load_model(self.path, model_dtype, device)
+        model = load_model(self.path, model_dtype, device, tp)
         return LoadedModel(config, model, model_dtype, load_tokenizer(Path(tokenizer) if tokenizer else self.path),
                            read_eos_token_ids(self.path, config))
 
@@ -107,12 +118,16 @@ class GGUFFile:
 
     path: Path
 
-    def load(self, dtype: str | torch.dtype, device: torch.device, tokenizer: str | None) -> LoadedModel:
-        metadata = read_gguf_metadata(self.path)
+    def read_config(self) -> ModelConfig:
         # The metadata's config gets the checks (and the one-line refusals) a directory's config.json gets,
         # before the slow dequantization. Dequantized weights are float32: "auto" is float32 on a CPU and
         # bfloat16 on a GPU.
-        early = ModelConfig.from_dict({**metadata.config, "dtype": "float32"})
+        return ModelConfig.from_dict({**read_gguf_metadata(self.path).config, "dtype": "float32"})
+
+    def load(self, dtype: str | torch.dtype, device: torch.device, tokenizer: str | None,
+             tp: TPGroup | None = None) -> LoadedModel:
+        metadata = read_gguf_metadata(self.path)
+        early = self.read_config()
         from transformers import AutoModelForCausalLM
 
         model_dtype = resolve_dtype(dtype, early, device)
@@ -123,7 +138,7 @@ class GGUFFile:
         config = ModelConfig.from_dict(raw)
         eos = parse_token_ids(hf_model.generation_config.eos_token_id) or config.eos_token_ids
         model = load_model_from_tensors(config, hf_model.state_dict(), model_dtype, device,
-                                        f"GGUF file {str(self.path)!r}")
+                                        f"GGUF file {str(self.path)!r}", tp)
         del hf_model
         logger.info("dequantized %s (%s: %s) to %s", self.path.name, metadata.architecture,
                     metadata.describe_types(), str(model_dtype).removeprefix("torch."))

@@ -18,7 +18,7 @@ from kvpage.config import KV_LAYOUTS
 from kvpage.dashboard import Timeline, write_offline_page
 from kvpage.gguf_metadata import is_gguf_path, read_gguf_metadata
 from kvpage.modes import KVLayout
-from kvpage.plan.cost import HARDWARE, CalibratedCostModel, ModelShape, PhysicsCostModel
+from kvpage.plan.cost import HARDWARE, LINKS, CalibratedCostModel, Link, ModelShape, PhysicsCostModel
 from kvpage.plan.onset import OnsetSearch, fast_thrashing_onset
 from kvpage.plan.replay import REPLAY_PREFIX_HASH, CostModel, ReplaySettings, replay
 from kvpage.plan.report import PlanReport, table, to_json, write_report
@@ -37,7 +37,7 @@ from kvpage.workloads import WORKLOAD_NAMES, Workload
 
 ENGINE_FLAGS = ("block_size", "max_num_seqs", "max_num_batched_tokens", "admission_cap", "headroom_policy",
                 "watermark", "preemption_mode", "swap_space", "kv_layout", "enable_prefix_caching",
-                "prefix_caching_hash_algo", "async_scheduling")
+                "prefix_caching_hash_algo", "async_scheduling", "tensor_parallel_size")
 
 
 def add_plan_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -76,9 +76,18 @@ def add_plan_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser
                              "no decode fast-forward, so about 2.5x slower (default: the order of the engine "
                              "--cost-model was measured on, else synchronous)")
     engine.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false")
+    engine.add_argument("-tp", "--tensor-parallel-size", type=int, default=None,
+                        help="ranks the model and its KV heads are split over; --kv-memory is each rank's "
+                             "(default: the --cost-model engine's, else 1)")
+    plan.add_argument("--link", default=None, choices=sorted(LINKS),
+                      help="the ranks' interconnect for tensor parallelism (default: nvlink on GPU presets, "
+                           "cpu on the cpu preset)")
+    plan.add_argument("--link-bandwidth", type=float, default=None, help="override: bytes/s of each rank's link")
+    plan.add_argument("--link-latency", type=float, default=None, help="override: seconds a collective costs at least")
     plan.add_argument("--sweep", nargs="*", default=[], metavar="NAME=V1,V2",
                       help="settings to sweep: block_size, admission_cap, kv_memory, kv_tokens, max_num_seqs, "
-                           "max_num_batched_tokens, preemption_mode, headroom_policy, watermark, kv_layout")
+                           "max_num_batched_tokens, preemption_mode, headroom_policy, watermark, kv_layout, "
+                           "tensor_parallel_size")
     plan.add_argument("--slo", default="", help="e.g. ttft_p99=2s,tpot_p99=100ms: the recommendation must meet it")
     plan.add_argument("--rate-factors", default="0.5,1,2,4,8",
                       help="replay at these multiples of the trace's rate to find where thrashing starts ('' skips)")
@@ -112,6 +121,19 @@ def model_config_dict(path: Path) -> dict[str, Any]:
     return config
 
 
+def ranks_link(args: argparse.Namespace) -> Link | None:
+    """The tensor-parallel link of the command line: a preset, its numbers overridden (None: the hardware's)."""
+    if args.link is None and args.link_bandwidth is None and args.link_latency is None:
+        return None
+    base = LINKS[args.link or ("cpu" if args.hardware == "cpu" else "nvlink")]
+    bandwidth = base.bytes_per_s if args.link_bandwidth is None else args.link_bandwidth
+    latency = base.latency_s if args.link_latency is None else args.link_latency
+    if bandwidth <= 0 or latency < 0:
+        raise ValueError(f"--link-bandwidth must be > 0 and --link-latency >= 0, got {bandwidth} and {latency}")
+    return Link(base.name if (args.link_bandwidth, args.link_latency) == (None, None) else f"{base.name} (custom)",
+                bandwidth, latency)
+
+
 @dataclass
 class PlanInputs:
     """What the command line describes: the trace, the engine settings, the cost model and the rate factors."""
@@ -134,7 +156,7 @@ def plan_inputs(args: argparse.Namespace) -> PlanInputs:
     device = calibrated.device if calibrated is not None else args.hardware
     device_type = "cpu" if device.startswith("cpu") else "cuda"
     model = ModelShape.from_dict(config, args.dtype_bytes or (4 if device_type == "cpu" else 2))
-    cost: CostModel = calibrated or PhysicsCostModel(HARDWARE[args.hardware], model)
+    cost: CostModel = calibrated or PhysicsCostModel(HARDWARE[args.hardware], model, link=ranks_link(args))
     max_len = args.max_model_len or config.get("max_position_embeddings", 4096)
     limits = TraceLimits(max_model_len=max_len, vocab_size=config.get("vocab_size", 32000))
     if (args.trace is None) == (args.synthetic is None):
@@ -149,6 +171,8 @@ def plan_inputs(args: argparse.Namespace) -> PlanInputs:
         raise ValueError("give --kv-memory or --kv-tokens, not both")
     options = {name: getattr(args, name) for name in ENGINE_FLAGS}
     options["max_model_len"] = max_len
+    if options["tensor_parallel_size"] is None:
+        options["tensor_parallel_size"] = calibrated.tensor_parallel_size if calibrated is not None else 1
     if args.kv_tokens is None:
         options["kv_cache_memory"] = parse_bytes(args.kv_memory or "8GiB")
     settings = ReplaySettings(options=options, kv_tokens=args.kv_tokens, max_model_len=max_len,

@@ -10,19 +10,26 @@ and bytes swapped.  Two models turn a shape into seconds:
     its FLOPs over the peak (``2 x parameters`` a token plus attention) and
     its bytes over the bandwidth (the weights once, plus the K/V read),
     each at an achievable fraction of the peak, plus a fixed host overhead
-    a step and a sequence, plus swap traffic over the host link.
+    a step and a sequence, plus swap traffic over the host link.  Under
+    tensor parallelism (``tensor_parallel_size``) each rank computes and
+    reads its share (its weights, its KV heads) and a step adds its
+    collectives over the ranks' :class:`Link`: two all-reduces a layer and
+    one for the embedding, of the step's hidden states, and the logits'
+    all-gather, each a latency plus a ring's bytes over the bandwidth.
 
 :class:`CalibratedCostModel`
     A linear fit, with non-negative coefficients, of step times measured on
     the real engine (``kvpage bench --calibrate``), saved as a small JSON
-    file that ``kvpage plan --cost-model FILE`` loads.
+    file that ``kvpage plan --cost-model FILE`` loads.  A calibration of a
+    tensor-parallel engine has its collectives in its coefficients, and
+    stands for that rank count only.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -65,10 +72,18 @@ class ModelShape:
     num_kv_heads: int
     head_dim: int
     dtype_bytes: int = 2
+    hidden_size: int = 0  # what an all-reduce of tensor parallelism moves a token
+    vocab_size: int = 0  # what the logits' all-gather moves a sampled row
+    intermediate_size: int = 0
 
     @property
     def kv_bytes_per_token(self) -> int:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
+
+    def kv_bytes_per_token_per_rank(self, tensor_parallel_size: int) -> int:
+        """One rank's K/V bytes a token: its share of the KV heads, one at least (replicated past their count)."""
+        heads = max(self.num_kv_heads // tensor_parallel_size, 1)
+        return 2 * self.num_layers * heads * self.head_dim * self.dtype_bytes
 
     @property
     def weight_bytes(self) -> int:
@@ -89,7 +104,34 @@ class ModelShape:
         inter, vocab = c["intermediate_size"], c["vocab_size"]
         per_layer = hidden * (heads + 2 * kv_heads) * head_dim + heads * head_dim * hidden + 3 * hidden * inter
         embeddings = vocab * hidden * (1 if c.get("tie_word_embeddings", False) else 2)
-        return cls(layers * per_layer + embeddings, layers, heads, kv_heads, head_dim, dtype_bytes)
+        return cls(layers * per_layer + embeddings, layers, heads, kv_heads, head_dim, dtype_bytes, hidden, vocab,
+                   inter)
+
+
+@dataclass(frozen=True)
+class Link:
+    """How fast tensor-parallel ranks talk: a collective's fixed latency and the bytes a second of each rank."""
+
+    name: str
+    bytes_per_s: float
+    latency_s: float
+
+    def all_reduce(self, nbytes: float, ranks: int) -> float:
+        """A ring all-reduce: each rank sends and receives 2 (ranks - 1) / ranks of the tensor."""
+        return self.latency_s + 2.0 * (ranks - 1) / ranks * nbytes / self.bytes_per_s
+
+    def all_gather(self, nbytes: float, ranks: int) -> float:
+        """``nbytes`` in all, gathered: each rank receives the (ranks - 1) / ranks it does not hold."""
+        return self.latency_s + (ranks - 1) / ranks * nbytes / self.bytes_per_s
+
+
+LINKS = {
+    # Achievable bus bandwidth of NCCL's ring, not the marketing figure: NVLink 4 (H100/H200), PCIe 5 x16.
+    "nvlink": Link("nvlink", 3.6e11, 1.5e-5),
+    "pcie": Link("pcie", 2.5e10, 2.5e-5),
+    # gloo between processes of one host, over loopback TCP.
+    "cpu": Link("cpu", 2e9, 1.5e-4),
+}
 
 
 @dataclass(frozen=True)
@@ -118,7 +160,17 @@ HARDWARE = {
 class PhysicsCostModel:
     hardware: Hardware
     model: ModelShape
+    tensor_parallel_size: int = 1
+    link: Link | None = None  # between the ranks; None: the hardware's usual one (NVLink on GPUs)
     async_scheduling = False  # a preset knows no engine: the replay's order is what the settings say
+
+    def for_ranks(self, tensor_parallel_size: int) -> PhysicsCostModel:
+        return self if tensor_parallel_size == self.tensor_parallel_size else \
+            replace(self, tensor_parallel_size=tensor_parallel_size)
+
+    @property
+    def ranks_link(self) -> Link:
+        return self.link or LINKS["cpu" if self.hardware.name == "cpu" else "nvlink"]
 
     def step_time(self, shape: StepShape) -> float:
         seconds = self._timer(shape.num_seqs, shape.num_tokens)(shape.attention_pairs, shape.kv_tokens_read)
@@ -130,13 +182,14 @@ class PhysicsCostModel:
 
     def _timer(self, num_seqs: int, num_tokens: int) -> Callable[[int, int], float]:
         """Seconds of a step of these sequences and tokens, given (attention pairs, K/V tokens read); no swap."""
-        hw, m = self.hardware, self.model
-        weight_flops = 2.0 * m.num_parameters * num_tokens
-        attention_flops = 4.0 * m.num_layers * m.num_heads * m.head_dim
+        hw, m, tp = self.hardware, self.model, self.tensor_parallel_size
+        # Each rank: its share of the weights' FLOPs and bytes, its query heads' attention, its KV heads' bytes.
+        weight_flops = 2.0 * m.num_parameters * num_tokens / tp
+        attention_flops = 4.0 * m.num_layers * m.num_heads * m.head_dim / tp
         flop_rate = hw.peak_flops * hw.flops_efficiency
         byte_rate = hw.memory_bytes_per_s * hw.bandwidth_efficiency
-        weights, kv_bytes = m.weight_bytes, m.kv_bytes_per_token
-        host = hw.step_overhead_s + hw.seq_overhead_s * num_seqs
+        weights, kv_bytes = m.weight_bytes / tp, m.kv_bytes_per_token_per_rank(tp)
+        host = hw.step_overhead_s + hw.seq_overhead_s * num_seqs + self._collectives(num_tokens, num_seqs)
 
         def seconds(attention_pairs: int, kv_tokens_read: int) -> float:
             flops = weight_flops + attention_flops * attention_pairs
@@ -145,8 +198,20 @@ class PhysicsCostModel:
 
         return seconds
 
+    def _collectives(self, num_tokens: int, num_sampled: int) -> float:
+        """Seconds of a step's collectives: 2 all-reduces a layer and the embedding's, then the logits' gather."""
+        tp, m = self.tensor_parallel_size, self.model
+        if tp == 1:
+            return 0.0
+        link = self.ranks_link
+        hidden_bytes = float(num_tokens * m.hidden_size * m.dtype_bytes)
+        return (2 * m.num_layers + 1) * link.all_reduce(hidden_bytes, tp) \
+            + link.all_gather(float(num_sampled * m.vocab_size * m.dtype_bytes), tp)
+
     def describe(self) -> str:
-        return f"physics, {self.hardware.name} preset"
+        ranks = f", {self.tensor_parallel_size} ranks over {self.ranks_link.name}" \
+            if self.tensor_parallel_size > 1 else ""
+        return f"physics, {self.hardware.name} preset{ranks}"
 
 
 @dataclass(frozen=True)
@@ -162,6 +227,14 @@ class CalibratedCostModel:
     # The engine measured overlapped its steps (asynchronous scheduling, its default on a GPU): its steps'
     # times are the pipeline's period, and a replay with this model follows that step order by default.
     async_scheduling: bool = False
+    tensor_parallel_size: int = 1  # the engine's ranks: its collectives are in the coefficients
+
+    def for_ranks(self, tensor_parallel_size: int) -> CalibratedCostModel:
+        if tensor_parallel_size != self.tensor_parallel_size:
+            raise ValueError(f"the cost model was calibrated at tensor_parallel_size={self.tensor_parallel_size} "
+                             f"and cannot time {tensor_parallel_size} ranks; calibrate that engine "
+                             f"(kvpage bench --calibrate -tp {tensor_parallel_size}) or use a --hardware preset")
+        return self
 
     def step_time(self, shape: StepShape) -> float:
         timer = self._timer(shape.num_seqs, shape.num_prefill_seqs, shape.num_tokens, shape.num_sampled)
@@ -190,6 +263,7 @@ class CalibratedCostModel:
 
     def describe(self) -> str:
         order = ", asynchronous scheduling" if self.async_scheduling else ""
+        order += f", {self.tensor_parallel_size} ranks" if self.tensor_parallel_size > 1 else ""
         return (f"calibrated on {self.device}{order} ({self.num_samples} steps, "
                 f"mean error {self.mean_abs_error:.1%})")
 
@@ -210,7 +284,7 @@ class CalibratedCostModel:
 
     @classmethod
     def fit(cls, samples: list[tuple[StepShape, float]], link_bytes_per_s: float = 1e10, device: str = "",
-            model: str = "", async_scheduling: bool = False) -> CalibratedCostModel:
+            model: str = "", async_scheduling: bool = False, tensor_parallel_size: int = 1) -> CalibratedCostModel:
         """Least squares, then again without the outliers (a pause of the host, say).
 
         A step more than three times the median relative error off the
@@ -225,7 +299,7 @@ class CalibratedCostModel:
         fitted = cls._fit(kept if len(kept) > len(FEATURES) else samples)
         error = sum(abs(fitted.step_time(s) - t) / t for s, t in samples) / len(samples)
         return cls(fitted.coefficients, link_bytes_per_s, device, model, num_samples=len(samples),
-                   mean_abs_error=error, async_scheduling=async_scheduling)
+                   mean_abs_error=error, async_scheduling=async_scheduling, tensor_parallel_size=tensor_parallel_size)
 
     @classmethod
     def _fit(cls, samples: list[tuple[StepShape, float]]) -> CalibratedCostModel:

@@ -42,6 +42,7 @@ from kvpage.sampling_params import SamplingParams
 from kvpage.sched import Request, Scheduler, Sequence, StepLoop
 from kvpage.sched.preemption import SwapCostModel
 from kvpage.step_io import PageOpKind, SampledToken, SchedulerOutput
+from kvpage.validation import check_tensor_parallel
 from kvpage.workloads import Workload, WorkloadRequest
 
 
@@ -51,6 +52,10 @@ class CostModel(Protocol):
         """Measured on an engine that overlapped its steps: replays follow that order (ReplaySettings.ordered_by)."""
 
     def step_time(self, shape: StepShape) -> float: ...
+
+    def for_ranks(self, tensor_parallel_size: int) -> CostModel:
+        """This model for an engine of ``tensor_parallel_size`` ranks (ValueError if it cannot say)."""
+        ...
 
     def decode_step(self, batch: int) -> DecodeTimer:
         """The seconds of a decode-only step of ``batch`` sequences, as a function of its K/V sums (the same floats)."""
@@ -82,6 +87,10 @@ class ReplaySettings:
         it a replay runs about 2.5 times slower.
         """
         return bool(self.options.get("async_scheduling"))
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        return int(self.options.get("tensor_parallel_size", 1))
 
     def ordered_by(self, cost: CostModel) -> ReplaySettings:
         """These settings, in the step order of the engine ``cost`` was measured on unless they name one.
@@ -196,7 +205,8 @@ def build_scheduler(settings: ReplaySettings, model: ModelShape) -> tuple[Schedu
     options.setdefault("prefix_caching_hash_algo", REPLAY_PREFIX_HASH)
     config = EngineConfig.from_kwargs(**options)
     cache, sched_config = config.cache, config.scheduler
-    bytes_per_page = model.kv_bytes_per_token * cache.block_size
+    # KV memory is each rank's, as the engine's: a rank's page holds its share of the KV heads.
+    bytes_per_page = model.kv_bytes_per_token_per_rank(config.parallel.tensor_parallel_size) * cache.block_size
     if settings.kv_tokens is not None:
         num_pages = settings.kv_tokens // cache.block_size
     elif cache.num_kv_blocks is not None:
@@ -207,8 +217,12 @@ def build_scheduler(settings: ReplaySettings, model: ModelShape) -> tuple[Schedu
         raise ValueError("give the KV size: kv_tokens, kv_cache_memory or num_kv_blocks")
     if num_pages < 1:
         raise ValueError(f"the KV budget holds no page of {cache.block_size} tokens ({bytes_per_page} bytes a page)")
-    swap_cost = SwapCostModel.for_device(settings.device_type, model.num_parameters, bytes_per_page,
-                                         model.num_layers, model.num_heads, model.head_dim)
+    tp = config.parallel.tensor_parallel_size
+    if tp > 1 and model.intermediate_size:  # a shape read from a config: the engine's refusals
+        check_tensor_parallel(tp, model.num_heads, model.num_kv_heads, model.intermediate_size)
+    # Recompute against swap as the engine weighs them: one rank's FLOPs and bytes.
+    swap_cost = SwapCostModel.for_device(settings.device_type, model.num_parameters // tp, bytes_per_page,
+                                         model.num_layers, model.num_heads // tp, model.head_dim)
     max_len = sched_config.max_model_len or settings.max_model_len
     return Scheduler.from_config(cache, sched_config, num_pages, bytes_per_page, max_len, eos_token_ids=(),
                                  swap_cost=swap_cost), num_pages, bytes_per_page
@@ -256,6 +270,7 @@ def replay(workload: Workload, settings: ReplaySettings, cost: CostModel, model:
     ``timeline`` is offered a dashboard frame after every step that is not
     fast-forwarded (``kvpage plan --html`` replays with ``fast=False``).
     """
+    cost = cost.for_ranks(settings.tensor_parallel_size)
     with _fewer_collections():
         return _replay(workload, settings.ordered_by(cost), cost, model, fast, tuple(shadow_layouts), timeline)
 

@@ -31,7 +31,7 @@ from kvpage.workloads import Workload
 SWEEP_KEYS: dict[str, Callable[[str], Any]] = {
     "block_size": int, "admission_cap": float, "max_num_seqs": int, "max_num_batched_tokens": int,
     "kv_memory": lambda v: parse_bytes(v), "kv_tokens": int, "preemption_mode": str, "headroom_policy": str,
-    "watermark": float, "kv_layout": str,
+    "watermark": float, "kv_layout": str, "tensor_parallel_size": int,
 }
 SLO_METRICS = ("ttft_p50", "ttft_p90", "ttft_p99", "tpot_p50", "tpot_p90", "tpot_p99", "e2e_p50", "e2e_p90",
                "e2e_p99", "ttft_mean", "tpot_mean", "e2e_mean")

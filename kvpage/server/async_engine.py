@@ -12,7 +12,10 @@ Faults stay local.  Building one request's delta (detokenizing, logprob
 strings) runs under its own ``try``: if it raises, that request alone is
 aborted and its handler gets the exception.  If ``step()`` itself raises, the
 requests of that step are failed, the engine's pages are reclaimed, and the
-loop goes on serving new requests.
+loop goes on serving new requests, unless the failure is one the engine
+cannot recover from (a tensor-parallel rank died or hung:
+:class:`~kvpage.parallel.RankFailure`): then every request fails, the loop
+stops and ``on_fatal`` tells the server to exit.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import TypeVar
 
 from kvpage.engine import LLMEngine, PromptInput
 from kvpage.outputs import PromptLogprobs, RequestOutput
+from kvpage.parallel import RankFailure
 from kvpage.sampling_params import SamplingParams
 from kvpage.server.feed import DashboardFeed
 from kvpage.server.telemetry import Telemetry
@@ -127,8 +131,11 @@ class RequestHandle:
 class AsyncEngine:
     """Thread-safe, asyncio-facing front of one :class:`LLMEngine`."""
 
-    def __init__(self, engine: LLMEngine, telemetry: Telemetry | None = None) -> None:
+    def __init__(self, engine: LLMEngine, telemetry: Telemetry | None = None,
+                 on_fatal: Callable[[BaseException], None] | None = None) -> None:
         self.engine = engine
+        self.on_fatal = on_fatal
+        self.fatal: BaseException | None = None  # what stopped the loop for good, if anything did
         self.telemetry = telemetry or Telemetry()
         self.feed = DashboardFeed()
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
@@ -183,10 +190,11 @@ class AsyncEngine:
         self._commands.put(lambda: self._abort(request_id))
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        """Stop the loop: unfinished requests are aborted and their handlers told so."""
+        """Stop the loop (unfinished requests are aborted and their handlers told so), then the engine's ranks."""
         self._stopping.set()
         self._commands.put(lambda: None)  # wake the loop if it is idle
         self._thread.join(timeout)
+        self.engine.shutdown()
 
     # ----- engine loop thread ----------------------------------------------------
     def _run(self) -> None:
@@ -198,6 +206,14 @@ class AsyncEngine:
                 continue
             try:
                 outputs = engine.step()
+            except RankFailure as exc:
+                logger.error("engine failed for good, stopping: %s", exc)
+                self.fatal = exc
+                self._stopping.set()
+                self._fail_all(EngineDeadError(f"the engine failed: {exc}"))
+                if self.on_fatal is not None:
+                    self.on_fatal(exc)
+                return
             except Exception as exc:  # noqa: BLE001 - the loop must survive any step failure
                 logger.error("engine step failed; failing its requests:\n%s", traceback.format_exc())
                 self._fail_all(exc)

@@ -3,14 +3,16 @@
 uvicorn owns the signals: on SIGINT or SIGTERM it stops accepting
 connections, lets open responses finish for up to ``graceful_shutdown_s``,
 then runs the app's shutdown, which stops the engine loop (aborting whatever
-is left, so every page returns to the pool).
+is left, so every page returns to the pool) and the engine's tensor-parallel
+ranks. An engine that fails for good (a rank died) stops the server the
+same way, and ``serve`` then returns a non-zero exit code.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,14 +36,15 @@ class ServeOptions:
     limits: ServerLimits = ServerLimits()
 
 
-def build_app(engine_options: dict[str, Any], options: ServeOptions) -> tuple[FastAPI, AsyncEngine]:
+def build_app(engine_options: dict[str, Any], options: ServeOptions,
+              on_fatal: Callable[[BaseException], None] | None = None) -> tuple[FastAPI, AsyncEngine]:
     """The app and its engine loop (already running); engine errors raise here, before serving."""
     from kvpage.engine import LLMEngine
     from kvpage.server.app import ServerConfig, create_app
 
     engine = LLMEngine.from_kwargs(**engine_options)
     name = options.served_model_name or (engine_options.get("model") or DEFAULT_MODEL_NAME)
-    async_engine = AsyncEngine(engine)
+    async_engine = AsyncEngine(engine, on_fatal=on_fatal)
     app = create_app(async_engine, ServerConfig(model_name=str(name), api_key=options.api_key,
                                                 limits=options.limits))
 
@@ -57,8 +60,10 @@ def build_app(engine_options: dict[str, Any], options: ServeOptions) -> tuple[Fa
 
 def describe(engine: Any, url: str) -> str:
     usage = engine.kv.usage()
-    gib = engine.cache_shape.bytes_per_page * usage.num_pages_total / 2**30
-    return (f"model {engine.model_dir} ({engine.model_config.architecture}, {engine.dtype}) on {engine.device}; "
+    gib = engine.bytes_per_page * usage.num_pages_total / 2**30
+    tp = engine.tensor_parallel_size
+    where = f"{engine.device}" if tp == 1 else f"{tp} ranks from {engine.device} (tensor parallel)"
+    return (f"model {engine.model_dir} ({engine.model_config.architecture}, {engine.dtype}) on {where}; "
             f"KV cache {usage.num_pages_total} pages of {usage.block_size} tokens = {gib:.2f} GiB; "
             f"max_model_len {engine.max_model_len}; serving at {url}/v1, the KV page map at {url}/dashboard")
 
@@ -67,15 +72,25 @@ def serve(engine_options: dict[str, Any], options: ServeOptions) -> int:
     import uvicorn
 
     logging.basicConfig(level=options.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app, async_engine = build_app(engine_options, options)
+    server: uvicorn.Server | None = None
+
+    def stop_serving(_: BaseException) -> None:
+        if server is not None:
+            server.should_exit = True  # read by uvicorn's main loop: a graceful shutdown, as on SIGTERM
+
+    app, async_engine = build_app(engine_options, options, stop_serving)
     url = f"http://{options.host}:{options.port}"
     logger.info(describe(async_engine.engine, url))
     if options.host not in ("127.0.0.1", "localhost", "::1") and options.api_key is None:
         logger.warning("listening on %s without --api-key: anyone who can reach it can use it", options.host)
     config = uvicorn.Config(app, host=options.host, port=options.port, log_level=options.log_level,
                             timeout_graceful_shutdown=options.graceful_shutdown_s)
+    server = uvicorn.Server(config)
     try:
-        uvicorn.Server(config).run()
+        server.run()
     finally:
         async_engine.shutdown()
+    if async_engine.fatal is not None:
+        logger.error("exiting: %s", async_engine.fatal)
+        return 1
     return 0

@@ -1,6 +1,8 @@
 """The model runner: one scheduled step in, one sampled token per finished row out.
 
-It owns the model, the KV cache tensors and the sampler. For each step it
+It owns the model, the KV cache tensors and the sampler. Under tensor
+parallelism every rank has one, over its shard; all of them run every step
+and the driver's alone samples. For each step it
 
 1. performs the step's page operations (swaps, copy-on-write copies), in order;
 2. flattens the scheduled sequences into one token batch: input ids,
@@ -239,4 +241,14 @@ class ModelRunner:
             return LaunchedStep(prompt_logprobs=scored)
         logits = self.model.compute_logits(hidden if rows is None else hidden[rows],
                                            float32=self.sampler.needs_float32(inputs.sample_seqs))
-        return LaunchedStep(self.sampler.sample(logits, inputs.sample_seqs), scored)
+        tp = self.model.tp
+        if tp.size == 1:
+            return LaunchedStep(self.sampler.sample(logits, inputs.sample_seqs), scored)
+        # Tensor parallelism: the driver samples, once; the followers get its tokens for their in-flight inputs.
+        if tp.is_driver:
+            samples = self.sampler.sample(logits, inputs.sample_seqs)
+            tp.broadcast(samples.tokens)
+        else:
+            tokens = torch.empty(len(inputs.sample_seqs), dtype=torch.long, device=self.device)
+            samples = PendingSamples(tp.broadcast(tokens), inputs.sample_seqs)
+        return LaunchedStep(samples, scored)

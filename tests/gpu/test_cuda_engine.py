@@ -181,3 +181,10 @@ def test_dashboard_frames_on_the_asynchronous_cuda_engine() -> None:
     assert shared and preempted
     assert engine.kv.num_pages_in_use == 0
     release(llm)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() > 1, reason="needs a machine of one GPU")
+def test_more_ranks_than_gpus_are_refused_before_any_process_starts() -> None:
+    with pytest.raises(ValueError, match="tensor_parallel_size=2 needs 2 GPUs from cuda, but 1 are present"):
+        LLM(device="cuda", tensor_parallel_size=2)
+    assert not torch.distributed.is_initialized()
