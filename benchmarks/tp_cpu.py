@@ -84,11 +84,15 @@ def timed_run(llm: LLM, clock: CollectiveClock) -> tuple[float, float, list[list
 def planner_check(model_dir: Path, tp: int) -> dict[str, float]:
     """Calibrate a tp engine on a small grid, run the workload for real, replay it: predicted / measured."""
     options = {"device": "cpu", "num_kv_blocks": 256, "block_size": 16, "tensor_parallel_size": tp}
+    workload = Workload("decode-heavy", "16 x (32 prompt, 64 output) tokens, all at once",
+                        tuple(WorkloadRequest(tuple(p), OUTPUT) for p in prompts()))
     llm = LLM(str(model_dir), **options)
     try:
         cost = calibrate(llm, CalibrationGrid(batch_sizes=(1, 4, 16), contexts=(32, 128), decode_steps=8, repeats=1))
-        workload = Workload("decode-heavy", "16 x (32 prompt, 64 output) tokens, all at once",
-                            tuple(WorkloadRequest(tuple(p), OUTPUT) for p in prompts()))
+    finally:
+        llm.shutdown()
+    llm = LLM(str(model_dir), **options)  # a fresh engine: its counters are the run's alone
+    try:
         real = run_trace(llm, workload).summary()
     finally:
         llm.shutdown()

@@ -24,6 +24,7 @@ from kvpage.plan.onset import (
     scale_rate,
 )
 from kvpage.plan.replay import ReplaySettings, build_scheduler, replay
+from kvpage.plan.replicas import deal, replay_replicas
 from kvpage.plan.sweep import (
     layout_savings,
     offered_rate,
@@ -516,6 +517,28 @@ def test_a_calibration_times_its_own_rank_count_only(tmp_path: Path, capsys: pyt
     assert "calibrated at tensor_parallel_size=2" in capsys.readouterr().err
     assert main([*common, "--hardware", "cpu", "-tp", "3"]) == 1  # the demo model's 2 KV heads
     assert "tensor_parallel_size=3 must divide the model's num_key_value_heads=2" in capsys.readouterr().err
-    assert main([*common, "--hardware", "cpu", "--sweep", "tensor_parallel_size=1,2", "--link", "pcie"]) == 0
+    # One TP-2 engine or two TP-1 replicas: the same two devices.
+    assert main([*common, "--hardware", "cpu", "--sweep", "tensor_parallel_size=1,2", "replicas=1,2",
+                 "--link", "pcie"]) == 0
     points = json.loads(capsys.readouterr().out)["sweep"]
-    assert [p["setting"] for p in points] == [{"tensor_parallel_size": 1}, {"tensor_parallel_size": 2}]
+    assert [p["setting"] for p in points] == [{"tensor_parallel_size": t, "replicas": r} for t in (1, 2)
+                                              for r in (1, 2)]
+
+
+def test_replicas_deal_the_trace_round_robin_and_add_up() -> None:
+    workload = synthetic_trace("alpaca", 40, None, LIMITS)
+    shares = deal(workload, 2)
+    assert shares[0].requests == workload.requests[0::2] and shares[1].requests == workload.requests[1::2]
+    merged = replay_replicas(workload, settings(2048), CPU, MODEL, 2)
+    parts = [replay(share, settings(2048), CPU, MODEL) for share in shares]
+    summary = merged.summary()
+    assert summary["num_generated_tokens"] == sum(r.output_tokens for r in workload.requests)
+    assert summary["num_preemptions"] == sum(p.summary()["num_preemptions"] for p in parts)
+    assert merged.duration_s == max(p.duration_s for p in parts) and merged.num_pages == 2 * parts[0].num_pages
+    assert len(merged.timings) == 40 and "2 replicas" in merged.cost_model
+    # All at once, two engines finish the trace sooner than one with the same memory a device.
+    assert merged.duration_s < replay(workload, settings(2048), CPU, MODEL).duration_s
+    assert replay_replicas(workload, settings(2048), CPU, MODEL, 1).summary() == \
+        replay(workload, settings(2048), CPU, MODEL).summary()
+    with pytest.raises(ValueError, match="replicas must be an integer >= 1, got 0"):
+        deal(workload, 0)

@@ -179,15 +179,17 @@ def _join_torchrun(config: EngineConfig, base: torch.device, size: int, backend:
         follower_main(config, plan)
         raise SystemExit(0)  # a follower's work ends with the driver's
     restore = torch.get_num_threads()
-    return Ranks(init_group(plan), [], restore)
+    return Ranks(init_group(plan), [], restore, torchrun=True)
 
 
 class Ranks:
     """The driver's side of the group: the follower processes, the step messages, failure and shutdown."""
 
-    def __init__(self, tp: TPGroup, processes: list[subprocess.Popen[bytes]], restore_threads: int) -> None:
+    def __init__(self, tp: TPGroup, processes: list[subprocess.Popen[bytes]], restore_threads: int,
+                 torchrun: bool = False) -> None:
         self.tp = tp
         self.processes = processes
+        self.torchrun = torchrun  # torchrun's group: its processes exit with the driver, nothing follows it
         self.restore_threads = restore_threads
         self.failure: RankFailure | None = None
         self._stopped = False
@@ -240,7 +242,9 @@ class Ranks:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(timeout_s)
-        if dist.is_initialized():
+        if dist.is_initialized() and not self.torchrun:
+            # (torchrun's followers exit on Stop and no engine can follow this one: its group is left to the
+            # process's exit, not torn down while they leave.)
             # A failed group may not shut down cleanly (a peer is gone); abandoning it is all that is left.
             try:
                 dist.destroy_process_group()

@@ -87,7 +87,7 @@ def add_plan_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser
     plan.add_argument("--sweep", nargs="*", default=[], metavar="NAME=V1,V2",
                       help="settings to sweep: block_size, admission_cap, kv_memory, kv_tokens, max_num_seqs, "
                            "max_num_batched_tokens, preemption_mode, headroom_policy, watermark, kv_layout, "
-                           "tensor_parallel_size")
+                           "tensor_parallel_size, replicas (engines sharing the trace round-robin)")
     plan.add_argument("--slo", default="", help="e.g. ttft_p99=2s,tpot_p99=100ms: the recommendation must meet it")
     plan.add_argument("--rate-factors", default="0.5,1,2,4,8",
                       help="replay at these multiples of the trace's rate to find where thrashing starts ('' skips)")

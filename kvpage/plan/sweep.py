@@ -1,7 +1,8 @@
 """The planner's questions: sweeps with an SLO, the onset of thrashing, and what paging saves (pure Python).
 
 * :func:`run_sweep` replays the trace once per combination of settings
-  (``block_size=16,32 admission_cap=0.9,1.0 ...``) and recommends the one
+  (``block_size=16,32 admission_cap=0.9,1.0 ...``; ``replicas=1,2`` deals it
+  to that many engines, :mod:`kvpage.plan.replicas`) and recommends the one
   with the highest goodput among those that meet the SLO
   (``ttft_p99=2s,tpot_p99=100ms``), the lowest TTFT p99 breaking near-ties;
 * :func:`thrashing_onset` replays the trace with its arrivals compressed
@@ -25,6 +26,7 @@ from kvpage.config import GIB, KV_LAYOUTS, PREEMPTION_MODES
 from kvpage.plan.cost import ModelShape
 from kvpage.plan.onset import offered_rate, rate_row, scale_rate
 from kvpage.plan.replay import CostModel, ReplayResult, ReplaySettings, replay
+from kvpage.plan.replicas import replay_replicas
 from kvpage.workloads import Workload
 
 # Sweepable settings: name -> parser of one value.
@@ -32,6 +34,7 @@ SWEEP_KEYS: dict[str, Callable[[str], Any]] = {
     "block_size": int, "admission_cap": float, "max_num_seqs": int, "max_num_batched_tokens": int,
     "kv_memory": lambda v: parse_bytes(v), "kv_tokens": int, "preemption_mode": str, "headroom_policy": str,
     "watermark": float, "kv_layout": str, "tensor_parallel_size": int,
+    "replicas": int,  # engines sharing the trace round-robin (kvpage.plan.replicas), not an engine setting
 }
 SLO_METRICS = ("ttft_p50", "ttft_p90", "ttft_p99", "tpot_p50", "tpot_p90", "tpot_p99", "e2e_p50", "e2e_p90",
                "e2e_p99", "ttft_mean", "tpot_mean", "e2e_mean")
@@ -110,10 +113,13 @@ def run_sweep(workload: Workload, base: ReplaySettings, sweep: dict[str, list[An
     points = []
     names = list(sweep)
     for values in itertools.product(*(sweep[n] for n in names)) if names else [()]:
-        settings = base
+        settings, replicas = base, 1
         for name, value in zip(names, values):
-            settings = apply_setting(settings, name, value)
-        result = replay(workload, settings, cost, model)
+            if name == "replicas":
+                replicas = value
+            else:
+                settings = apply_setting(settings, name, value)
+        result = replay_replicas(workload, settings, cost, model, replicas)
         summary = result.summary()
         misses = [f"{metric} {summary[metric + '_s']:.3g}s > {bound:.3g}s" for metric, bound in slo.items()
                   if summary[metric + "_s"] > bound]
