@@ -267,3 +267,17 @@ def running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_tp2_runs_the_triton_kernels_on_each_shard(checkpoints: dict[str, Path]) -> None:
+    pytest.importorskip("triton")
+    # TRITON_INTERPRET=1 (tests/conftest.py) reaches the followers through their environment.
+    model_dir = checkpoints["qwen3"]  # q/k norms: the fused norm + RoPE + cache-store kernel on 2 of 4 heads
+    prompts = batch(9, count=3, prefix=20)
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    llm = tp_engine(model_dir, attention_backend="triton", dtype="float32", block_size=8)
+    try:
+        assert llm.engine.runner.kv_cache.use_kernels
+        assert generate(llm, prompts, params) == [[reference(model_dir, tuple(p), 4)] for p in prompts]
+    finally:
+        llm.shutdown()
