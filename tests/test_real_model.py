@@ -76,14 +76,15 @@ def references(real_model: Any) -> dict[str, list[int]]:
     return out
 
 
-def check_greedy_matches(llm: LLM, real_model: Any, references: dict[str, list[int]]) -> None:
+def check_greedy_matches(llm: LLM, real_model: Any, references: dict[str, list[int]],
+                         questions: list[str] = QUESTIONS) -> None:
     # The engine's own tokenizer renders the chat (the file's template for a GGUF file).
-    prompts = [chat_prompt(llm.get_tokenizer(), q) for q in QUESTIONS]
-    assert prompts == [chat_prompt(real_model.tokenizer, q) for q in QUESTIONS]
+    prompts = [chat_prompt(llm.get_tokenizer(), q) for q in questions]
+    assert prompts == [chat_prompt(real_model.tokenizer, q) for q in questions]
     assert "You are a helpful AI assistant named SmolLM" in prompts[0]  # the template's default system prompt
     outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS), use_tqdm=False)
     eos = real_model.tokenizer.convert_tokens_to_ids(EOS)
-    for question, output in zip(QUESTIONS, outputs):
+    for question, output in zip(questions, outputs):
         completion = output.outputs[0]
         expected = references[question]
         assert completion.token_ids == expected, question
@@ -106,7 +107,12 @@ def test_greedy_chat_over_three_tensor_parallel_ranks_matches_transformers(
     llm = LLM(model=str(real_model.hf_dir), max_num_seqs=4, dtype="float32", tensor_parallel_size=3)
     try:
         assert (llm.engine.model.shard.num_heads, llm.engine.cache_shape.num_kv_heads) == (3, 1)
-        check_greedy_matches(llm, real_model, references)
+        # Six of the questions (a rank step is collectives' latency on 2 cores): three answers that stop, three
+        # that run to max_tokens.
+        eos = real_model.tokenizer.convert_tokens_to_ids(EOS)
+        stopping = [q for q in QUESTIONS if references[q][-1] == eos]
+        check_greedy_matches(llm, real_model, references,
+                             stopping[:3] + [q for q in QUESTIONS if q not in stopping][:3])
     finally:
         llm.shutdown()
 
