@@ -144,6 +144,7 @@ def run_generate(args: argparse.Namespace) -> int:
             print(f"{output.prompt}{completion.text}")
     if args.metrics:
         print(json.dumps(llm.get_metrics(), indent=1), file=sys.stderr)
+    sys.stdout.flush()  # the answers are out before any teardown at exit (tensor-parallel ranks)
     return 0
 
 

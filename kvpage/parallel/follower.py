@@ -41,6 +41,8 @@ def follower_main(config: EngineConfig, plan: RankPlan) -> None:
                       file=sys.stderr)
                 raise SystemExit(1) from None
             if isinstance(message, Stop):
+                if message.barrier:
+                    torch.distributed.barrier(group=tp.host_group)
                 return
             if not isinstance(message, SchedulerOutput):
                 raise TypeError(f"rank {plan.rank} got a {type(message).__name__}, not a step")

@@ -61,7 +61,14 @@ class RankFailure(RuntimeError):
 
 @dataclass(frozen=True)
 class Stop:
-    """The driver's last message: followers leave their loop and exit."""
+    """The driver's last message: followers leave their loop and exit.
+
+    With ``barrier`` (torchrun's group, whose processes the driver cannot
+    wait for) every rank meets once more before leaving the group, so that
+    no rank tears its connections down while another still uses them.
+    """
+
+    barrier: bool = False
 
 
 @dataclass(frozen=True)
@@ -189,7 +196,7 @@ class Ranks:
                  torchrun: bool = False) -> None:
         self.tp = tp
         self.processes = processes
-        self.torchrun = torchrun  # torchrun's group: its processes exit with the driver, nothing follows it
+        self.torchrun = torchrun  # torchrun's group: its processes are not this one's to wait for
         self.restore_threads = restore_threads
         self.failure: RankFailure | None = None
         self._stopped = False
@@ -233,7 +240,9 @@ class Ranks:
 
         if self.failure is None and not self.dead():
             try:
-                self.tp.broadcast_object(Stop())
+                self.tp.broadcast_object(Stop(barrier=self.torchrun))
+                if self.torchrun:
+                    dist.barrier(group=self.tp.host_group)
             except Exception:  # noqa: BLE001 - stopping anyway
                 pass
         for process in self.processes:
@@ -242,12 +251,11 @@ class Ranks:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(timeout_s)
-        if dist.is_initialized() and not self.torchrun:
-            # (torchrun's followers exit on Stop and no engine can follow this one: its group is left to the
-            # process's exit, not torn down while they leave.)
+        if dist.is_initialized():
             # A failed group may not shut down cleanly (a peer is gone); abandoning it is all that is left.
             try:
                 dist.destroy_process_group()
             except Exception:  # noqa: BLE001
                 pass
-        torch.set_num_threads(self.restore_threads)
+        if not self.torchrun:  # (torchrun's processes end with their engine: nothing to restore for)
+            torch.set_num_threads(self.restore_threads)
