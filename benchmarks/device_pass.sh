@@ -20,6 +20,8 @@
 #   real: issue #15 on the GPU: a GGUF file (.gpu/smollm2-4l.gguf, the first layers of SmolLM2's, made by
 #        benchmarks/small_gguf.py) against transformers, the prompt-logprob, sampling, kernel, async and CUDA
 #        tests, and host overhead against .base (the commit before, kvpage and benchmarks), alternated.
+#   fp8: issue #17: the FP8 KV tests (kernels compiled), the kernel, fused, async and CUDA-engine tests, then
+#        benchmarks/fp8_kv.py (decode attention bf16 against FP8 pages, and end to end at a binding KV budget).
 # Wheels for what the device lacks (pytest, hypothesis, fastapi stack, openai) come from .whl/.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -46,6 +48,13 @@ against_base() {
     done
   done
 }
+if [ "$STAGE" = fp8 ]; then
+timeout 230 python -m pytest -q -p no:cacheprovider tests/test_fp8_kv.py tests/test_fp8_engine.py \
+  tests/test_triton_kernels.py tests/test_fused_kernels.py tests/test_async_scheduling.py tests/gpu \
+  > "$OUT/pytest.txt" 2>&1; echo "pytest rc=$?" >> "$OUT/pytest.txt"
+timeout 330 python benchmarks/fp8_kv.py --rounds 1 --json "$OUT/fp8_kv.json" > "$OUT/fp8_kv.txt" 2>&1
+echo "fp8_kv rc=$?" >> "$OUT/fp8_kv.txt"
+fi
 if [ "$STAGE" = tests ] || [ "$STAGE" = swap ]; then
 timeout 300 python -m pytest -q -x -p no:cacheprovider > "$OUT/pytest.txt" 2>&1; echo "pytest rc=$?" >> "$OUT/pytest.txt"
 fi

@@ -42,6 +42,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                        help="sha256 | builtin (Python's 64-bit hash: cheaper, for trusted prompts)")
     group.add_argument("--kv-layout", default="paged", help="paged | contiguous-request | contiguous-max "
                        "(the pre-paging baselines: one contiguous reservation per sequence)")
+    group.add_argument("--kv-cache-dtype", default="auto", help="auto | fp8 | fp8_e4m3 | fp8_e5m2: K/V in the "
+                       "model's dtype, or 8 bits with a scale byte per token and KV head (about twice the tokens)")
     group.add_argument("--admission-cap", type=float, default=1.0,
                        help="admit a request only while KV use stays at or below this fraction")
     group.add_argument("--headroom-policy", default="watermark", help="watermark | conservative | none")
@@ -66,7 +68,8 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     """The engine keyword arguments given on the command line (EngineConfig validates them)."""
     names = ("model", "tokenizer", "dtype", "device", "seed", "block_size", "num_kv_blocks", "kv_cache_memory",
              "gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
-             "enable_prefix_caching", "prefix_caching_hash_algo", "kv_layout", "admission_cap", "headroom_policy",
+             "enable_prefix_caching", "prefix_caching_hash_algo", "kv_layout", "kv_cache_dtype",
+             "admission_cap", "headroom_policy",
              "watermark", "preemption_mode", "swap_space", "enforce_eager", "async_scheduling", "attention_backend",
              "tensor_parallel_size", "distributed_backend", "distributed_timeout")
     return {name: getattr(args, name) for name in names}

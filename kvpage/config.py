@@ -16,6 +16,7 @@ from kvpage.modes import (
     DISTRIBUTED_BACKENDS,
     DTYPES,
     HEADROOM_POLICIES,
+    KV_CACHE_DTYPES,
     KV_LAYOUTS,
     PREEMPTION_MODES,
     PREFIX_HASHES,
@@ -23,6 +24,7 @@ from kvpage.modes import (
     DistributedBackend,
     DType,
     HeadroomPolicy,
+    KVCacheDtype,
     KVLayout,
     PreemptionMode,
     PrefixHash,
@@ -98,12 +100,16 @@ class CacheConfig:
     swap_space: float = 4.0
     """Host memory for swapped-out pages, in GiB (pinned when the cache is on a GPU); used only with
     preemption_mode "swap" or "auto"."""
+    kv_cache_dtype: KVCacheDtype = "auto"
+    """How K/V is stored: "auto" (the model's dtype), or "fp8" (= "fp8_e4m3") / "fp8_e5m2": 8 bits a value plus
+    one scale byte per token and KV head, computed as K/V is stored (no calibration). See kvpage.kv.format."""
     kv_layout: KVLayout = "paged"
     """"paged", or a pre-paging baseline: one contiguous reservation per sequence of prompt + max_tokens
     ("contiguous-request") or max_model_len ("contiguous-max") tokens."""
 
     def validate(self) -> None:
         one_of("kv_layout", self.kv_layout, KV_LAYOUTS)
+        one_of("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
         bs = self.block_size
         require(is_int(bs) and 1 <= bs <= 256 and bs & (bs - 1) == 0, "block_size", bs,
                 "a power of two from 1 to 256")

@@ -40,6 +40,7 @@ from typing import Any
 
 from kvpage.config import EngineConfig
 from kvpage.dashboard import Frame, capture
+from kvpage.kv.format import kv_format
 from kvpage.metrics import RequestCounters, StepTimings
 from kvpage.model.source import open_model_source
 from kvpage.ops.collectives import TPGroup
@@ -117,6 +118,9 @@ class LLMEngine:
         mc, per_page, num_pages = self.model_config, rank.bytes_per_page, rank.cache_shape.num_pages
         # A page's K/V over every rank (replicated KV heads count on each rank that holds them).
         self.bytes_per_page = per_page * tp.size
+        # What the pages hold: "auto" resolved to the model dtype's name, or the 8-bit format (kvpage.kv.format).
+        self.kv_cache_dtype = (str(self.dtype).removeprefix("torch.") if config.cache.kv_cache_dtype == "auto"
+                               else kv_format(config.cache.kv_cache_dtype, 1).name)
         # Recompute against swap, as one rank weighs them: its shard's FLOPs, its share of a page over the link.
         swap_cost = SwapCostModel.for_device(self.device.type, sum(p.numel() for p in self.model.parameters()),
                                              per_page, mc.num_layers, self.model.shard.num_heads, mc.head_dim)
@@ -309,6 +313,7 @@ class LLMEngine:
             "kv_internal_fragmentation": usage.internal_fragmentation,
             "kv_evictions": usage.num_evictions,
             "kv_cache_bytes": self.bytes_per_page * usage.num_pages_total,
+            "kv_bytes_per_token": self.bytes_per_page // usage.block_size,
             "tensor_parallel_size": self.tensor_parallel_size,
         }
         rc = self.request_counters

@@ -23,6 +23,9 @@ PreemptionMode = Literal["recompute", "swap", "auto"]
 AttentionPath = Literal["torch", "sdpa", "triton"]
 AttentionBackend = Literal["auto", "torch", "sdpa", "triton"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
+# How K/V is stored in the pages: in the model's dtype ("auto"), or in 8 bits with a scale per token and KV head
+# ("fp8" is "fp8_e4m3": more mantissa; "fp8_e5m2": more range). See kvpage.kv.format.
+KVCacheDtype = Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"]
 # The digest of the prefix cache's chained page keys (see kvpage.kv.prefix_hash).
 PrefixHash = Literal["sha256", "builtin"]
 
@@ -35,5 +38,6 @@ PREEMPTION_MODES: tuple[PreemptionMode, ...] = get_args(PreemptionMode)
 ATTENTION_BACKENDS: tuple[AttentionBackend, ...] = get_args(AttentionBackend)
 ATTENTION_PATHS: tuple[AttentionPath, ...] = get_args(AttentionPath)
 DTYPES: tuple[DType, ...] = get_args(DType)
+KV_CACHE_DTYPES: tuple[KVCacheDtype, ...] = get_args(KVCacheDtype)
 PREFIX_HASHES: tuple[PrefixHash, ...] = get_args(PrefixHash)
 DISTRIBUTED_BACKENDS: tuple[DistributedBackend, ...] = get_args(DistributedBackend)

@@ -12,7 +12,7 @@ import random
 import torch
 
 from kvpage.model import CausalLM
-from kvpage.ops import AttentionMetadata
+from kvpage.ops import AttentionMetadata, CacheScales, LayerKV
 
 BLOCK_SIZE = 4
 
@@ -20,14 +20,21 @@ BLOCK_SIZE = 4
 class PagedRunner:
     """Drives a model over a paged cache with randomly ordered pages, like an engine step loop."""
 
-    def __init__(self, model: CausalLM, num_pages: int = 96, seed: int = 0) -> None:
+    def __init__(self, model: CausalLM, num_pages: int = 96, seed: int = 0,
+                 kv_dtype: torch.dtype | None = None) -> None:
+        """``kv_dtype``: a float8 dtype for 8-bit pages (with their scale bytes); None: the model's dtype."""
         config = model.config
         shape = (num_pages, BLOCK_SIZE, model.shard.num_kv_heads, config.head_dim)  # this rank's KV heads
         self.model = model
-        self.kv_caches = [
-            (torch.full(shape, float("nan"), dtype=model.dtype), torch.full(shape, float("nan"), dtype=model.dtype))
-            for _ in range(config.num_layers)
-        ]
+        dtype = kv_dtype or model.dtype
+
+        def layer() -> LayerKV:
+            key, value = (torch.full(shape, float("nan")).to(dtype) for _ in range(2))
+            if kv_dtype is None:
+                return LayerKV(key, value)
+            return LayerKV(key, value, CacheScales(*(torch.ones(shape[:3], dtype=torch.uint8) for _ in range(2))))
+
+        self.kv_caches = [layer() for _ in range(config.num_layers)]
         self.free_pages = list(range(num_pages))
         random.Random(seed).shuffle(self.free_pages)
         self.pages: dict[int, list[int]] = {}

@@ -37,10 +37,11 @@ MODE_FIELDS = [(klass, name) for klass in (LoadConfig, CacheConfig, SchedulerCon
 
 def test_every_mode_field_is_a_literal_of_kvpage_modes() -> None:
     assert {name for _, name in MODE_FIELDS} == {"dtype", "attention_backend", "kv_layout", "preemption_mode",
-                                                 "headroom_policy", "prefix_caching_hash_algo"}
+                                                 "headroom_policy", "prefix_caching_hash_algo", "kv_cache_dtype"}
     for klass, name in MODE_FIELDS:
         assert get_type_hints(klass)[name] in (modes.DType, modes.AttentionBackend, modes.KVLayout,
-                                               modes.PreemptionMode, modes.HeadroomPolicy, modes.PrefixHash)
+                                               modes.PreemptionMode, modes.HeadroomPolicy, modes.PrefixHash,
+                                               modes.KVCacheDtype)
 
 
 @pytest.mark.parametrize(("klass", "name"), MODE_FIELDS, ids=[name for _, name in MODE_FIELDS])

@@ -26,7 +26,7 @@ from torch import nn
 from kvpage.model.config import ModelConfig
 from kvpage.model.rope import StepRope
 from kvpage.model.shard import ModelShard
-from kvpage.ops import AttentionMetadata, paged_attention
+from kvpage.ops import AttentionMetadata, LayerKV, paged_attention
 from kvpage.ops.collectives import TPGroup
 from kvpage.ops.fused import add_rms_norm, qkv_norm_rope_cache, silu_and_mul
 
@@ -143,19 +143,19 @@ class Attention(nn.Module):
         self,
         hidden: torch.Tensor,
         rope: StepRope,
-        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: LayerKV | tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         num_tokens = hidden.shape[0]
-        key_cache, value_cache = kv_cache
+        key_cache, value_cache, scales = LayerKV(*kv_cache)
         # q/k norms, RoPE and the K/V cache store in one step; q comes out ready for attention.
         query = qkv_norm_rope_cache(
             self.qkv_proj(hidden), rope.positions, rope.cos_table, rope.sin_table,
             self.q_norm.weight if self.q_norm is not None else None,
             self.k_norm.weight if self.k_norm is not None else None,
-            self.eps, key_cache, value_cache, meta.slot_mapping, self.num_heads, meta.backend, rope.angles)
+            self.eps, key_cache, value_cache, meta.slot_mapping, self.num_heads, meta.backend, rope.angles, scales)
         attended = paged_attention(
-            query, key_cache, value_cache, meta, self.scale, sliding_window=self.sliding_window
+            query, key_cache, value_cache, meta, self.scale, sliding_window=self.sliding_window, scales=scales
         )
         return self.o_proj(attended.reshape(num_tokens, self.q_size))
 
@@ -201,7 +201,7 @@ class DecoderLayer(nn.Module):
         hidden: torch.Tensor,
         residual: torch.Tensor | None,
         rope: StepRope,
-        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: LayerKV | tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         backend = meta.backend

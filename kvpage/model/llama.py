@@ -20,6 +20,7 @@ that is; every rank then computes the same hidden states and logits.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -30,7 +31,7 @@ from kvpage.model.config import ModelConfig
 from kvpage.model.layers import DecoderLayer, Linear, RMSNorm, empty_parameter, linear_weight
 from kvpage.model.rope import RotaryEmbedding
 from kvpage.model.shard import ModelShard
-from kvpage.ops import AttentionMetadata
+from kvpage.ops import AttentionMetadata, LayerKV
 from kvpage.ops.collectives import TPGroup
 
 __all__ = ["CausalLM", "CheckpointSlice"]
@@ -112,7 +113,7 @@ class CausalLM(nn.Module):
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
-        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        kv_caches: Sequence[LayerKV | tuple[torch.Tensor, torch.Tensor]],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         """Run new tokens ``[T]`` through all layers; returns hidden states ``[T, hidden]``.

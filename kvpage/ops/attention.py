@@ -31,12 +31,13 @@ from __future__ import annotations
 import torch
 
 from kvpage.ops import sdpa_attention
+from kvpage.ops.fp8 import CacheScales, as_bytes, dequantize, is_fp8, quantize
 from kvpage.ops.metadata import AttentionMetadata, StepMasks, resolve_backend, wants_kernels
 
 __all__ = ["copy_pages", "paged_attention", "write_kv_cache"]
 
 
-def _check_cache_pair(key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
+def _check_cache_pair(key_cache: torch.Tensor, value_cache: torch.Tensor, scales: CacheScales | None = None) -> None:
     if key_cache.dim() != 4:
         raise ValueError(
             "key_cache must have shape [num_pages, block_size, num_kv_heads, head_dim], "
@@ -47,6 +48,12 @@ def _check_cache_pair(key_cache: torch.Tensor, value_cache: torch.Tensor) -> Non
             f"value_cache shape {tuple(value_cache.shape)} must equal key_cache shape "
             f"{tuple(key_cache.shape)}"
         )
+    if is_fp8(key_cache.dtype) != (scales is not None):
+        raise ValueError(f"scales must be given exactly when the cache is 8-bit: the cache is {key_cache.dtype}, "
+                         f"scales {'given' if scales is not None else 'missing'}")
+    if scales is not None and (scales.key.shape != key_cache.shape[:3] or scales.value.shape != key_cache.shape[:3]):
+        raise ValueError(f"scales must have shape {tuple(key_cache.shape[:3])} (pages, slots, kv heads), got "
+                         f"{tuple(scales.key.shape)} and {tuple(scales.value.shape)}")
 
 
 def write_kv_cache(
@@ -56,12 +63,14 @@ def write_kv_cache(
     value_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
     backend: str = "auto",
+    scales: CacheScales | None = None,
 ) -> None:
     """Store new tokens' K/V (``[T, num_kv_heads, head_dim]``) into their slots, in place.
 
     Slots equal to -1 are skipped. ``backend`` is as in :class:`AttentionMetadata`.
+    An 8-bit cache stores quantized values and their scale bytes into ``scales``.
     """
-    _check_cache_pair(key_cache, value_cache)
+    _check_cache_pair(key_cache, value_cache, scales)
     _, _, num_kv_heads, head_dim = key_cache.shape
     expected = (slot_mapping.shape[0], num_kv_heads, head_dim)
     if key.shape != expected or value.shape != expected:
@@ -72,16 +81,20 @@ def write_kv_cache(
     if wants_kernels(backend, key_cache):
         from kvpage.ops import triton_cache
 
-        triton_cache.write_kv_cache(key, value, key_cache, value_cache, slot_mapping)
+        triton_cache.write_kv_cache(key, value, key_cache, value_cache, slot_mapping, scales)
         return
-    flat_keys = key_cache.view(-1, num_kv_heads, head_dim)
-    flat_values = value_cache.view(-1, num_kv_heads, head_dim)
     # Only padding rows (CUDA graphs) have slot -1; without them the write is one plain row copy.
     if bool((slot_mapping < 0).any()):
         writes = slot_mapping >= 0
         slot_mapping, key, value = slot_mapping[writes], key[writes], value[writes]
-    flat_keys.index_copy_(0, slot_mapping, key.to(key_cache.dtype))
-    flat_values.index_copy_(0, slot_mapping, value.to(value_cache.dtype))
+    for new, cache, scale in ((key, key_cache, None if scales is None else scales.key),
+                              (value, value_cache, None if scales is None else scales.value)):
+        if scale is None:
+            cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, new.to(cache.dtype))
+        else:
+            values, exponents = quantize(new, cache.dtype)
+            as_bytes(cache).view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, as_bytes(values))
+            scale.view(-1, num_kv_heads).index_copy_(0, slot_mapping, exponents)
 
 
 def _masked_attention(
@@ -121,9 +134,13 @@ def _masked_attention(
     )
 
 
-def _gather_pages(cache: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
-    """Read pages ``[..., P]`` of a cache into a new ``[..., P * block_size, Hkv, D]`` tensor."""
-    return cache[pages].flatten(-4, -3)
+def _gather_pages(cache: torch.Tensor, pages: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """Read pages ``[..., P]`` of a cache into a new ``[..., P * block_size, Hkv, D]`` tensor
+    (float32, dequantized, when the cache is 8-bit and ``scale`` holds its scale bytes)."""
+    if scale is None:
+        return cache[pages].flatten(-4, -3)
+    values = as_bytes(cache)[pages].view(cache.dtype).flatten(-4, -3)
+    return dequantize(values, scale[pages].flatten(-3, -2))
 
 
 def paged_attention(
@@ -133,6 +150,7 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
     sliding_window: int | None = None,
+    scales: CacheScales | None = None,
 ) -> torch.Tensor:
     """Causal attention of every new token over its sequence's cached K/V.
 
@@ -140,9 +158,9 @@ def paged_attention(
     already be in the cache.  Query head ``h`` reads KV head
     ``h // (num_q_heads // num_kv_heads)``.  With ``sliding_window=W`` a token
     at position ``p`` only sees positions ``> p - W``.  Returns a tensor shaped
-    and typed like ``query``.
+    and typed like ``query``. ``scales`` are an 8-bit cache's scale bytes.
     """
-    _check_cache_pair(key_cache, value_cache)
+    _check_cache_pair(key_cache, value_cache, scales)
     num_tokens, num_q_heads, head_dim = query.shape
     _, block_size, num_kv_heads, cache_head_dim = key_cache.shape
     if num_tokens != meta.num_tokens:
@@ -161,23 +179,24 @@ def paged_attention(
     if path == "triton":
         from kvpage.ops import triton_attention  # Triton is needed only where the kernels run
 
-        return triton_attention.paged_attention(query, key_cache, value_cache, meta, scale, sliding_window)
+        return triton_attention.paged_attention(query, key_cache, value_cache, meta, scale, sliding_window,
+                                                scales=scales)
     if path == "sdpa":
-        return sdpa_attention.paged_attention(query, key_cache, value_cache, meta, scale, sliding_window)
+        return sdpa_attention.paged_attention(query, key_cache, value_cache, meta, scale, sliding_window, scales)
     masks = meta.masks(sliding_window)
     work = meta.reference
     if meta.all_decode:
-        return _decode_attention(query, key_cache, value_cache, meta, masks, scale).to(query.dtype)
+        return _decode_attention(query, key_cache, value_cache, meta, masks, scale, scales).to(query.dtype)
     output = torch.empty_like(query)
     if work.decode_token_rows.numel() > 0:
         decode_query = query.index_select(0, work.decode_token_rows)
-        decode_out = _decode_attention(decode_query, key_cache, value_cache, meta, masks, scale)
+        decode_out = _decode_attention(decode_query, key_cache, value_cache, meta, masks, scale, scales)
         output.index_copy_(0, work.decode_token_rows, decode_out.to(query.dtype))
     for segment, pages, hidden, unused_keys in zip(
         meta.prefill_segments, work.prefill_pages, masks.prefill_hidden, masks.prefill_unused_keys
     ):
-        keys = _gather_pages(key_cache, pages)[: segment.seq_len]
-        values = _gather_pages(value_cache, pages)[: segment.seq_len]
+        keys = _gather_pages(key_cache, pages, None if scales is None else scales.key)[: segment.seq_len]
+        values = _gather_pages(value_cache, pages, None if scales is None else scales.value)[: segment.seq_len]
         if unused_keys is not None:
             values.masked_fill_(unused_keys[:, None, None], 0.0)
         rows = slice(segment.token_start, segment.token_start + segment.query_len)
@@ -188,11 +207,12 @@ def paged_attention(
 
 def _decode_attention(
     query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-    meta: AttentionMetadata, masks: StepMasks, scale: float,
+    meta: AttentionMetadata, masks: StepMasks, scale: float, scales: CacheScales | None,
 ) -> torch.Tensor:
     """All single-token sequences at once: one gather, padded to the longest of them."""
-    keys = _gather_pages(key_cache, meta.reference.decode_page_tables)  # [D, L, Hkv, Dh]
-    values = _gather_pages(value_cache, meta.reference.decode_page_tables)
+    tables = meta.reference.decode_page_tables
+    keys = _gather_pages(key_cache, tables, None if scales is None else scales.key)  # [D, L, Hkv, Dh]
+    values = _gather_pages(value_cache, tables, None if scales is None else scales.value)
     # Padding pages and unwritten slots may hold NaN; 0 probability * NaN is NaN.
     values.masked_fill_(masks.decode_hidden[:, :, None, None], 0.0)
     output = _masked_attention(query[:, None], keys, values, masks.decode_hidden[:, None, :], scale)
@@ -202,7 +222,8 @@ def _decode_attention(
 def copy_pages(kv_caches: list[tuple[torch.Tensor, torch.Tensor]], copies: list[tuple[int, int]]) -> None:
     """Copy whole pages ``src -> dst`` in every layer's K and V cache (copy-on-write).
 
-    All sources are read before any destination is written.
+    All sources are read before any destination is written. Any pair of tensors indexed by page first
+    will do: an 8-bit cache's scale bytes move the same way as its values.
     """
     if not copies or not kv_caches:
         return
@@ -214,6 +235,8 @@ def copy_pages(kv_caches: list[tuple[torch.Tensor, torch.Tensor]], copies: list[
     sources = torch.tensor([src for src, _ in copies], dtype=torch.long, device=device)
     destinations = torch.tensor([dst for _, dst in copies], dtype=torch.long, device=device)
     for key_cache, value_cache in kv_caches:
-        _check_cache_pair(key_cache, value_cache)
-        key_cache[destinations] = key_cache[sources]
-        value_cache[destinations] = value_cache[sources]
+        if key_cache.shape != value_cache.shape:
+            raise ValueError(f"key and value caches differ in shape: {tuple(key_cache.shape)} and "
+                             f"{tuple(value_cache.shape)}")
+        for cache in (as_bytes(key_cache), as_bytes(value_cache)):
+            cache[destinations] = cache[sources]

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from kvpage.ops.attention import write_kv_cache
+from kvpage.ops.fp8 import CacheScales
 from kvpage.ops.metadata import wants_kernels
 
 __all__ = ["add_rms_norm", "qkv_norm_rope_cache", "rms_norm_reference", "rope_rows", "silu_and_mul"]
@@ -53,20 +54,22 @@ def qkv_norm_rope_cache(qkv: torch.Tensor, positions: torch.Tensor, cos_table: t
                         sin_table: torch.Tensor, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None,
                         eps: float, key_cache: torch.Tensor, value_cache: torch.Tensor,
                         slot_mapping: torch.Tensor, num_q_heads: int, backend: str = "auto",
-                        angles: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                        angles: tuple[torch.Tensor, torch.Tensor] | None = None,
+                        scales: CacheScales | None = None) -> torch.Tensor:
     """From the fused projection ``qkv [T, (Hq + 2 Hkv) D]``: the rotated queries ``[T, Hq, D]``.
 
     On the way, q and k are RMS-normalized per head when ``q_norm``/``k_norm``
     are given (Qwen3), rotated by RoPE at ``positions`` (``cos_table`` and
     ``sin_table`` are ``[max_positions, D]``; ``angles``, when given, are
     those tables' rows at ``positions``, gathered once for all layers), and k
-    and v are stored into the cache at ``slot_mapping`` (-1: not stored).
+    and v are stored into the cache at ``slot_mapping`` (-1: not stored), quantized into an 8-bit cache
+    whose scale bytes are ``scales``.
     """
     if wants_kernels(backend, qkv):
         from kvpage.ops import triton_fused
 
         return triton_fused.qkv_norm_rope_cache(qkv, positions, cos_table, sin_table, q_norm, k_norm, eps,
-                                                key_cache, value_cache, slot_mapping, num_q_heads)
+                                                key_cache, value_cache, slot_mapping, num_q_heads, scales)
     num_tokens = qkv.shape[0]
     _, _, num_kv_heads, head_dim = key_cache.shape
     cos, sin = angles if angles is not None else rope_rows(cos_table, sin_table, positions)
@@ -78,7 +81,7 @@ def qkv_norm_rope_cache(qkv: torch.Tensor, positions: torch.Tensor, cos_table: t
         query_key = torch.cat((rms_norm_reference(query_key[:, :num_q_heads], q_norm, eps),
                                rms_norm_reference(query_key[:, num_q_heads:], k_norm, eps)), dim=1)
     query, key = _rotate(query_key, cos, sin).split([num_q_heads, num_kv_heads], dim=1)
-    write_kv_cache(key, value, key_cache, value_cache, slot_mapping, backend="torch")
+    write_kv_cache(key, value, key_cache, value_cache, slot_mapping, backend="torch", scales=scales)
     return query
 
 

@@ -22,6 +22,9 @@ less work per step:
   all; a segment over a cached prefix or under a sliding window gets one
   boolean ``[query_len, keys]`` mask.
 
+An 8-bit cache's keys and values are dequantized as they are gathered
+(only the slots a query looks at), to the query's dtype.
+
 Scores and softmax run in SDPA's kernels (float32 accumulation for 16-bit
 inputs), so in bfloat16 the result can differ from the reference in the
 last bits, as two float32 softmax implementations can in float32.
@@ -36,6 +39,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from kvpage.ops.fp8 import CacheScales, as_bytes, dequantize
 from kvpage.ops.metadata import AttentionMetadata
 
 __all__ = ["MIN_BUCKET", "SdpaWork", "paged_attention"]
@@ -130,22 +134,38 @@ class SdpaWork:
         return parts
 
 
+class SlotReader:
+    """Gathers cache rows ``[n, Hkv, D]`` by flat slot, dequantizing an 8-bit cache to ``dtype``."""
+
+    def __init__(self, cache: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> None:
+        num_kv_heads, head_dim = cache.shape[2:]
+        self.flat = as_bytes(cache).view(-1, num_kv_heads, head_dim)
+        self.cache_dtype, self.dtype = cache.dtype, dtype
+        self.flat_scale = None if scale is None else scale.view(-1, num_kv_heads)
+
+    def __call__(self, slots: torch.Tensor) -> torch.Tensor:
+        rows = self.flat.index_select(0, slots)
+        if self.flat_scale is None:
+            return rows
+        return dequantize(rows.view(self.cache_dtype), self.flat_scale.index_select(0, slots)).to(self.dtype)
+
+
 def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float, sliding_window: int | None) -> torch.Tensor:
+                    meta: AttentionMetadata, scale: float, sliding_window: int | None,
+                    scales: CacheScales | None = None) -> torch.Tensor:
     """:func:`kvpage.ops.attention.paged_attention` (arguments already checked there) through SDPA."""
     num_q_heads, head_dim = query.shape[1:]
     num_kv_heads = key_cache.shape[2]
     group = num_q_heads // num_kv_heads
-    flat_keys = key_cache.view(-1, num_kv_heads, head_dim)
-    flat_values = value_cache.view(-1, num_kv_heads, head_dim)
+    read_keys = SlotReader(key_cache, None if scales is None else scales.key, query.dtype)
+    read_values = SlotReader(value_cache, None if scales is None else scales.value, query.dtype)
     buckets, prefills = meta.sdpa.parts(sliding_window)
     output = torch.empty_like(query)
     for bucket in buckets:
         count = bucket.rows.shape[0]
         # [n, keys, Hkv, D] viewed as [n, Hkv, keys, D]; SDPA takes the strides as they are.
-        keys = flat_keys.index_select(0, bucket.slots).view(count, bucket.keys, num_kv_heads, head_dim).transpose(1, 2)
-        values = flat_values.index_select(0, bucket.slots).view(count, bucket.keys, num_kv_heads,
-                                                                head_dim).transpose(1, 2)
+        keys = read_keys(bucket.slots).view(count, bucket.keys, num_kv_heads, head_dim).transpose(1, 2)
+        values = read_values(bucket.slots).view(count, bucket.keys, num_kv_heads, head_dim).transpose(1, 2)
         # Query head h reads KV head h // group: the group's heads are query rows of that KV head.
         rows = query if bucket.whole else query.index_select(0, bucket.rows)
         grouped = rows.view(count, num_kv_heads, group, head_dim)
@@ -154,8 +174,8 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
             return attended.reshape(count, num_q_heads, head_dim)
         output.index_copy_(0, bucket.rows, attended.reshape(count, num_q_heads, head_dim))
     for part in prefills:
-        keys = flat_keys.index_select(0, part.slots).transpose(0, 1)[None]  # [1, Hkv, keys, D]
-        values = flat_values.index_select(0, part.slots).transpose(0, 1)[None]
+        keys = read_keys(part.slots).transpose(0, 1)[None]  # [1, Hkv, keys, D]
+        values = read_values(part.slots).transpose(0, 1)[None]
         attended = F.scaled_dot_product_attention(query[part.rows].transpose(0, 1)[None], keys, values,
                                                   attn_mask=part.visible, is_causal=part.visible is None,
                                                   scale=scale, enable_gqa=group > 1)

@@ -26,6 +26,17 @@ Each program takes a tile of :data:`PREFILL_TILE` queries of one sequence
 and one query head and runs the flash-attention loop over the sequence's
 pages, masking causally only in the key tiles that cross the diagonal.
 
+**8-bit pages** (``kv_cache_dtype="fp8"``) are read as they are stored:
+each K/V tile is loaded as float8 and widened in registers to the query's
+dtype (exact: every float8 value is a bfloat16 or float16 value), and its
+per-token scale (a power of two, :mod:`kvpage.kv.format`) is folded into
+the scores (``q . (s k) = s (q . k)``) and into the probabilities before
+``P @ V`` (there times ``2**VALUE_OFFSET``, the format's largest exponent,
+taken back out of the float32 sum at the end: E5M2's scales are small enough
+to push probabilities into float16's subnormals otherwise), so a tile costs
+a multiply on a ``[rows, keys]`` tile rather than on
+the ``[keys, head_dim]`` data, and there is no separate dequantization pass.
+
 Both use the online softmax in base 2 (``exp2`` of scores pre-multiplied by
 ``log2(e)``), accumulate in float32, and use IEEE float32 products for
 float32 inputs (never tf32), so float32 runs match the reference closely.
@@ -39,7 +50,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kvpage.ops.fp8 import CacheScales, format_of
 from kvpage.ops.metadata import PREFILL_TILE, AttentionMetadata
+from kvpage.ops.triton_fp8 import power_of_two
 
 __all__ = ["decode_num_splits", "paged_attention"]
 
@@ -79,12 +92,36 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _load_tile(cache_ptr, slot, dims, mask, dtype: tl.constexpr, SCALED: tl.constexpr, DOT_FP16: tl.constexpr):
+    """A ``[keys, head_dim]`` K or V tile; 8-bit values widened (exactly) to float16 for 16-bit queries (one
+    conversion instruction a pair on the GPU), or to the query's dtype (float32)."""
+    tile = tl.load(cache_ptr + slot[:, None] + dims[None, :], mask=mask, other=0.0)
+    if SCALED:
+        if DOT_FP16:
+            tile = tile.to(tl.float16)
+        else:
+            tile = tile.to(dtype)
+    return tile
+
+
+@triton.jit
+def _scaled(tile, scale_ptr, scale_slot, valid, SCALED: tl.constexpr, OFFSET: tl.constexpr = 0):
+    """``tile [rows, keys]`` times each key's scale (an 8-bit cache's) times ``2**OFFSET``, or as it is."""
+    if SCALED:
+        exponent = tl.minimum(tl.load(scale_ptr + scale_slot, mask=valid, other=127).to(tl.int32) + OFFSET, 254)
+        tile = tile * power_of_two(exponent)[None, :]
+    return tile
+
+
+@triton.jit
 def _decode_kernel(
     query_ptr, key_cache_ptr, value_cache_ptr, page_tables_ptr, seq_lens_ptr, query_start_ptr, decode_seqs_ptr,
     out_ptr, partial_out_ptr, partial_lse_ptr,
     scale_log2, sliding_window,
     stride_query_token, stride_query_head, stride_out_token, stride_out_head,
     stride_cache_page, stride_cache_slot, stride_cache_head, stride_page_table,
+    key_scale_ptr, value_scale_ptr, stride_scale_page, stride_scale_slot, SCALED: tl.constexpr,
+    VALUE_OFFSET: tl.constexpr, VALUE_UNSCALE: tl.constexpr, DOT_FP16: tl.constexpr,
     GROUP: tl.constexpr, BLOCK_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr,
 ):
@@ -109,6 +146,8 @@ def _decode_kernel(
     heads = kv_head * GROUP + groups
     query = tl.load(query_ptr + token * stride_query_token + heads[:, None] * stride_query_head + dims[None, :],
                     mask=group_mask[:, None] & dim_mask[None, :], other=0.0)
+    if DOT_FP16:
+        query = query.to(tl.float16)
     running_max = tl.full([BLOCK_GROUP], float("-inf"), tl.float32)
     running_sum = tl.zeros([BLOCK_GROUP], tl.float32)
     acc = tl.zeros([BLOCK_GROUP, BLOCK_DIM], tl.float32)
@@ -119,17 +158,22 @@ def _decode_kernel(
         page = tl.load(table + keys // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
         slot = page * stride_cache_page + (keys % BLOCK_SIZE) * stride_cache_slot + kv_head * stride_cache_head
         kv_mask = valid[:, None] & dim_mask[None, :]
-        key = tl.load(key_cache_ptr + slot[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        scale_slot = page * stride_scale_page + (keys % BLOCK_SIZE) * stride_scale_slot + kv_head
+        key = _load_tile(key_cache_ptr, slot, dims, kv_mask, query.dtype, SCALED, DOT_FP16)
         scores = _dot(query, tl.trans(key), IEEE)
-        scores = tl.where(valid[None, :], scores * scale_log2, float("-inf"))
+        scores = tl.where(valid[None, :], _scaled(scores, key_scale_ptr, scale_slot, valid, SCALED) * scale_log2,
+                          float("-inf"))
         new_max = tl.maximum(running_max, tl.max(scores, 1))
         probs = tl.exp2(scores - new_max[:, None])
         correction = tl.exp2(running_max - new_max)
         running_sum = running_sum * correction + tl.sum(probs, 1)
-        value = tl.load(value_cache_ptr + slot[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-        acc = acc * correction[:, None] + _dot(probs, value, IEEE)
+        value = _load_tile(value_cache_ptr, slot, dims, kv_mask, query.dtype, SCALED, DOT_FP16)
+        weights = _scaled(probs, value_scale_ptr, scale_slot, valid, SCALED, VALUE_OFFSET)
+        acc = acc * correction[:, None] + _dot(weights, value, IEEE)
         running_max = new_max
 
+    if SCALED:
+        acc = acc * VALUE_UNSCALE  # 2**-VALUE_OFFSET
     # A range with no keys (short sequence, padding row) contributes nothing.
     nonempty = running_sum > 0
     result = acc / tl.where(nonempty, running_sum, 1.0)[:, None]
@@ -174,6 +218,8 @@ def _prefill_kernel(
     scale_log2, sliding_window,
     stride_query_token, stride_query_head, stride_out_token, stride_out_head,
     stride_cache_page, stride_cache_slot, stride_cache_head, stride_page_table,
+    key_scale_ptr, value_scale_ptr, stride_scale_page, stride_scale_slot, SCALED: tl.constexpr,
+    VALUE_OFFSET: tl.constexpr, VALUE_UNSCALE: tl.constexpr, DOT_FP16: tl.constexpr,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
 ):
@@ -195,6 +241,8 @@ def _prefill_kernel(
     tokens = (query_begin + rows).to(tl.int64)
     query = tl.load(query_ptr + tokens[:, None] * stride_query_token + head * stride_query_head + dims[None, :],
                     mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
+    if DOT_FP16:
+        query = query.to(tl.float16)
 
     last_position = context_len + tl.minimum(tile_start + BLOCK_M, query_len) - 1
     first_key = 0
@@ -213,9 +261,10 @@ def _prefill_kernel(
         page = tl.load(table + keys // BLOCK_SIZE, mask=key_valid, other=0).to(tl.int64)
         slot = page * stride_cache_page + (keys % BLOCK_SIZE) * stride_cache_slot + kv_head * stride_cache_head
         kv_mask = key_valid[:, None] & dim_mask[None, :]
-        key = tl.load(key_cache_ptr + slot[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        scale_slot = page * stride_scale_page + (keys % BLOCK_SIZE) * stride_scale_slot + kv_head
+        key = _load_tile(key_cache_ptr, slot, dims, kv_mask, query.dtype, SCALED, DOT_FP16)
         scores = _dot(query, tl.trans(key), IEEE)
-        scores = scores * scale_log2
+        scores = _scaled(scores, key_scale_ptr, scale_slot, key_valid, SCALED) * scale_log2
         if start + BLOCK_N > unmasked_end or sliding_window > 0:
             visible = (keys[None, :] <= positions[:, None]) & key_valid[None, :]
             if sliding_window > 0:
@@ -227,25 +276,32 @@ def _prefill_kernel(
         probs = tl.exp2(scores - shift[:, None])
         correction = tl.exp2(running_max - shift)
         running_sum = running_sum * correction + tl.sum(probs, 1)
-        value = tl.load(value_cache_ptr + slot[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-        acc = acc * correction[:, None] + _dot(probs, value, IEEE)
+        value = _load_tile(value_cache_ptr, slot, dims, kv_mask, query.dtype, SCALED, DOT_FP16)
+        weights = _scaled(probs, value_scale_ptr, scale_slot, key_valid, SCALED, VALUE_OFFSET)
+        acc = acc * correction[:, None] + _dot(weights, value, IEEE)
         running_max = new_max
+    if SCALED:
+        acc = acc * VALUE_UNSCALE  # 2**-VALUE_OFFSET
     result = acc / tl.where(running_sum > 0, running_sum, 1.0)[:, None]
     tl.store(out_ptr + tokens[:, None] * stride_out_token + head * stride_out_head + dims[None, :],
              result.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & dim_mask[None, :])
 
 
-def _decode_tile(block_size: int, dtype: torch.dtype) -> int:
+def _decode_tile(block_size: int, dtype: torch.dtype, scaled: bool) -> int:
     # 64 keys a tile balances loads in flight against registers; fp32 tiles are twice as wide.
     return 32 if dtype == torch.float32 else 64
 
 
+def _decode_warps(scaled: bool) -> int:
+    return 4
+
+
 def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float, sliding_window: int | None = None,
-                    num_splits: int | None = None) -> torch.Tensor:
+                    num_splits: int | None = None, scales: CacheScales | None = None) -> torch.Tensor:
     """The kernels' version of :func:`kvpage.ops.attention.paged_attention` (which checks the arguments).
 
-    ``num_splits`` (a power of two) overrides :func:`decode_num_splits`.
+    ``num_splits`` (a power of two) overrides :func:`decode_num_splits`; ``scales`` are an 8-bit cache's.
     """
     num_tokens, num_q_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = key_cache.shape
@@ -255,8 +311,13 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     ieee = query.dtype == torch.float32
     block_dim = max(16, triton.next_power_of_2(head_dim))
     window = sliding_window or 0
+    offset = format_of(key_cache.dtype).max_exponent if scales is not None else 0
+    fp8 = {"SCALED": scales is not None, "VALUE_OFFSET": offset, "VALUE_UNSCALE": 2.0 ** -offset,
+           "DOT_FP16": scales is not None and not ieee}
     common = (scale * LOG2E, window, query.stride(0), query.stride(1), output.stride(0), output.stride(1),
-              key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), meta.page_tables.stride(0))
+              key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), meta.page_tables.stride(0),
+              *((scales.key, scales.value, scales.key.stride(0), scales.key.stride(1)) if scales is not None
+                else (key_cache, value_cache, 0, 0)))
     if work.num_decode:
         if num_splits is None:
             num_splits = decode_num_splits(work.num_decode, num_kv_heads, query.device)
@@ -269,10 +330,11 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
             partial_out = partial_lse = output  # unused
         _decode_kernel[(work.num_decode, num_kv_heads, num_splits)](
             query, key_cache, value_cache, meta.page_tables, work.seq_lens, work.query_start, work.decode_seqs,
-            output, partial_out, partial_lse, *common,
+            output, partial_out, partial_lse, *common, **fp8,
             GROUP=group, BLOCK_GROUP=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-            BLOCK_DIM=block_dim, BLOCK_SIZE=block_size, BLOCK_N=_decode_tile(block_size, query.dtype),
-            NUM_SPLITS=num_splits, IEEE=ieee, num_warps=4,
+            BLOCK_DIM=block_dim, BLOCK_SIZE=block_size,
+            BLOCK_N=_decode_tile(block_size, query.dtype, scales is not None),
+            NUM_SPLITS=num_splits, IEEE=ieee, num_warps=_decode_warps(scales is not None),
         )
         if num_splits > 1:
             _merge_kernel[(work.num_decode, num_q_heads)](
@@ -283,7 +345,7 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     if work.num_prefill_tiles:
         _prefill_kernel[(work.num_prefill_tiles, num_q_heads)](
             query, key_cache, value_cache, meta.page_tables, work.seq_lens, work.query_start, work.prefill_tiles,
-            output, *common,
+            output, *common, **fp8,
             GROUP=group, HEAD_DIM=head_dim, BLOCK_DIM=block_dim, BLOCK_SIZE=block_size,
             BLOCK_M=PREFILL_TILE, BLOCK_N=32 if ieee else 64, IEEE=ieee, num_warps=4,
         )

@@ -4,7 +4,9 @@
 (``[T, num_kv_heads, head_dim]``) go to one flat slot of the paged cache
 (``page * block_size + offset``), given by the step's slot mapping. One
 program stores one token's K and V rows; slot -1 (padding, e.g. the spare
-rows of a CUDA-graph batch) stores nothing. This replaces the reference's
+rows of a CUDA-graph batch) stores nothing. Into an 8-bit cache it stores
+each head vector quantized, and its scale byte (:mod:`kvpage.ops.triton_fp8`).
+This replaces the reference's
 boolean-mask indexing, which needs a device-to-host sync to size its result.
 
 **Page copy.** Copy-on-write and swap move whole pages, in every layer's K
@@ -21,7 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kvpage.ops.fp8 import CacheScales
 from kvpage.ops.transfer import to_device
+from kvpage.ops.triton_fp8 import fp8_constants, quantize_scaled, scale_exponent
 
 __all__ = ["copy_pages", "write_kv_cache"]
 
@@ -45,6 +49,43 @@ def _write_kv_kernel(
         tl.store(value_cache_ptr + destination, value.to(value_cache_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _store_quantized(source_ptr, cache_ptr, scale_ptr, slot, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     BLOCK_HEADS: tl.constexpr, BLOCK_DIM: tl.constexpr, MAX_EXPONENT: tl.constexpr,
+                     MAX_VALUE: tl.constexpr, MANTISSA: tl.constexpr, MIN_NORMAL: tl.constexpr,
+                     SUBNORMAL_MAGIC: tl.constexpr):
+    """One token's ``[heads, head_dim]`` row at ``source_ptr``, quantized into ``slot`` with its scale bytes."""
+    heads = tl.arange(0, BLOCK_HEADS)
+    dims = tl.arange(0, BLOCK_DIM)
+    head_mask = heads < NUM_HEADS
+    mask = head_mask[:, None] & (dims < HEAD_DIM)[None, :]
+    offsets = heads[:, None] * HEAD_DIM + dims[None, :]
+    x = tl.load(source_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    exponent = scale_exponent(tl.max(tl.abs(x), axis=1), MAX_EXPONENT)
+    values = quantize_scaled(x, exponent[:, None], MAX_VALUE, MANTISSA, MIN_NORMAL, SUBNORMAL_MAGIC)
+    tl.store(cache_ptr + slot * (NUM_HEADS * HEAD_DIM) + offsets, values.to(cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(scale_ptr + slot * NUM_HEADS + heads, exponent.to(tl.uint8), mask=head_mask)
+
+
+@triton.jit
+def _write_kv_fp8_kernel(
+    key_ptr, value_ptr, key_cache_ptr, value_cache_ptr, key_scale_ptr, value_scale_ptr, slot_mapping_ptr,
+    stride_key_token, stride_value_token,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_HEADS: tl.constexpr, BLOCK_DIM: tl.constexpr,
+    MAX_EXPONENT: tl.constexpr, MAX_VALUE: tl.constexpr, MANTISSA: tl.constexpr, MIN_NORMAL: tl.constexpr,
+    SUBNORMAL_MAGIC: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    if slot >= 0:
+        _store_quantized(key_ptr + token * stride_key_token, key_cache_ptr, key_scale_ptr, slot,
+                         NUM_HEADS, HEAD_DIM, BLOCK_HEADS, BLOCK_DIM, MAX_EXPONENT, MAX_VALUE, MANTISSA,
+                         MIN_NORMAL, SUBNORMAL_MAGIC)
+        _store_quantized(value_ptr + token * stride_value_token, value_cache_ptr, value_scale_ptr, slot,
+                         NUM_HEADS, HEAD_DIM, BLOCK_HEADS, BLOCK_DIM, MAX_EXPONENT, MAX_VALUE, MANTISSA,
+                         MIN_NORMAL, SUBNORMAL_MAGIC)
+
+
 def _token_rows(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` with each token's heads * head_dim elements contiguous (a view when they already are)."""
     _, heads, dim = tensor.shape
@@ -54,7 +95,7 @@ def _token_rows(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def write_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
-                   value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+                   value_cache: torch.Tensor, slot_mapping: torch.Tensor, scales: CacheScales | None = None) -> None:
     """Scatter ``key``/``value`` ``[T, Hkv, D]`` into the caches at ``slot_mapping`` (-1: skip).
 
     Shapes are checked by :func:`kvpage.ops.attention.write_kv_cache`, the public entry.
@@ -63,7 +104,15 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tens
     if num_tokens == 0:
         return
     key, value = _token_rows(key), _token_rows(value)
-    row = key_cache.shape[2] * key_cache.shape[3]
+    _, _, num_heads, head_dim = key_cache.shape
+    if scales is not None:
+        _write_kv_fp8_kernel[(num_tokens,)](
+            key, value, key_cache, value_cache, scales.key, scales.value, slot_mapping,
+            key.stride(0), value.stride(0),
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_HEADS=triton.next_power_of_2(num_heads),
+            BLOCK_DIM=triton.next_power_of_2(head_dim), **fp8_constants(key_cache.dtype))
+        return
+    row = num_heads * head_dim
     _write_kv_kernel[(num_tokens,)](
         key, value, key_cache, value_cache, slot_mapping,
         key.stride(0), value.stride(0),

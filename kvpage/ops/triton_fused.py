@@ -9,7 +9,8 @@ Fused, each is one pass:
 * ``add_rms_norm``: residual add, then RMSNorm (one program per token);
 * ``qkv_norm_rope_cache``: from the fused QKV projection, per-head RMSNorm
   of q and k (Qwen3), RoPE on q and k, the store of k and v into their cache
-  slots, and q written out for attention (one program per token and head);
+  slots (quantized, with their scale bytes, into an 8-bit cache), and q
+  written out for attention (one program per token and head);
 * ``silu_and_mul``: ``silu(gate) * up`` of the fused gate/up projection.
 
 Each rounds to the model dtype where the torch reference
@@ -25,6 +26,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from kvpage.ops.fp8 import CacheScales
+from kvpage.ops.triton_fp8 import fp8_constants, quantize_scaled, scale_exponent
 
 __all__ = ["add_rms_norm", "qkv_norm_rope_cache", "silu_and_mul"]
 
@@ -64,12 +68,31 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
 
 
 @triton.jit
+def _store_head(cache_ptr, scale_ptr, slot, kv_head, x1, x2, dims, mask,
+                NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr, SCALED: tl.constexpr, MAX_EXPONENT: tl.constexpr,
+                MAX_VALUE: tl.constexpr, MANTISSA: tl.constexpr, MIN_NORMAL: tl.constexpr,
+                SUBNORMAL_MAGIC: tl.constexpr):
+    """One KV head's vector (halves ``x1``, ``x2``) into its cache slot; quantized, with its scale byte, when
+    the cache is 8-bit (masked lanes hold 0, so they do not move the largest magnitude)."""
+    destination = cache_ptr + slot * (NUM_KV_HEADS * 2 * HALF) + kv_head * (2 * HALF)
+    if SCALED:
+        a, b = x1.to(tl.float32), x2.to(tl.float32)
+        exponent = scale_exponent(tl.maximum(tl.max(tl.abs(a), axis=0), tl.max(tl.abs(b), axis=0)), MAX_EXPONENT)
+        x1 = quantize_scaled(a, exponent, MAX_VALUE, MANTISSA, MIN_NORMAL, SUBNORMAL_MAGIC)
+        x2 = quantize_scaled(b, exponent, MAX_VALUE, MANTISSA, MIN_NORMAL, SUBNORMAL_MAGIC)
+        tl.store(scale_ptr + slot * NUM_KV_HEADS + kv_head, exponent.to(tl.uint8))
+    tl.store(destination + dims, x1.to(cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(destination + HALF + dims, x2.to(cache_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _qkv_norm_rope_cache_kernel(
     qkv_ptr, positions_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, slot_mapping_ptr,
-    query_ptr, key_cache_ptr, value_cache_ptr,
+    query_ptr, key_cache_ptr, value_cache_ptr, key_scale_ptr, value_scale_ptr,
     stride_qkv, stride_table, eps,
     NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
-    QK_NORM: tl.constexpr,
+    QK_NORM: tl.constexpr, SCALED: tl.constexpr, MAX_EXPONENT: tl.constexpr, MAX_VALUE: tl.constexpr,
+    MANTISSA: tl.constexpr, MIN_NORMAL: tl.constexpr, SUBNORMAL_MAGIC: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
@@ -85,10 +108,9 @@ def _qkv_norm_rope_cache_kernel(
     slot = tl.load(slot_mapping_ptr + token)
     if is_value:
         if slot >= 0:
-            value_head = head - NUM_Q_HEADS - NUM_KV_HEADS
-            destination = value_cache_ptr + slot * (NUM_KV_HEADS * head_dim) + value_head * head_dim
-            tl.store(destination + dims, x1.to(value_cache_ptr.dtype.element_ty), mask=mask)
-            tl.store(destination + HALF + dims, x2.to(value_cache_ptr.dtype.element_ty), mask=mask)
+            _store_head(value_cache_ptr, value_scale_ptr, slot, head - NUM_Q_HEADS - NUM_KV_HEADS, x1, x2, dims,
+                        mask, NUM_KV_HEADS, HALF, SCALED, MAX_EXPONENT, MAX_VALUE, MANTISSA, MIN_NORMAL,
+                        SUBNORMAL_MAGIC)
     else:
         if QK_NORM:
             a, b = x1.to(tl.float32), x2.to(tl.float32)
@@ -113,15 +135,15 @@ def _qkv_norm_rope_cache_kernel(
             tl.store(destination + dims, out1, mask=mask)
             tl.store(destination + HALF + dims, out2, mask=mask)
         elif slot >= 0:
-            destination = key_cache_ptr + slot * (NUM_KV_HEADS * head_dim) + (head - NUM_Q_HEADS) * head_dim
-            tl.store(destination + dims, out1.to(key_cache_ptr.dtype.element_ty), mask=mask)
-            tl.store(destination + HALF + dims, out2.to(key_cache_ptr.dtype.element_ty), mask=mask)
+            _store_head(key_cache_ptr, key_scale_ptr, slot, head - NUM_Q_HEADS, out1, out2, dims, mask,
+                        NUM_KV_HEADS, HALF, SCALED, MAX_EXPONENT, MAX_VALUE, MANTISSA, MIN_NORMAL, SUBNORMAL_MAGIC)
 
 
 def qkv_norm_rope_cache(qkv: torch.Tensor, positions: torch.Tensor, cos_table: torch.Tensor,
                         sin_table: torch.Tensor, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None,
                         eps: float, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                        slot_mapping: torch.Tensor, num_q_heads: int) -> torch.Tensor:
+                        slot_mapping: torch.Tensor, num_q_heads: int, scales: CacheScales | None = None
+                        ) -> torch.Tensor:
     """Queries ``[T, Hq, D]`` ready for attention; k and v go straight into their cache slots (-1: skip).
 
     ``qkv`` is ``[T, (Hq + 2 Hkv) D]`` with unit stride in its last dimension.
@@ -131,12 +153,15 @@ def qkv_norm_rope_cache(qkv: torch.Tensor, positions: torch.Tensor, cos_table: t
     query = torch.empty((num_tokens, num_q_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
     if num_tokens:
         half = head_dim // 2
+        fp8 = (fp8_constants(key_cache.dtype) if scales is not None else
+               {"MAX_EXPONENT": 0, "MAX_VALUE": 0.0, "MANTISSA": 0, "MIN_NORMAL": 0.0, "SUBNORMAL_MAGIC": 0.0})
         _qkv_norm_rope_cache_kernel[(num_tokens, num_q_heads + 2 * num_kv_heads)](
             qkv, positions, cos_table, sin_table, q_norm if q_norm is not None else qkv,
             k_norm if k_norm is not None else qkv, slot_mapping, query, key_cache, value_cache,
+            scales.key if scales is not None else key_cache, scales.value if scales is not None else value_cache,
             qkv.stride(0), cos_table.stride(0), eps,
             NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HALF=half, BLOCK_HALF=triton.next_power_of_2(half),
-            QK_NORM=q_norm is not None, num_warps=1)
+            QK_NORM=q_norm is not None, SCALED=scales is not None, num_warps=1, **fp8)
     return query
 
 

@@ -18,8 +18,11 @@ from dataclasses import dataclass
 import torch
 
 from kvpage.config import EngineConfig
+from kvpage.kv.format import kv_format
 from kvpage.model.source import LoadedModel, open_model_source
 from kvpage.ops.collectives import TPGroup
+from kvpage.ops.fp8 import check_device, storage_dtype
+from kvpage.ops.metadata import resolve_backend
 from kvpage.sched.scheduler import num_swap_pages
 from kvpage.worker import KVCacheShape, ModelRunner, RunnerOptions, page_bytes, profile_activations, size_kv_cache_pages
 
@@ -72,8 +75,10 @@ def build_rank(config: EngineConfig, tp: TPGroup, device: torch.device) -> RankM
         raise ValueError(f"max_model_len ({max_model_len}) exceeds the model's "
                          f"max_position_embeddings ({max_positions})")
     kv_heads = model.shard.num_kv_heads
-    per_page = page_bytes(mc.num_layers, cache.block_size, kv_heads, mc.head_dim, loaded.dtype)
     options = runner_options(config)
+    kv_dtype = storage_dtype(kv_format(cache.kv_cache_dtype, loaded.dtype.itemsize), loaded.dtype)
+    check_device(cache.kv_cache_dtype, kv_dtype, device, resolve_backend(options.attention_backend, device) == "triton")
+    per_page = page_bytes(mc.num_layers, cache.block_size, kv_heads, mc.head_dim, kv_dtype)
     explicit = cache.num_kv_blocks is not None or cache.kv_cache_memory is not None
     activations = None
     if device.type == "cuda" and not explicit:
@@ -86,7 +91,7 @@ def build_rank(config: EngineConfig, tp: TPGroup, device: torch.device) -> RankM
         bytes_per_page=per_page, max_useful_bytes=sched.max_num_seqs * pages_per_seq * per_page,
         device=device, activations=activations, uses_graphs=options.captures_graphs(device)))
     num_host_pages = tp.min_int(num_swap_pages(cache, sched, per_page))
-    shape = KVCacheShape(mc.num_layers, num_pages, cache.block_size, kv_heads, mc.head_dim, loaded.dtype)
+    shape = KVCacheShape(mc.num_layers, num_pages, cache.block_size, kv_heads, mc.head_dim, kv_dtype)
     runner = ModelRunner(model, shape, device, load.seed, loaded.eos_token_ids, max_num_seqs=sched.max_num_seqs,
                          max_pages_per_seq=pages_per_seq, num_host_pages=num_host_pages, options=options)
     return RankModel(loaded, device, max_model_len, per_page, shape, num_host_pages, runner)

@@ -64,7 +64,8 @@ def describe(engine: Any, url: str) -> str:
     tp = engine.tensor_parallel_size
     where = f"{engine.device}" if tp == 1 else f"{tp} ranks from {engine.device} (tensor parallel)"
     return (f"model {engine.model_dir} ({engine.model_config.architecture}, {engine.dtype}) on {where}; "
-            f"KV cache {usage.num_pages_total} pages of {usage.block_size} tokens = {gib:.2f} GiB; "
+            f"KV cache {usage.num_pages_total} pages of {usage.block_size} tokens = {gib:.2f} GiB "
+            f"({engine.kv_cache_dtype}, {engine.bytes_per_page // usage.block_size} bytes a token); "
             f"max_model_len {engine.max_model_len}; serving at {url}/v1, the KV page map at {url}/dashboard")
 
 

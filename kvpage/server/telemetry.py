@@ -50,6 +50,8 @@ _GAUGES = (
     ("kv_blocks_used", "kv_pages_in_use", "KV pages referenced by running sequences"),
     ("kv_blocks_cached", "kv_pages_cached_free", "Free KV pages still holding a cached prefix"),
     ("kv_blocks_total", "kv_pages_total", "KV pages in the cache"),
+    ("kv_cache_bytes", "kv_cache_bytes", "Bytes of KV cache over all ranks (an 8-bit cache's scale bytes included)"),
+    ("kv_bytes_per_token", "kv_bytes_per_token", "Bytes one token's K/V takes over all layers and ranks"),
     ("kv_internal_fragmentation", "kv_internal_fragmentation",
      "Empty slots in in-use pages, as a fraction of all KV slots"),
     ("kv_stored", "kv_stored_fraction", "KV slots holding a live token's K/V (last step)"),

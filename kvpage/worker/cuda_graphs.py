@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from kvpage.model import CausalLM
-from kvpage.ops import AttentionMetadata
+from kvpage.ops import AttentionMetadata, LayerKV
 from kvpage.ops.metadata import KernelWork
 
 __all__ = ["DecodeGraphs", "capture_sizes"]
@@ -42,7 +42,7 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
 class DecodeGraphs:
     """One captured forward pass per batch size, over shared static input buffers."""
 
-    def __init__(self, model: CausalLM, kv_layers: list[tuple[torch.Tensor, torch.Tensor]], max_num_seqs: int,
+    def __init__(self, model: CausalLM, kv_layers: list[LayerKV], max_num_seqs: int,
                  max_pages_per_seq: int, block_size: int, device: torch.device) -> None:
         self.model = model
         self.kv_layers = kv_layers

@@ -32,6 +32,8 @@ from functools import cached_property
 
 import torch
 
+from kvpage.ops import LayerKV
+
 if sys.version_info >= (3, 11):
     from typing import assert_never
 else:  # pragma: no cover
@@ -126,7 +128,7 @@ class ModelRunner:
             self.graphs.capture()
 
     @property
-    def kv_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def kv_caches(self) -> list[LayerKV]:
         """Per layer, the (key cache, value cache) views ``[num_pages, block_size, num_kv_heads, head_dim]``."""
         return self.kv_cache.layers
 

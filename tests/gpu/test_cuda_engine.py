@@ -189,3 +189,31 @@ def test_more_ranks_than_gpus_are_refused_before_any_process_starts() -> None:
     with pytest.raises(ValueError, match="tensor_parallel_size=2 needs 2 GPUs from cuda, but 1 are present"):
         LLM(device="cuda", tensor_parallel_size=2)
     assert not torch.distributed.is_initialized()
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["fp8", "fp8_e5m2"])
+def test_fp8_pages_under_cuda_graphs_and_async_scheduling_equal_eager_and_roomy_runs(
+        tmp_path: Path, kv_cache_dtype: str) -> None:
+    """8-bit pages through the compiled kernels: the decode graphs (captured with the scale reads inside) and
+    asynchronous scheduling under preemption give the outputs of an eager run with room to spare, and the
+    store kernels write the bytes the torch specification writes."""
+    model_dir = make_checkpoint(tmp_path / "llama", "llama", seed=11)
+    prompts, max_tokens = random_prompts(2)
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in max_tokens]
+    runs = {"eager, roomy": {"enforce_eager": True, "kv_cache_memory": 1 << 28},
+            "graphs+async, tight": {"num_kv_blocks": (300 + 24) // 16 + 4, "headroom_policy": "none"},
+            "graphs+async, swap": {"num_kv_blocks": (300 + 24) // 16 + 4, "headroom_policy": "none",
+                                   "preemption_mode": "swap", "swap_space": 0.05}}
+    outputs = {}
+    for name, options in runs.items():
+        llm = LLM(model=str(model_dir), device="cuda", dtype="bfloat16", kv_cache_dtype=kv_cache_dtype, **options)
+        assert llm.engine.cache_shape.scaled and (llm.engine.runner.graphs is not None) == ("graphs" in name)
+        results = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        outputs[name] = [r.outputs[0].token_ids for r in results]
+        metrics = llm.get_metrics()
+        assert metrics["kv_blocks_used"] == 0
+        if "tight" in name or "swap" in name:
+            assert metrics["num_preemptions"] > 0
+        release(llm)
+    assert outputs["graphs+async, tight"] == outputs["eager, roomy"]
+    assert outputs["graphs+async, swap"] == outputs["eager, roomy"]
