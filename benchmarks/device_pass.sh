@@ -21,7 +21,9 @@
 #        benchmarks/small_gguf.py) against transformers, the prompt-logprob, sampling, kernel, async and CUDA
 #        tests, and host overhead against .base (the commit before, kvpage and benchmarks), alternated.
 #   fp8: issue #17: the FP8 KV tests (kernels compiled), the kernel, fused, async and CUDA-engine tests, then
-#        benchmarks/fp8_kv.py (decode attention bf16 against FP8 pages, and end to end at a binding KV budget).
+#        benchmarks/fp8_kv.py (decode attention bf16 against FP8 pages, and end to end at a binding KV budget);
+#   fp8-sweep: the FP8 KV tests on the GPU, then the decode kernel's tunings (tiles, warps, stages, FMA products)
+#        on bf16 and FP8 pages; fp8-decode: the kernel and CUDA-engine tests, then the decode table and one e2e round.
 # Wheels for what the device lacks (pytest, hypothesis, fastapi stack, openai) come from .whl/.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -54,6 +56,19 @@ timeout 230 python -m pytest -q -p no:cacheprovider tests/test_fp8_kv.py tests/t
   > "$OUT/pytest.txt" 2>&1; echo "pytest rc=$?" >> "$OUT/pytest.txt"
 timeout 330 python benchmarks/fp8_kv.py --rounds 1 --json "$OUT/fp8_kv.json" > "$OUT/fp8_kv.txt" 2>&1
 echo "fp8_kv rc=$?" >> "$OUT/fp8_kv.txt"
+fi
+if [ "$STAGE" = fp8-sweep ]; then
+timeout 150 python -m pytest -q -p no:cacheprovider tests/test_fp8_kv.py tests/gpu/test_cuda_engine.py -k "fp8 or 8_bit \
+  or tuning or scale or round_trip" > "$OUT/pytest.txt" 2>&1; echo "pytest rc=$?" >> "$OUT/pytest.txt"
+timeout 360 python benchmarks/fp8_kv.py --parts sweep --json "$OUT/fp8_sweep.json" > "$OUT/fp8_sweep.txt" 2>&1
+echo "fp8_sweep rc=$?" >> "$OUT/fp8_sweep.txt"
+fi
+if [ "$STAGE" = fp8-decode ]; then
+timeout 200 python -m pytest -q -p no:cacheprovider tests/test_fp8_kv.py tests/test_triton_kernels.py \
+  tests/gpu/test_cuda_engine.py > "$OUT/pytest.txt" 2>&1; echo "pytest rc=$?" >> "$OUT/pytest.txt"
+timeout 300 python benchmarks/fp8_kv.py --parts decode,e2e --rounds 1 --json "$OUT/fp8_decode.json" \
+  > "$OUT/fp8_decode.txt" 2>&1
+echo "fp8_decode rc=$?" >> "$OUT/fp8_decode.txt"
 fi
 if [ "$STAGE" = tests ] || [ "$STAGE" = swap ]; then
 timeout 300 python -m pytest -q -x -p no:cacheprovider > "$OUT/pytest.txt" 2>&1; echo "pytest rc=$?" >> "$OUT/pytest.txt"

@@ -40,72 +40,123 @@ import offline_throughput as bench_offline  # noqa: E402
 
 from kvpage.ops import CacheScales  # noqa: E402
 from kvpage.ops.fp8 import dequantize, quantize  # noqa: E402
-from kvpage.ops.triton_attention import paged_attention  # noqa: E402
+from kvpage.ops.triton_attention import DecodeTuning, paged_attention  # noqa: E402
 
 MIB = 1 << 20
 FP8 = torch.float8_e4m3fn
 
 
 def attention_calls(sets: list[Any], key: torch.Tensor, value: torch.Tensor, scale: float,
-                    scales: CacheScales | None) -> list[Any]:
-    return [lambda q=q, m=m: paged_attention(q, key, value, m, scale, scales=scales) for q, m in sets]
+                    scales: CacheScales | None, tuning: DecodeTuning | None = None) -> list[Any]:
+    return [lambda q=q, m=m: paged_attention(q, key, value, m, scale, scales=scales, tuning=tuning) for q, m in sets]
 
 
-def decode_part(args: argparse.Namespace) -> list[dict[str, Any]]:
+class Shape:
+    """One decode shape's pool, as bf16 pages and as E4M3 pages of the same values, with the byte counts."""
+
+    def __init__(self, args: argparse.Namespace, batch: int, context: int, l2: int, generator: torch.Generator):
+        device = torch.device(args.device)
+        heads, kv_heads, dim = bench_decode.NUM_Q_HEADS, bench_decode.NUM_KV_HEADS, bench_decode.HEAD_DIM
+        self.dtype = torch.float16 if args.dry_run else torch.bfloat16
+        self.batch, self.context = batch, context
+        inputs = bench_decode.Inputs.build(batch, context, 16, self.dtype, device, 4 * l2, 256, generator)
+        self.key8, key_e = quantize(inputs.key_cache, FP8)
+        self.value8, value_e = quantize(inputs.value_cache, FP8)
+        self.scales = CacheScales(key_e, value_e)
+        # The bf16 pool as the FP8 pages read back: the two kernels must then agree.
+        self.key16 = dequantize(self.key8, key_e).to(self.dtype)
+        self.value16 = dequantize(self.value8, value_e).to(self.dtype)
+        self.scale = dim ** -0.5
+        self.sets = list(zip(inputs.queries, inputs.metas))
+        io = 2 * batch * heads * dim * self.dtype.itemsize  # queries read, outputs written
+        self.bytes16 = 2 * batch * context * kv_heads * dim * 2 + io
+        self.bytes8 = 2 * batch * context * kv_heads * (dim + 1) + io
+        self.expected = self.calls(False, None)[0]()
+
+    def calls(self, fp8: bool, tuning: DecodeTuning | None) -> list[Any]:
+        if fp8:
+            return attention_calls(self.sets, self.key8, self.value8, self.scale, self.scales, tuning)
+        return attention_calls(self.sets, self.key16, self.value16, self.scale, None, tuning)
+
+    def time(self, fp8: bool, tuning: DecodeTuning | None, timer: Any, device: torch.device
+             ) -> tuple[float, str, float]:
+        """(ms, timing mode, relative error against the default bf16 kernel)."""
+        calls = self.calls(fp8, tuning)
+        error = bench_decode.relative_error(calls[0](), self.expected)
+        assert error < bench_decode.TOLERANCE, (self.batch, self.context, fp8, tuning, error)
+        ms, mode = bench_decode.time_in_graph(calls, timer, device)
+        return ms, mode, error
+
+
+def _setup(args: argparse.Namespace) -> tuple[torch.device, Any, float, int]:
     device = torch.device(args.device)
     timer = bench_decode.make_timer(device, 25, 100)
     copy_bps = bench_decode.copy_bandwidth(device, 8 if args.dry_run else 2048, timer)
     l2 = torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else MIB
+    return device, timer, copy_bps, l2
+
+
+def _release(device: torch.device) -> None:
+    gc.collect()
+    torch.cuda.empty_cache() if device.type == "cuda" else None
+
+
+def decode_part(args: argparse.Namespace) -> list[dict[str, Any]]:
+    device, timer, copy_bps, l2 = _setup(args)
     generator = torch.Generator().manual_seed(0)
-    heads, kv_heads, dim = bench_decode.NUM_Q_HEADS, bench_decode.NUM_KV_HEADS, bench_decode.HEAD_DIM
-    dtype = torch.float16 if args.dry_run else torch.bfloat16
     rows = []
     for batch in args.batches:
         for context in args.contexts:
-            inputs = bench_decode.Inputs.build(batch, context, 16, dtype, device, 4 * l2, 256, generator)
-            key8, key_e = quantize(inputs.key_cache, FP8)
-            value8, value_e = quantize(inputs.value_cache, FP8)
-            scales = CacheScales(key_e, value_e)
-            # The bf16 pool as the FP8 pages read back: the two kernels must then agree.
-            inputs.key_cache = dequantize(key8, key_e).to(dtype)
-            inputs.value_cache = dequantize(value8, value_e).to(dtype)
-            scale = dim ** -0.5
-            sets = list(zip(inputs.queries, inputs.metas))
-            calls16 = attention_calls(sets, inputs.key_cache, inputs.value_cache, scale, None)
-            calls8 = attention_calls(sets, key8, value8, scale, scales)
-            error = bench_decode.relative_error(calls8[0](), calls16[0]())
-            ms16, mode16 = bench_decode.time_in_graph(calls16, timer, device)
-            ms8, mode8 = bench_decode.time_in_graph(calls8, timer, device)
-            io = 2 * batch * heads * dim * dtype.itemsize  # queries read, outputs written
-            bytes16 = 2 * batch * context * kv_heads * dim * 2 + io
-            bytes8 = 2 * batch * context * kv_heads * (dim + 1) + io
-            row = {"batch": batch, "context": context, "sets": len(sets), "bf16_ms": ms16, "fp8_ms": ms8,
-                   "fp8_over_bf16": ms8 / ms16, "bf16_of_copy": bytes16 / (ms16 / 1e3) / copy_bps,
-                   "fp8_of_copy": bytes8 / (ms8 / 1e3) / copy_bps, "fp8_error": error, "timing": [mode16, mode8]}
-            assert error < bench_decode.TOLERANCE, row
+            shape = Shape(args, batch, context, l2, generator)
+            ms16, mode16, _ = shape.time(False, None, timer, device)
+            ms8, mode8, error = shape.time(True, None, timer, device)
+            row = {"batch": batch, "context": context, "sets": len(shape.sets), "bf16_ms": ms16, "fp8_ms": ms8,
+                   "fp8_over_bf16": ms8 / ms16, "bf16_of_copy": shape.bytes16 / (ms16 / 1e3) / copy_bps,
+                   "fp8_of_copy": shape.bytes8 / (ms8 / 1e3) / copy_bps, "fp8_error": error, "timing": [mode16, mode8]}
             rows.append(row)
             print(f"decode batch {batch:>4} context {context:>5}: bf16 {ms16 * 1e3:8.1f} us "
                   f"({row['bf16_of_copy']:.0%} of copy), fp8 {ms8 * 1e3:8.1f} us ({row['fp8_of_copy']:.0%}), "
                   f"fp8/bf16 {ms8 / ms16:.3f}, error {error:.1e}", flush=True)
-            gc.collect()
-            torch.cuda.empty_cache() if device.type == "cuda" else None
+            del shape
+            _release(device)
     return [{"copy_GBps": copy_bps / 1e9}, *rows]
 
 
-def sweep_part(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """FP8 decode time under other tile sizes and warp counts (the kernel's choices, patched in)."""
-    from kvpage.ops import triton_attention
+# The decode kernel's tunings the sweep times, bf16 and FP8 pages each (None: the kernel's default).
+SWEEP_TUNINGS: list[DecodeTuning | None] = [
+    None, DecodeTuning(64, 4), DecodeTuning(128, 4, 4), DecodeTuning(128, 8, 4), DecodeTuning(256, 4),
+    DecodeTuning(256, 8), DecodeTuning(256, 8, 3), DecodeTuning(128, 4, waves=4), DecodeTuning(128, 4, waves=8),
+    DecodeTuning(256, 8, waves=4),
+]
 
+
+def sweep_part(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every tuning of :data:`SWEEP_TUNINGS` on bf16 and FP8 pages of the same pools, shape by shape."""
+    device, timer, copy_bps, l2 = _setup(args)
+    generator = torch.Generator().manual_seed(1)
     rows = []
-    chosen = (triton_attention._decode_tile, triton_attention._decode_warps)
-    for tile, warps in ((64, 4), (128, 4), (64, 8), (128, 8), (32, 4), (32, 2)):
-        triton_attention._decode_tile = lambda block, dtype, scaled, tile=tile: tile  # type: ignore[assignment]
-        triton_attention._decode_warps = lambda scaled, warps=warps: warps  # type: ignore[assignment]
-        for row in decode_part(args)[1:]:
-            rows.append({"tile": tile, "warps": warps, **row})
-            print(f"  ^ tile {tile} warps {warps}", flush=True)
-    triton_attention._decode_tile, triton_attention._decode_warps = chosen  # type: ignore[assignment]
-    return rows
+    for batch in args.sweep_batches:
+        for context in args.sweep_contexts:
+            shape = Shape(args, batch, context, l2, generator)
+            for tuning in SWEEP_TUNINGS:
+                name = "default" if tuning is None else \
+                    f"n{tuning.block_n} w{tuning.num_warps} s{tuning.num_stages or '-'} v{tuning.waves}"
+                row: dict[str, Any] = {"batch": batch, "context": context, "tuning": name}
+                for fp8, tag, nbytes in ((False, "bf16", shape.bytes16), (True, "fp8", shape.bytes8)):
+                    try:
+                        ms, _, error = shape.time(fp8, tuning, timer, device)
+                    except Exception as exc:  # noqa: BLE001 - a tuning that does not compile is a row, not an end
+                        row[f"{tag}_error"] = bench_decode.describe(exc)
+                        continue
+                    row.update({f"{tag}_us": ms * 1e3, f"{tag}_of_copy": nbytes / (ms / 1e3) / copy_bps,
+                                f"{tag}_rel_error": error})
+                rows.append(row)
+                print(f"sweep batch {batch:>4} context {context:>5} {name:<18}: " + ", ".join(
+                    f"{tag} {row[tag + '_us']:8.1f} us ({row[tag + '_of_copy']:.0%})" if tag + "_us" in row
+                    else f"{tag} failed: {row[tag + '_error'][:80]}" for tag in ("bf16", "fp8")), flush=True)
+            del shape
+            _release(device)
+    return [{"copy_GBps": copy_bps / 1e9}, *rows]
 
 
 def e2e_run(kv_cache_dtype: str, model_dir: Path, prompts: list[list[int]], outs: list[int],
@@ -173,6 +224,8 @@ def main() -> int:
     parser.add_argument("--parts", default="decode,e2e")
     parser.add_argument("--batches", type=ints, default=[1, 16, 64, 256])
     parser.add_argument("--contexts", type=ints, default=[512, 2048, 8192])
+    parser.add_argument("--sweep-batches", type=ints, default=[64, 256])
+    parser.add_argument("--sweep-contexts", type=ints, default=[2048, 8192])
     parser.add_argument("--requests", type=int, default=128)
     parser.add_argument("--kv-gib", type=float, default=2.0, help="kv_cache_memory of the e2e runs, GiB")
     parser.add_argument("--rounds", type=int, default=2)
@@ -183,6 +236,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.dry_run:
         args.batches, args.contexts = args.batches[:1], [33]
+        args.sweep_batches, args.sweep_contexts = args.batches, args.contexts
     out: dict[str, Any] = {"command": " ".join(sys.argv), "versions": bench_offline.versions(args.device)}
     parts = args.parts.split(",")
     if "decode" in parts:

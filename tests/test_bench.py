@@ -14,7 +14,8 @@ FIELDS = {"workload", "layout", "n", "num_requests", "wall_s", "generated_tokens
           "requests_per_s", "goodput_tokens_per_s", "model_tokens_per_s", "batch_size_mean", "batch_size_max",
           "batch_size_mean_loaded", "preemption_mode", "num_swapped_out",
           "stored", "internal_fragmentation", "reservation_waste", "external_fragmentation", "waste",
-          "waste_of_used", "sharing_saving", "num_preemptions", "recomputed_tokens", "num_steps", "beam_width"}
+          "waste_of_used", "sharing_saving", "num_preemptions", "recomputed_tokens", "num_steps", "beam_width",
+          "kv_cache_dtype", "kv_bytes_per_token", "kv_tokens"}
 
 
 def test_bench_json_reports_every_figure(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -41,6 +42,7 @@ def test_bench_json_reports_every_figure(tmp_path: Path, capsys: pytest.CaptureF
     for case in report["cases"] + report["sharing"] + report["beam_search"] + report["preemption"]:
         assert set(case) == FIELDS
         assert case["generated_tokens"] > 0 and case["wall_s"] > 0 and case["batch_size_max"] >= 1
+        assert case["kv_tokens"] == 256 and case["kv_cache_dtype"] == "float32" and case["kv_bytes_per_token"] > 0
         kinds = case["stored"] + case["internal_fragmentation"] + case["reservation_waste"] \
             + case["external_fragmentation"]
         assert 0 < kinds <= 1 + 1e-9

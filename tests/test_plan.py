@@ -484,12 +484,12 @@ def test_a_tensor_parallel_replay_equals_the_tensor_parallel_engine(options: dic
 def test_the_physics_model_splits_a_step_over_the_ranks_and_adds_their_collectives() -> None:
     gpu = PhysicsCostModel(HARDWARE["h200"], replace(MODEL, dtype_bytes=2, num_parameters=8_000_000_000))
     decode = StepShapeFor(batch=64, context=512)
-    one, two = gpu.step_time(decode), gpu.for_ranks(2).step_time(decode)
-    assert gpu.for_ranks(1) is gpu and "2 ranks over nvlink" in gpu.for_ranks(2).describe()
+    one, two = gpu.step_time(decode), gpu.for_engine(2, "auto").step_time(decode)
+    assert gpu.for_engine(1, "auto") is gpu and "2 ranks over nvlink" in gpu.for_engine(2, "auto").describe()
     assert one / 2 < two < one  # half the weights a rank, plus the collectives
     # The collectives: 2 all-reduces a layer and the embedding's, and the logits' gather, each at least a latency.
-    slow = replace(gpu, link=Link("slow", 1e30, 1e-3)).for_ranks(2)
-    fast = replace(gpu, link=Link("free", 1e30, 0.0)).for_ranks(2)
+    slow = replace(gpu, link=Link("slow", 1e30, 1e-3)).for_engine(2, "auto")
+    fast = replace(gpu, link=Link("free", 1e30, 0.0)).for_engine(2, "auto")
     assert slow.step_time(decode) - fast.step_time(decode) == pytest.approx((2 * MODEL.num_layers + 2) * 1e-3)
     # Past the KV head count each rank still holds one KV head: replicated, not split further.
     assert MODEL.num_kv_heads == 2 and MODEL.kv_bytes_per_token_per_rank(4) == MODEL.kv_bytes_per_token_per_rank(2)

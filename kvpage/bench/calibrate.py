@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 
 from kvpage.bench.clock import StepClock
+from kvpage.kv.format import kv_format
 from kvpage.llm import LLM
 from kvpage.plan.cost import CalibratedCostModel, StepShape
 from kvpage.plan.replay import step_shape
@@ -92,7 +93,8 @@ def fit_steps(llm: LLM, samples: list[tuple[StepShape, float]]) -> CalibratedCos
     link = 2.5e10 if engine.device.type == "cuda" else 1e10
     return CalibratedCostModel.fit(samples, link_bytes_per_s=link, device=str(engine.device),
                                    model=str(engine.model_dir), async_scheduling=engine.async_scheduling,
-                                   tensor_parallel_size=engine.tensor_parallel_size)
+                                   tensor_parallel_size=engine.tensor_parallel_size,
+                                   kv_cache_dtype=kv_format(engine.config.cache.kv_cache_dtype, 1).name)
 
 
 def calibrate(llm: LLM, grid: CalibrationGrid | None = None) -> CalibratedCostModel:

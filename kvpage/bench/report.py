@@ -95,7 +95,8 @@ def to_json(results: BenchResults) -> dict[str, Any]:
 
 def table(results: BenchResults) -> str:
     head = (f"{'workload':<19}{'layout':<20}{'batch mean':>11}{'loaded':>7}{'max':>5}{'waste':>8}{'of used':>8}"
-            f"{'internal':>9}{'reserved':>9}{'external':>9}{'req/s':>8}{'out tok/s':>10}{'preempt':>8}")
+            f"{'internal':>9}{'reserved':>9}{'external':>9}{'req/s':>8}{'out tok/s':>10}{'preempt':>8}"
+            f"{'KV dtype':>10}{'B/token':>8}{'KV MiB':>8}")
     lines = [head, "-" * len(head)]
     for c in results.cases:
         loaded = f"{c.batch_size_mean_loaded:.1f}" if c.batch_size_mean_loaded else "-"  # "-": nothing waited
@@ -103,7 +104,8 @@ def table(results: BenchResults) -> str:
                      f"{c.batch_size_max:>5}"
                      f"{c.waste:>8.1%}{c.waste_of_used:>8.1%}{c.internal_fragmentation:>9.1%}{c.reservation_waste:>9.1%}"
                      f"{c.external_fragmentation:>9.1%}{c.requests_per_s:>8.2f}{c.goodput_tokens_per_s:>10.0f}"
-                     f"{c.num_preemptions:>8}")
+                     f"{c.num_preemptions:>8}{c.kv_cache_dtype:>10}{c.kv_bytes_per_token:>8}"
+                     f"{c.kv_memory_bytes / 2**20:>8.1f}")
     if results.preemption:
         lines += ["", "preemption modes (paged):",
                   f"  {'workload':<19}{'mode':<10}{'req/s':>8}{'out tok/s':>10}{'model tok/s':>12}{'preempt':>8}"

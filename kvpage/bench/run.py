@@ -101,6 +101,14 @@ class CaseResult:
     preemption_mode: str = "recompute"
     num_swapped_out: int = 0
     beam_width: int = 0  # beam search of this width; 0: sampling (n samples)
+    kv_cache_dtype: str = ""  # what the pages hold: the model dtype's name, or the 8-bit format's
+    kv_bytes_per_token: int = 0  # one token's K/V over all layers, scales included
+    kv_tokens: int = 0  # the budget in token slots
+
+    @property
+    def kv_memory_bytes(self) -> int:
+        """The KV memory of the case's budget (token slots x bytes a token)."""
+        return self.kv_bytes_per_token * self.kv_tokens
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -151,7 +159,9 @@ def run_case(llm: LLM, workload: Workload, layout: str, n: int = 1, beam_width: 
         sharing_saving=after["kv_sharing_saving_mean"],
         num_preemptions=delta("num_preemptions"), recomputed_tokens=delta("num_recomputed_tokens"),
         num_steps=delta("step_num_steps"), preemption_mode=engine.config.scheduler.preemption_mode,
-        num_swapped_out=delta("num_swapped_out"), beam_width=beam_width)
+        num_swapped_out=delta("num_swapped_out"), beam_width=beam_width, kv_cache_dtype=engine.kv_cache_dtype,
+        kv_bytes_per_token=int(after["kv_bytes_per_token"]),
+        kv_tokens=int(after["kv_blocks_total"]) * engine.config.cache.block_size)
 
 
 def _count(metrics: dict[str, float | int], name: str) -> int:

@@ -45,6 +45,7 @@ float32 inputs (never tf32), so float32 runs match the reference closely.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -54,7 +55,7 @@ from kvpage.ops.fp8 import CacheScales, format_of
 from kvpage.ops.metadata import PREFILL_TILE, AttentionMetadata
 from kvpage.ops.triton_fp8 import power_of_two
 
-__all__ = ["decode_num_splits", "paged_attention"]
+__all__ = ["DecodeTuning", "decode_num_splits", "decode_tuning", "paged_attention"]
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 16
@@ -65,8 +66,8 @@ def _num_multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def decode_num_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
-    """How many key ranges each decoding sequence is cut into: enough programs for about two waves.
+def decode_num_splits(num_seqs: int, num_kv_heads: int, device: torch.device, waves: int = 2) -> int:
+    """How many key ranges each decoding sequence is cut into: enough programs for about ``waves`` waves.
 
     A power of two, at most :data:`MAX_SPLITS`. (Off a GPU, under the
     Triton interpreter, 8 multiprocessors are assumed so tests see both paths.)
@@ -76,7 +77,7 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int, device: torch.device) ->
                                                else torch.cuda.current_device())
     else:
         multiprocessors = 8
-    wanted = triton.cdiv(2 * multiprocessors, num_seqs * num_kv_heads)
+    wanted = triton.cdiv(waves * multiprocessors, num_seqs * num_kv_heads)
     return min(MAX_SPLITS, triton.next_power_of_2(wanted))
 
 
@@ -287,21 +288,42 @@ def _prefill_kernel(
              result.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & dim_mask[None, :])
 
 
-def _decode_tile(block_size: int, dtype: torch.dtype, scaled: bool) -> int:
-    # 64 keys a tile balances loads in flight against registers; fp32 tiles are twice as wide.
-    return 32 if dtype == torch.float32 else 64
+@dataclass(frozen=True)
+class DecodeTuning:
+    """How the decode kernel cuts its work: keys a tile, warps and pipeline stages a program, and programs
+    (key ranges a sequence, :func:`decode_num_splits`) for about ``waves`` waves of the GPU."""
+
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int | None = None  # None: Triton's default
+    waves: int = 2
+
+    def __post_init__(self) -> None:
+        if self.block_n < 16 or self.block_n & (self.block_n - 1):
+            raise ValueError(f"DecodeTuning.block_n must be a power of two >= 16, got {self.block_n}")
 
 
-def _decode_warps(scaled: bool) -> int:
-    return 4
+def decode_tuning(dtype: torch.dtype, scaled: bool) -> DecodeTuning:
+    """The decode kernel's tuning for queries of ``dtype`` over 16-bit or 8-bit (``scaled``) pages.
+
+    Measured on the H200 (docs/benchmarks.md, "FP8 KV cache"): 64 keys a tile balance loads in flight
+    against registers for 16-bit pages (fp32 tiles are twice as wide, so 32); 8-bit pages are half the
+    bytes a key and take 128 (1.3-1.4x faster than 64 at batch 64, 1.03x at 256). More warps, other stage counts, and
+    products as float32 multiply-adds instead of tensor cores (5-10x slower) were no faster.
+    """
+    if dtype == torch.float32:
+        return DecodeTuning(block_n=32)
+    return DecodeTuning(block_n=128 if scaled else 64)
 
 
 def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float, sliding_window: int | None = None,
-                    num_splits: int | None = None, scales: CacheScales | None = None) -> torch.Tensor:
+                    num_splits: int | None = None, scales: CacheScales | None = None,
+                    tuning: DecodeTuning | None = None) -> torch.Tensor:
     """The kernels' version of :func:`kvpage.ops.attention.paged_attention` (which checks the arguments).
 
-    ``num_splits`` (a power of two) overrides :func:`decode_num_splits`; ``scales`` are an 8-bit cache's.
+    ``num_splits`` (a power of two) overrides :func:`decode_num_splits`; ``scales`` are an 8-bit cache's;
+    ``tuning`` overrides :func:`decode_tuning` (benchmarks sweep it).
     """
     num_tokens, num_q_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = key_cache.shape
@@ -319,8 +341,9 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
               *((scales.key, scales.value, scales.key.stride(0), scales.key.stride(1)) if scales is not None
                 else (key_cache, value_cache, 0, 0)))
     if work.num_decode:
+        tuning = tuning or decode_tuning(query.dtype, scales is not None)
         if num_splits is None:
-            num_splits = decode_num_splits(work.num_decode, num_kv_heads, query.device)
+            num_splits = decode_num_splits(work.num_decode, num_kv_heads, query.device, tuning.waves)
         if num_splits > 1:
             partial_out = torch.empty((work.num_decode, num_q_heads, num_splits, head_dim), dtype=torch.float32,
                                       device=query.device)
@@ -328,13 +351,13 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
                                       device=query.device)
         else:
             partial_out = partial_lse = output  # unused
+        stages = {} if tuning.num_stages is None else {"num_stages": tuning.num_stages}
         _decode_kernel[(work.num_decode, num_kv_heads, num_splits)](
             query, key_cache, value_cache, meta.page_tables, work.seq_lens, work.query_start, work.decode_seqs,
             output, partial_out, partial_lse, *common, **fp8,
             GROUP=group, BLOCK_GROUP=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-            BLOCK_DIM=block_dim, BLOCK_SIZE=block_size,
-            BLOCK_N=_decode_tile(block_size, query.dtype, scales is not None),
-            NUM_SPLITS=num_splits, IEEE=ieee, num_warps=_decode_warps(scales is not None),
+            BLOCK_DIM=block_dim, BLOCK_SIZE=block_size, BLOCK_N=tuning.block_n, NUM_SPLITS=num_splits, IEEE=ieee,
+            num_warps=tuning.num_warps, **stages,
         )
         if num_splits > 1:
             _merge_kernel[(work.num_decode, num_q_heads)](

@@ -17,7 +17,7 @@ from typing import Any
 from kvpage.config import KV_LAYOUTS
 from kvpage.dashboard import Timeline, write_offline_page
 from kvpage.gguf_metadata import is_gguf_path, read_gguf_metadata
-from kvpage.modes import KVLayout
+from kvpage.modes import KV_CACHE_DTYPES, KVLayout
 from kvpage.plan.cost import HARDWARE, LINKS, CalibratedCostModel, Link, ModelShape, PhysicsCostModel
 from kvpage.plan.onset import OnsetSearch, fast_thrashing_onset
 from kvpage.plan.replay import REPLAY_PREFIX_HASH, CostModel, ReplaySettings, replay
@@ -37,7 +37,7 @@ from kvpage.workloads import WORKLOAD_NAMES, Workload
 
 ENGINE_FLAGS = ("block_size", "max_num_seqs", "max_num_batched_tokens", "admission_cap", "headroom_policy",
                 "watermark", "preemption_mode", "swap_space", "kv_layout", "enable_prefix_caching",
-                "prefix_caching_hash_algo", "async_scheduling", "tensor_parallel_size")
+                "prefix_caching_hash_algo", "async_scheduling", "tensor_parallel_size", "kv_cache_dtype")
 
 
 def add_plan_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -53,8 +53,8 @@ def add_plan_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser
     plan.add_argument("--max-model-len", type=int, default=None)
     plan.add_argument("--hardware", default="h100", choices=sorted(HARDWARE), help="physics cost model preset")
     plan.add_argument("--cost-model", default=None, help="calibration JSON from kvpage bench --calibrate")
-    plan.add_argument("--dtype-bytes", type=int, default=None, help="bytes per weight and K/V value (default: "
-                      "2 on GPU presets, 4 on cpu)")
+    plan.add_argument("--dtype-bytes", type=int, default=None, help="bytes per weight, and per K/V value with "
+                      "--kv-cache-dtype auto (default: 2 on GPU presets, 4 on cpu)")
     size = plan.add_argument_group("KV size (one of)")
     size.add_argument("--kv-memory", default=None, help="KV cache memory, e.g. 8GiB (default 8GiB)")
     size.add_argument("--kv-tokens", type=int, default=None, help="KV cache size in token slots")
@@ -79,6 +79,9 @@ def add_plan_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser
     engine.add_argument("-tp", "--tensor-parallel-size", type=int, default=None,
                         help="ranks the model and its KV heads are split over; --kv-memory is each rank's "
                              "(default: the --cost-model engine's, else 1)")
+    engine.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default=None,
+                        help="auto (the model dtype) or an 8-bit format: pages hold about twice the tokens, and "
+                             "the step-time model reads their bytes (default: the --cost-model engine's, else auto)")
     plan.add_argument("--link", default=None, choices=sorted(LINKS),
                       help="the ranks' interconnect for tensor parallelism (default: nvlink on GPU presets, "
                            "cpu on the cpu preset)")
@@ -87,7 +90,7 @@ def add_plan_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser
     plan.add_argument("--sweep", nargs="*", default=[], metavar="NAME=V1,V2",
                       help="settings to sweep: block_size, admission_cap, kv_memory, kv_tokens, max_num_seqs, "
                            "max_num_batched_tokens, preemption_mode, headroom_policy, watermark, kv_layout, "
-                           "tensor_parallel_size, replicas (engines sharing the trace round-robin)")
+                           "tensor_parallel_size, kv_cache_dtype, replicas (engines sharing the trace round-robin)")
     plan.add_argument("--slo", default="", help="e.g. ttft_p99=2s,tpot_p99=100ms: the recommendation must meet it")
     plan.add_argument("--rate-factors", default="0.5,1,2,4,8",
                       help="replay at these multiples of the trace's rate to find where thrashing starts ('' skips)")
@@ -173,6 +176,8 @@ def plan_inputs(args: argparse.Namespace) -> PlanInputs:
     options["max_model_len"] = max_len
     if options["tensor_parallel_size"] is None:
         options["tensor_parallel_size"] = calibrated.tensor_parallel_size if calibrated is not None else 1
+    if options["kv_cache_dtype"] is None:
+        options["kv_cache_dtype"] = calibrated.kv_cache_dtype if calibrated is not None else "auto"
     if args.kv_tokens is None:
         options["kv_cache_memory"] = parse_bytes(args.kv_memory or "8GiB")
     settings = ReplaySettings(options=options, kv_tokens=args.kv_tokens, max_model_len=max_len,

@@ -8,7 +8,8 @@ and bytes swapped.  Two models turn a shape into seconds:
     From the hardware's peak FLOP/s and memory bandwidth (presets for H100,
     H200, A100 and a CPU) and the model's shape: a step costs the larger of
     its FLOPs over the peak (``2 x parameters`` a token plus attention) and
-    its bytes over the bandwidth (the weights once, plus the K/V read),
+    its bytes over the bandwidth (the weights once, plus the K/V read, in
+    the bytes a token of the KV format takes: ``kv_cache_dtype``),
     each at an achievable fraction of the peak, plus a fixed host overhead
     a step and a sequence, plus swap traffic over the host link.  Under
     tensor parallelism (``tensor_parallel_size``) each rank computes and
@@ -22,7 +23,8 @@ and bytes swapped.  Two models turn a shape into seconds:
     the real engine (``kvpage bench --calibrate``), saved as a small JSON
     file that ``kvpage plan --cost-model FILE`` loads.  A calibration of a
     tensor-parallel engine has its collectives in its coefficients, and
-    stands for that rank count only.
+    stands for that rank count only; its K/V term was measured in one KV
+    format (``kv_cache_dtype``), and it times that one only.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
+
+from kvpage.kv.format import kv_format
+from kvpage.modes import KVCacheDtype
 
 FEATURES = ("num_seqs", "num_prefill_seqs", "num_tokens", "num_sampled", "kv_tokens_read", "padded_kv_tokens",
             "attention_pairs")
@@ -78,12 +83,17 @@ class ModelShape:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
+        """K/V bytes a token in the model's dtype, over all KV heads."""
+        return self.kv_bytes_per_token_per_rank(1)
 
-    def kv_bytes_per_token_per_rank(self, tensor_parallel_size: int) -> int:
-        """One rank's K/V bytes a token: its share of the KV heads, one at least (replicated past their count)."""
+    def kv_bytes_per_token_per_rank(self, tensor_parallel_size: int, kv_cache_dtype: KVCacheDtype = "auto") -> int:
+        """One rank's K/V bytes a token: its share of the KV heads, one at least (replicated past their count).
+
+        In the format ``kv_cache_dtype`` names, scales included: the engine's sizing formula
+        (:meth:`kvpage.kv.format.KVFormat.token_bytes`), so a replay has the engine's pages.
+        """
         heads = max(self.num_kv_heads // tensor_parallel_size, 1)
-        return 2 * self.num_layers * heads * self.head_dim * self.dtype_bytes
+        return kv_format(kv_cache_dtype, self.dtype_bytes).token_bytes(self.num_layers, heads, self.head_dim)
 
     @property
     def weight_bytes(self) -> int:
@@ -162,11 +172,13 @@ class PhysicsCostModel:
     model: ModelShape
     tensor_parallel_size: int = 1
     link: Link | None = None  # between the ranks; None: the hardware's usual one (NVLink on GPUs)
+    kv_cache_dtype: KVCacheDtype = "auto"  # the bytes of each K/V token read (fp8: half of bf16, plus scales)
     async_scheduling = False  # a preset knows no engine: the replay's order is what the settings say
 
-    def for_ranks(self, tensor_parallel_size: int) -> PhysicsCostModel:
-        return self if tensor_parallel_size == self.tensor_parallel_size else \
-            replace(self, tensor_parallel_size=tensor_parallel_size)
+    def for_engine(self, tensor_parallel_size: int, kv_cache_dtype: KVCacheDtype) -> PhysicsCostModel:
+        same = (tensor_parallel_size, kv_cache_dtype) == (self.tensor_parallel_size, self.kv_cache_dtype)
+        return self if same else replace(self, tensor_parallel_size=tensor_parallel_size,
+                                         kv_cache_dtype=kv_cache_dtype)
 
     @property
     def ranks_link(self) -> Link:
@@ -188,7 +200,7 @@ class PhysicsCostModel:
         attention_flops = 4.0 * m.num_layers * m.num_heads * m.head_dim / tp
         flop_rate = hw.peak_flops * hw.flops_efficiency
         byte_rate = hw.memory_bytes_per_s * hw.bandwidth_efficiency
-        weights, kv_bytes = m.weight_bytes / tp, m.kv_bytes_per_token_per_rank(tp)
+        weights, kv_bytes = m.weight_bytes / tp, m.kv_bytes_per_token_per_rank(tp, self.kv_cache_dtype)
         host = hw.step_overhead_s + hw.seq_overhead_s * num_seqs + self._collectives(num_tokens, num_seqs)
 
         def seconds(attention_pairs: int, kv_tokens_read: int) -> float:
@@ -211,7 +223,8 @@ class PhysicsCostModel:
     def describe(self) -> str:
         ranks = f", {self.tensor_parallel_size} ranks over {self.ranks_link.name}" \
             if self.tensor_parallel_size > 1 else ""
-        return f"physics, {self.hardware.name} preset{ranks}"
+        kv = "" if self.kv_cache_dtype == "auto" else f", {kv_format(self.kv_cache_dtype, 1).name} KV"
+        return f"physics, {self.hardware.name} preset{ranks}{kv}"
 
 
 @dataclass(frozen=True)
@@ -228,12 +241,20 @@ class CalibratedCostModel:
     # times are the pipeline's period, and a replay with this model follows that step order by default.
     async_scheduling: bool = False
     tensor_parallel_size: int = 1  # the engine's ranks: its collectives are in the coefficients
+    # The engine's KV format ("auto" or an 8-bit format's name): its kernels' cost a K/V token is in the
+    # coefficients, and is not the bytes' ratio (on the H200 8-bit decode attention is slower, not 2x faster).
+    kv_cache_dtype: str = "auto"
 
-    def for_ranks(self, tensor_parallel_size: int) -> CalibratedCostModel:
+    def for_engine(self, tensor_parallel_size: int, kv_cache_dtype: KVCacheDtype) -> CalibratedCostModel:
         if tensor_parallel_size != self.tensor_parallel_size:
             raise ValueError(f"the cost model was calibrated at tensor_parallel_size={self.tensor_parallel_size} "
                              f"and cannot time {tensor_parallel_size} ranks; calibrate that engine "
                              f"(kvpage bench --calibrate -tp {tensor_parallel_size}) or use a --hardware preset")
+        wanted = kv_format(kv_cache_dtype, 1).name
+        if wanted != self.kv_cache_dtype:
+            raise ValueError(f"the cost model was calibrated with kv_cache_dtype={self.kv_cache_dtype!r} and cannot "
+                             f"time kv_cache_dtype={kv_cache_dtype!r}; calibrate that engine (kvpage bench "
+                             f"--calibrate --kv-cache-dtype {kv_cache_dtype}) or use a --hardware preset")
         return self
 
     def step_time(self, shape: StepShape) -> float:
@@ -264,6 +285,7 @@ class CalibratedCostModel:
     def describe(self) -> str:
         order = ", asynchronous scheduling" if self.async_scheduling else ""
         order += f", {self.tensor_parallel_size} ranks" if self.tensor_parallel_size > 1 else ""
+        order += f", {self.kv_cache_dtype} KV" if self.kv_cache_dtype != "auto" else ""
         return (f"calibrated on {self.device}{order} ({self.num_samples} steps, "
                 f"mean error {self.mean_abs_error:.1%})")
 
@@ -284,7 +306,8 @@ class CalibratedCostModel:
 
     @classmethod
     def fit(cls, samples: list[tuple[StepShape, float]], link_bytes_per_s: float = 1e10, device: str = "",
-            model: str = "", async_scheduling: bool = False, tensor_parallel_size: int = 1) -> CalibratedCostModel:
+            model: str = "", async_scheduling: bool = False, tensor_parallel_size: int = 1,
+            kv_cache_dtype: str = "auto") -> CalibratedCostModel:
         """Least squares, then again without the outliers (a pause of the host, say).
 
         A step more than three times the median relative error off the
@@ -299,7 +322,8 @@ class CalibratedCostModel:
         fitted = cls._fit(kept if len(kept) > len(FEATURES) else samples)
         error = sum(abs(fitted.step_time(s) - t) / t for s, t in samples) / len(samples)
         return cls(fitted.coefficients, link_bytes_per_s, device, model, num_samples=len(samples),
-                   mean_abs_error=error, async_scheduling=async_scheduling, tensor_parallel_size=tensor_parallel_size)
+                   mean_abs_error=error, async_scheduling=async_scheduling, tensor_parallel_size=tensor_parallel_size,
+                   kv_cache_dtype=kv_cache_dtype)
 
     @classmethod
     def _fit(cls, samples: list[tuple[StepShape, float]]) -> CalibratedCostModel:

@@ -29,11 +29,11 @@ import math
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from kvpage.config import EngineConfig
 from kvpage.dashboard import Timeline, capture
-from kvpage.modes import KVLayout, PrefixHash
+from kvpage.modes import KVCacheDtype, KVLayout, PrefixHash
 from kvpage.plan.cost import DecodeTimer, ModelShape, StepShape
 from kvpage.plan.fast_forward import FIRST_FAKE_TOKEN, DecodeSums, fake_token, fast_forward
 from kvpage.plan.recorder import RequestTiming, StepRecorder
@@ -53,8 +53,11 @@ class CostModel(Protocol):
 
     def step_time(self, shape: StepShape) -> float: ...
 
-    def for_ranks(self, tensor_parallel_size: int) -> CostModel:
-        """This model for an engine of ``tensor_parallel_size`` ranks (ValueError if it cannot say)."""
+    def for_engine(self, tensor_parallel_size: int, kv_cache_dtype: KVCacheDtype) -> CostModel:
+        """This model for an engine of ``tensor_parallel_size`` ranks storing K/V as ``kv_cache_dtype``.
+
+        ValueError if it cannot say (a calibration times its own engine's ranks and KV format only).
+        """
         ...
 
     def decode_step(self, batch: int) -> DecodeTimer:
@@ -91,6 +94,10 @@ class ReplaySettings:
     @property
     def tensor_parallel_size(self) -> int:
         return int(self.options.get("tensor_parallel_size", 1))
+
+    @property
+    def kv_cache_dtype(self) -> KVCacheDtype:
+        return cast(KVCacheDtype, self.options.get("kv_cache_dtype", "auto"))  # EngineConfig checks it
 
     def ordered_by(self, cost: CostModel) -> ReplaySettings:
         """These settings, in the step order of the engine ``cost`` was measured on unless they name one.
@@ -138,6 +145,7 @@ class ReplayResult:
     cost_model: str
     num_pages: int
     block_size: int
+    bytes_per_page: int  # of one rank, in the replay's KV format (kv_cache_dtype), scales included
     duration_s: float
     timings: list[RequestTiming]
     counters: dict[str, float]
@@ -162,6 +170,9 @@ class ReplayResult:
                **latency_summary(self.timings, duration)}
         out.update(self.counters)
         out.update(self.waste)
+        # Capacity: token slots, and the bytes each takes (a rank's share of the KV heads).
+        out["kv_capacity_tokens"] = float(self.num_pages * self.block_size)
+        out["kv_bytes_per_token"] = self.bytes_per_page / self.block_size
         out["thrashing_onset_s"] = -1.0 if self.thrashing_onset_s is None else self.thrashing_onset_s
         out["max_recompute_fraction"] = self.max_recompute_fraction
         return out
@@ -206,7 +217,8 @@ def build_scheduler(settings: ReplaySettings, model: ModelShape) -> tuple[Schedu
     config = EngineConfig.from_kwargs(**options)
     cache, sched_config = config.cache, config.scheduler
     # KV memory is each rank's, as the engine's: a rank's page holds its share of the KV heads.
-    bytes_per_page = model.kv_bytes_per_token_per_rank(config.parallel.tensor_parallel_size) * cache.block_size
+    bytes_per_page = model.kv_bytes_per_token_per_rank(config.parallel.tensor_parallel_size,
+                                                       cache.kv_cache_dtype) * cache.block_size
     if settings.kv_tokens is not None:
         num_pages = settings.kv_tokens // cache.block_size
     elif cache.num_kv_blocks is not None:
@@ -270,7 +282,7 @@ def replay(workload: Workload, settings: ReplaySettings, cost: CostModel, model:
     ``timeline`` is offered a dashboard frame after every step that is not
     fast-forwarded (``kvpage plan --html`` replays with ``fast=False``).
     """
-    cost = cost.for_ranks(settings.tensor_parallel_size)
+    cost = cost.for_engine(settings.tensor_parallel_size, settings.kv_cache_dtype)
     with _fewer_collections():
         return _replay(workload, settings.ordered_by(cost), cost, model, fast, tuple(shadow_layouts), timeline)
 
@@ -414,7 +426,8 @@ def _replay(workload: Workload, settings: ReplaySettings, cost: CostModel, model
     counter_values = {name: float(getattr(counters, name)) for name in counters.__dataclass_fields__}
     counter_values["num_evictions"] = float(kv.num_evictions)
     counter_values["num_pages"] = float(num_pages)
-    return ReplayResult(settings, cost.describe(), num_pages, kv.block_size, device.host, recorder.timings,
+    return ReplayResult(settings, cost.describe(), num_pages, kv.block_size, bytes_per_page, device.host,
+                        recorder.timings,
                         counter_values, recorder.waste_stats.means(), recorder.series.points, recorder.onset,
                         recorder.max_fraction,
                         {shadow.layout: shadow.result(counters.num_preemptions) for shadow in shadows})

@@ -38,7 +38,7 @@ def replay_replicas(workload: Workload, settings: ReplaySettings, cost: CostMode
     onsets = [r.thrashing_onset_s for r in results if r.thrashing_onset_s is not None]
     return ReplayResult(
         settings, f"{first.cost_model}; {replicas} replicas", sum(r.num_pages for r in results), first.block_size,
-        max(r.duration_s for r in results), [t for r in results for t in r.timings],
+        first.bytes_per_page, max(r.duration_s for r in results), [t for r in results for t in r.timings],
         {name: sum(r.counters[name] for r in results) for name in first.counters},
         {name: sum(r.waste[name] for r in results) / len(results) for name in first.waste},
         first.series, min(onsets) if onsets else None, max(r.max_recompute_fraction for r in results))

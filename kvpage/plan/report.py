@@ -15,7 +15,8 @@ HEADLINE = (("requests_per_s", "req/s", "{:.2f}"), ("goodput_tokens_per_s", "out
             ("model_tokens_per_s", "model tok/s", "{:.0f}"), ("ttft_p50_s", "TTFT p50", "{:.3f}"),
             ("ttft_p99_s", "TTFT p99", "{:.3f}"), ("tpot_mean_s", "TPOT mean", "{:.4f}"),
             ("tpot_p99_s", "TPOT p99", "{:.4f}"), ("e2e_p99_s", "E2E p99", "{:.2f}"),
-            ("batch_size_mean", "batch", "{:.1f}"), ("kv_waste_mean", "waste", "{:.1%}"),
+            ("batch_size_mean", "batch", "{:.1f}"), ("kv_capacity_tokens", "KV tokens", "{:.0f}"),
+            ("kv_waste_mean", "waste", "{:.1%}"),
             ("num_preemptions", "preempt", "{:.0f}"), ("num_evictions", "evict", "{:.0f}"))
 
 
@@ -53,7 +54,8 @@ def table(report: PlanReport) -> str:
     rate = "all at once" if report.offered_rate == float("inf") else f"{report.offered_rate:.2f} req/s"
     lines = [(f"trace {report.trace}: {report.num_requests} requests, {rate}; model {report.model}; "
               f"cost model: {report.cost_model}"),
-             (f"KV: {report.base.num_pages} pages of {report.base.block_size} tokens; replayed in "
+             (f"KV: {report.base.num_pages} pages of {report.base.block_size} tokens, "
+              f"{s['kv_bytes_per_token']:.0f} B a token ({report.base.settings.kv_cache_dtype}); replayed in "
               f"{report.replay_seconds:.1f} s"), ""]
     lines += _grid(["setting", *(label for _, label, _ in HEADLINE)], [["base", *_row(s)]] + [
         [" ".join(f"{k}={v}" for k, v in p.setting.items()) + ("" if p.meets_slo else " (SLO miss)"),

@@ -9,6 +9,9 @@
   to higher request rates and reports the first rate at which the
   recomputed share of computed tokens passes the thrashing threshold
   (:mod:`kvpage.plan.onset` finds the same rate with fewer replays);
+* ``kv_cache_dtype=auto,fp8`` replays it with 16-bit and 8-bit pages in the
+  same KV memory: what FP8 buys on this traffic (the step-time model reads
+  the format's bytes a K/V token);
 * :func:`layout_savings` replays it under the paged layout and the
   contiguous ones with the same KV memory, and reports the batch and the
   memory each needs.
@@ -23,6 +26,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from kvpage.config import GIB, KV_LAYOUTS, PREEMPTION_MODES
+from kvpage.modes import KV_CACHE_DTYPES
 from kvpage.plan.cost import ModelShape
 from kvpage.plan.onset import offered_rate, rate_row, scale_rate
 from kvpage.plan.replay import CostModel, ReplayResult, ReplaySettings, replay
@@ -33,7 +37,7 @@ from kvpage.workloads import Workload
 SWEEP_KEYS: dict[str, Callable[[str], Any]] = {
     "block_size": int, "admission_cap": float, "max_num_seqs": int, "max_num_batched_tokens": int,
     "kv_memory": lambda v: parse_bytes(v), "kv_tokens": int, "preemption_mode": str, "headroom_policy": str,
-    "watermark": float, "kv_layout": str, "tensor_parallel_size": int,
+    "watermark": float, "kv_layout": str, "tensor_parallel_size": int, "kv_cache_dtype": str,
     "replicas": int,  # engines sharing the trace round-robin (kvpage.plan.replicas), not an engine setting
 }
 SLO_METRICS = ("ttft_p50", "ttft_p90", "ttft_p99", "tpot_p50", "tpot_p90", "tpot_p99", "e2e_p50", "e2e_p90",
@@ -79,7 +83,8 @@ def parse_sweep(items: list[str]) -> dict[str, list[Any]]:
             parsed = [SWEEP_KEYS[name](v.strip()) for v in values.split(",") if v.strip()]
         except ValueError as exc:
             raise ValueError(f"sweep {name}: {exc}") from None
-        allowed = {"preemption_mode": PREEMPTION_MODES, "kv_layout": KV_LAYOUTS}.get(name)
+        allowed = {"preemption_mode": PREEMPTION_MODES, "kv_layout": KV_LAYOUTS,
+                   "kv_cache_dtype": KV_CACHE_DTYPES}.get(name)
         for value in parsed:
             if allowed is not None and value not in allowed:
                 raise ValueError(f"sweep {name} value {value!r} is not one of {', '.join(allowed)}")
@@ -183,6 +188,6 @@ def layout_savings(workload: Workload, settings: ReplaySettings, cost: CostModel
         out[layout] = {"batch_size_mean": s["batch_size_mean"], "batch_size_mean_loaded": s["batch_size_mean_loaded"],
                        "batch_size_max": s["batch_size_max"], "kv_waste_mean": s["kv_waste_mean"],
                        "kv_held_mean": held,
-                       "kv_held_bytes_mean": held * result.num_pages * result.block_size * model.kv_bytes_per_token,
+                       "kv_held_bytes_mean": held * result.num_pages * result.bytes_per_page,
                        "goodput_tokens_per_s": s["goodput_tokens_per_s"], "requests_per_s": s["requests_per_s"]}
     return out

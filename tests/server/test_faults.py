@@ -107,8 +107,9 @@ def test_a_failing_step_fails_its_requests_and_the_loop_survives(server: LiveSer
         return original(*args, **kwargs)
 
     monkeypatch.setattr(runner, "launch", fail_once)
-    failed = httpx.post(server.root + "/v1/completions", json={"prompt": "And God said", "max_tokens": 20},
-                        timeout=60)
+    # ignore_eos: an early EOS would end the request before the failing step.
+    failed = httpx.post(server.root + "/v1/completions", timeout=60,
+                        json={"prompt": "And God said", "max_tokens": 20, "ignore_eos": True})
     assert failed.status_code == 500 and "device lost" in failed.json()["error"]["message"]
     assert server.wait_until_idle() == 0
     ok = httpx.post(server.root + "/v1/completions", json={"prompt": "And God said", "max_tokens": 5})
