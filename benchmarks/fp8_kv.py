@@ -124,9 +124,10 @@ def decode_part(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 # The decode kernel's tunings the sweep times, bf16 and FP8 pages each (None: the kernel's default).
 SWEEP_TUNINGS: list[DecodeTuning | None] = [
-    None, DecodeTuning(64, 4), DecodeTuning(128, 4, 4), DecodeTuning(128, 8, 4), DecodeTuning(256, 4),
-    DecodeTuning(256, 8), DecodeTuning(256, 8, 3), DecodeTuning(128, 4, waves=4), DecodeTuning(128, 4, waves=8),
-    DecodeTuning(256, 8, waves=4),
+    None, DecodeTuning(64, 4), DecodeTuning(64, 4, carry_pages=True), DecodeTuning(64, 2),
+    DecodeTuning(64, 2, carry_pages=True), DecodeTuning(32, 1, carry_pages=True), DecodeTuning(64, 1, carry_pages=True),
+    DecodeTuning(128, 2, carry_pages=True), DecodeTuning(32, 2, carry_pages=True), DecodeTuning(128, 4),
+    DecodeTuning(128, 4, carry_pages=True),
 ]
 
 
@@ -140,7 +141,8 @@ def sweep_part(args: argparse.Namespace) -> list[dict[str, Any]]:
             shape = Shape(args, batch, context, l2, generator)
             for tuning in SWEEP_TUNINGS:
                 name = "default" if tuning is None else \
-                    f"n{tuning.block_n} w{tuning.num_warps} s{tuning.num_stages or '-'} v{tuning.waves}"
+                    (f"n{tuning.block_n} w{tuning.num_warps} s{tuning.num_stages or '-'} v{tuning.waves}"
+                     + (" carry" if tuning.carry_pages else ""))
                 row: dict[str, Any] = {"batch": batch, "context": context, "tuning": name}
                 for fp8, tag, nbytes in ((False, "bf16", shape.bytes16), (True, "fp8", shape.bytes8)):
                     try:

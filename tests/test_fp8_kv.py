@@ -196,13 +196,16 @@ def test_every_attention_path_reads_8_bit_pages_as_their_dequantization(
         assert relative_error(out, expected) < TOLERANCE[query_dtype], backend
 
 
-TUNINGS = [DecodeTuning(16), DecodeTuning(128, 8), DecodeTuning(32, 2, 2)]
+TUNINGS = [DecodeTuning(16), DecodeTuning(128, 8), DecodeTuning(32, 2, 2), DecodeTuning(16, 2, carry_pages=True),
+           DecodeTuning(64, 4, waves=4, carry_pages=True)]
 
 
-@pytest.mark.parametrize("tuning", TUNINGS, ids=lambda t: f"n{t.block_n}-w{t.num_warps}")
+@pytest.mark.parametrize("tuning", TUNINGS, ids=lambda t: f"n{t.block_n}-w{t.num_warps}" + "-carry" * t.carry_pages)
 @pytest.mark.parametrize("pages", ["16-bit", "e4m3"])
 def test_every_decode_tuning_computes_the_same_attention(tuning: DecodeTuning, pages: str) -> None:
-    """The decode kernel's tile sizes, warps and stages (benchmarks sweep them) change no result."""
+    """The decode kernel's tile sizes, warps, stages and page loads a tile ahead (benchmarks sweep them) change
+    no result; the 8-bit pages' scale bytes are always loaded a tile ahead (tiles of 16 keys: pages of 16 cross
+    tiles, so a scale taken from the wrong tile shows)."""
     for gqa, query_dtype in ((4, torch.float16), (1, torch.float32)):
         batch = make_batch(DECODE, 16, gqa, query_dtype, seed=gqa)
         key, value, scales = batch.key_cache, batch.value_cache, None

@@ -36,6 +36,9 @@ taken back out of the float32 sum at the end: E5M2's scales are small enough
 to push probabilities into float16's subnormals otherwise), so a tile costs
 a multiply on a ``[rows, keys]`` tile rather than on
 the ``[keys, head_dim]`` data, and there is no separate dequantization pass.
+Decode loads a tile's scale bytes (and page ids) one tile ahead, and runs
+smaller programs than for 16-bit pages (:func:`decode_tuning`): a tile of
+8-bit pages is half the bytes, so the GPU needs more of them in flight.
 
 Both use the online softmax in base 2 (``exp2`` of scores pre-multiplied by
 ``log2(e)``), accumulate in float32, and use IEEE float32 products for
@@ -115,6 +118,21 @@ def _scaled(tile, scale_ptr, scale_slot, valid, SCALED: tl.constexpr, OFFSET: tl
 
 
 @triton.jit
+def _tile_pages(table, keys, hi, key_scale_ptr, value_scale_ptr, stride_scale_page, stride_scale_slot, kv_head,
+                BLOCK_SIZE: tl.constexpr, SCALED: tl.constexpr):
+    """The pages of ``keys`` and, for an 8-bit cache, their K and V scale bytes (int32; 127 past ``hi``)."""
+    valid = keys < hi
+    page = tl.load(table + keys // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+    key_exp = tl.full(keys.shape, 127, tl.int32)
+    value_exp = key_exp
+    if SCALED:
+        slot = page * stride_scale_page + (keys % BLOCK_SIZE) * stride_scale_slot + kv_head
+        key_exp = tl.load(key_scale_ptr + slot, mask=valid, other=127).to(tl.int32)
+        value_exp = tl.load(value_scale_ptr + slot, mask=valid, other=127).to(tl.int32)
+    return page, key_exp, value_exp
+
+
+@triton.jit
 def _decode_kernel(
     query_ptr, key_cache_ptr, value_cache_ptr, page_tables_ptr, seq_lens_ptr, query_start_ptr, decode_seqs_ptr,
     out_ptr, partial_out_ptr, partial_lse_ptr,
@@ -125,6 +143,7 @@ def _decode_kernel(
     VALUE_OFFSET: tl.constexpr, VALUE_UNSCALE: tl.constexpr, DOT_FP16: tl.constexpr,
     GROUP: tl.constexpr, BLOCK_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr,
+    CARRY_PAGES: tl.constexpr = False,
 ):
     index = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -153,24 +172,41 @@ def _decode_kernel(
     running_sum = tl.zeros([BLOCK_GROUP], tl.float32)
     acc = tl.zeros([BLOCK_GROUP, BLOCK_DIM], tl.float32)
     table = page_tables_ptr + seq.to(tl.int64) * stride_page_table
+    # What a tile's addresses and scales come from (its pages, and an 8-bit cache's scale bytes) can be loaded a
+    # tile ahead, so that their latency hides behind this tile's work (on the H200, 1.3x faster for 8-bit pages).
+    if SCALED or CARRY_PAGES:
+        next_page, key_exp, value_exp = _tile_pages(table, lo + tl.arange(0, BLOCK_N), hi, key_scale_ptr,
+                                                    value_scale_ptr, stride_scale_page, stride_scale_slot, kv_head,
+                                                    BLOCK_SIZE, SCALED)
     for start in range(lo, hi, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
         valid = keys < hi
-        page = tl.load(table + keys // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        if CARRY_PAGES:
+            page = next_page
+        else:
+            page = tl.load(table + keys // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        if SCALED:
+            key_factor = power_of_two(key_exp)
+            value_factor = power_of_two(tl.minimum(value_exp + VALUE_OFFSET, 254))
+        if SCALED or CARRY_PAGES:
+            next_page, key_exp, value_exp = _tile_pages(table, keys + BLOCK_N, hi, key_scale_ptr, value_scale_ptr,
+                                                        stride_scale_page, stride_scale_slot, kv_head, BLOCK_SIZE,
+                                                        SCALED)
         slot = page * stride_cache_page + (keys % BLOCK_SIZE) * stride_cache_slot + kv_head * stride_cache_head
         kv_mask = valid[:, None] & dim_mask[None, :]
-        scale_slot = page * stride_scale_page + (keys % BLOCK_SIZE) * stride_scale_slot + kv_head
         key = _load_tile(key_cache_ptr, slot, dims, kv_mask, query.dtype, SCALED, DOT_FP16)
         scores = _dot(query, tl.trans(key), IEEE)
-        scores = tl.where(valid[None, :], _scaled(scores, key_scale_ptr, scale_slot, valid, SCALED) * scale_log2,
-                          float("-inf"))
+        if SCALED:
+            scores = scores * key_factor[None, :]
+        scores = tl.where(valid[None, :], scores * scale_log2, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(scores, 1))
         probs = tl.exp2(scores - new_max[:, None])
         correction = tl.exp2(running_max - new_max)
         running_sum = running_sum * correction + tl.sum(probs, 1)
+        if SCALED:
+            probs = probs * value_factor[None, :]
         value = _load_tile(value_cache_ptr, slot, dims, kv_mask, query.dtype, SCALED, DOT_FP16)
-        weights = _scaled(probs, value_scale_ptr, scale_slot, valid, SCALED, VALUE_OFFSET)
-        acc = acc * correction[:, None] + _dot(weights, value, IEEE)
+        acc = acc * correction[:, None] + _dot(probs, value, IEEE)
         running_max = new_max
 
     if SCALED:
@@ -290,13 +326,15 @@ def _prefill_kernel(
 
 @dataclass(frozen=True)
 class DecodeTuning:
-    """How the decode kernel cuts its work: keys a tile, warps and pipeline stages a program, and programs
-    (key ranges a sequence, :func:`decode_num_splits`) for about ``waves`` waves of the GPU."""
+    """How the decode kernel cuts its work: keys a tile, warps and pipeline stages a program, programs (key
+    ranges a sequence, :func:`decode_num_splits`) for about ``waves`` waves of the GPU, and whether a tile's
+    page ids are loaded a tile ahead (``carry_pages``; an 8-bit cache's scale bytes always are)."""
 
     block_n: int = 64
     num_warps: int = 4
     num_stages: int | None = None  # None: Triton's default
     waves: int = 2
+    carry_pages: bool = False
 
     def __post_init__(self) -> None:
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
@@ -306,14 +344,18 @@ class DecodeTuning:
 def decode_tuning(dtype: torch.dtype, scaled: bool) -> DecodeTuning:
     """The decode kernel's tuning for queries of ``dtype`` over 16-bit or 8-bit (``scaled``) pages.
 
-    Measured on the H200 (docs/benchmarks.md, "FP8 KV cache"): 64 keys a tile balance loads in flight
-    against registers for 16-bit pages (fp32 tiles are twice as wide, so 32); 8-bit pages are half the
-    bytes a key and take 128 (1.3-1.4x faster than 64 at batch 64, 1.03x at 256). More warps, other stage counts, and
-    products as float32 multiply-adds instead of tensor cores (5-10x slower) were no faster.
+    Measured on the H200 (docs/benchmarks.md, "FP8 KV cache"): 64 keys a tile and 4 warps read 16-bit pages at
+    copy bandwidth (fp32 tiles are twice as wide, so 32). 8-bit pages take 64 keys, 2 warps and their pages
+    loaded a tile ahead: smaller programs, more of them resident, more loads in flight (0.70-0.73x the time
+    of bf16 pages at batch >= 64 and context >= 2048, where 64 keys and 4 warps took 1.2-1.6x). 128 or 256 keys,
+    8 warps, other stage counts and wave counts, scores as ``K @ q^T``, and products on FP8 tensor cores of the
+    query and the probabilities split into E4M3 parts were slower.
     """
     if dtype == torch.float32:
         return DecodeTuning(block_n=32)
-    return DecodeTuning(block_n=128 if scaled else 64)
+    if scaled:
+        return DecodeTuning(block_n=64, num_warps=2, carry_pages=True)
+    return DecodeTuning(block_n=64)
 
 
 def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
@@ -357,7 +399,7 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
             output, partial_out, partial_lse, *common, **fp8,
             GROUP=group, BLOCK_GROUP=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
             BLOCK_DIM=block_dim, BLOCK_SIZE=block_size, BLOCK_N=tuning.block_n, NUM_SPLITS=num_splits, IEEE=ieee,
-            num_warps=tuning.num_warps, **stages,
+            num_warps=tuning.num_warps, CARRY_PAGES=tuning.carry_pages, **stages,
         )
         if num_splits > 1:
             _merge_kernel[(work.num_decode, num_q_heads)](
