@@ -22,17 +22,19 @@ class PagedRunner:
 
     def __init__(self, model: CausalLM, num_pages: int = 96, seed: int = 0,
                  kv_dtype: torch.dtype | None = None) -> None:
-        """``kv_dtype``: a float8 dtype for 8-bit pages (with their scale bytes); None: the model's dtype."""
+        """``kv_dtype``: the pages' dtype (a float8 dtype: 8-bit pages, with their scale bytes); None: the model's."""
         config = model.config
         shape = (num_pages, BLOCK_SIZE, model.shard.num_kv_heads, config.head_dim)  # this rank's KV heads
         self.model = model
         dtype = kv_dtype or model.dtype
+        device = model.device
 
         def layer() -> LayerKV:
-            key, value = (torch.full(shape, float("nan")).to(dtype) for _ in range(2))
-            if kv_dtype is None:
+            key, value = (torch.full(shape, float("nan"), device=device).to(dtype) for _ in range(2))
+            if dtype.itemsize > 1:
                 return LayerKV(key, value)
-            return LayerKV(key, value, CacheScales(*(torch.ones(shape[:3], dtype=torch.uint8) for _ in range(2))))
+            scales = (torch.ones(shape[:3], dtype=torch.uint8, device=device) for _ in range(2))
+            return LayerKV(key, value, CacheScales(*scales))
 
         self.kv_caches = [layer() for _ in range(config.num_layers)]
         self.free_pages = list(range(num_pages))
@@ -53,7 +55,8 @@ class PagedRunner:
             seq_lens.append(seq_len)
             page_lists.append(pages)
             input_ids.extend(tokens)
-        meta = AttentionMetadata.build(query_lens, seq_lens, page_lists, BLOCK_SIZE)
-        hidden = self.model(torch.tensor(input_ids), meta.positions(), self.kv_caches, meta)
+        device = self.model.device
+        meta = AttentionMetadata.build(query_lens, seq_lens, page_lists, BLOCK_SIZE, device=device)
+        hidden = self.model(torch.tensor(input_ids, device=device), meta.positions(), self.kv_caches, meta)
         logits = self.model.compute_logits(hidden)
         return dict(zip(new_tokens, logits.split(query_lens)))

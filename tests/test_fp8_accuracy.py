@@ -2,34 +2,49 @@
 
 Three measures, each against 16-bit KV of the same model:
 
-* the perplexity of held-out English prose (``PROSE``, about 300 tokens),
-  from prompt logprobs: the aim is at most 1% higher with E4M3;
+* the perplexity of held-out English (``PROSE`` and :data:`tests.held_out.ESSAYS`, about 1,100 tokens), from
+  prompt logprobs: at most 1% higher with E4M3 (the issue's aim), with the float32 model whose K/V is
+  rounded to bfloat16 as it is stored as the 16-bit baseline, so that only the KV format differs;
 * the share of greedy chat tokens that agree before the first divergence;
 * the error of the logits over the prose, relative to their norm.
 
-The bounds sit just past what was measured here (``docs/benchmarks.md``,
-"FP8 KV cache"), so a regression in the format shows. A fixed scale of 1.0,
-what an uncalibrated cache without per-token scales does, must fail the
-perplexity bound, and does: SmolLM2's keys have outliers past 448.
+The bf16 model is measured too, with a looser bound: its own rounding moves the perplexity of one text by
+about a percent either way under any perturbation of K/V (docs/benchmarks.md, "FP8 KV cache").
+
+A fixed scale of 1.0, what an uncalibrated cache without per-token scales does, must fail the bound where K
+passes E4M3's range. SmolLM2's own keys stay under 25, so the test also runs an equivalent model whose keys
+are 64 times larger (``k_proj`` times 64, ``q_proj`` over 64: every score is the same, and is in floating
+point, since the factors are powers of two), as the keys of models with large K biases or outlier channels
+are: there a fixed scale clips and fails, and kvpage's per-token scales give the same perplexity bit for bit.
 """
 
 from __future__ import annotations
 
 import math
+import shutil
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from kvpage import LLM, SamplingParams
 from kvpage.ops import attention as attention_ops
+from kvpage.ops import fused
+from tests.held_out import ESSAYS
 from tests.paged_runner import PagedRunner
 from tests.test_prompt_logprobs import PROSE
 from tests.test_real_model import QUESTIONS, chat_prompt
 
-PERPLEXITY_BOUND = 0.025  # measured +1.6% (the issue aimed at 1%); see test_fp8_e4m3_perplexity_stays_near_16_bit_kv
-AGREEMENT_BOUND = 0.3  # measured 0.375 on 8 chats (bf16 weights against float32: 0.56 on 17)
-LOGIT_ERROR_BOUND = 0.08  # measured 0.054
+TEXT = PROSE + "\n\n" + ESSAYS
+PERPLEXITY_BOUND = 0.01  # the issue's aim; measured +0.39% (float32 model, E4M3 against 16-bit KV)
+BF16_PERPLEXITY_BOUND = 0.025  # measured +1.18% (bf16 model); see the module docstring
+E5M2_BOUND = 0.05  # measured +3.28%
+AGREEMENT_BOUND = 0.3  # measured 0.443 on 8 chats (0.375 on an earlier machine; bf16 weights against float32: 0.56)
+LOGIT_ERROR_BOUND = 0.08  # measured 0.053
+KEY_FACTOR = 64  # SmolLM2's largest |K|, 24.3, becomes 1555: past E4M3's 448
 
 
 def perplexity(llm: LLM, text: str) -> float:
@@ -61,22 +76,62 @@ def fixed_scale_quantize(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Ten
                                                                 device=x.device)
 
 
+def store_16_bit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """K/V rounded to bfloat16 as the CPU path stores them: a float32 model with a 16-bit cache."""
+    store = fused.write_kv_cache
+
+    def rounded(key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        store(key.bfloat16().to(key.dtype), value.bfloat16().to(value.dtype), *args, **kwargs)
+
+    monkeypatch.setattr(fused, "write_kv_cache", rounded)
+
+
+def store_fixed_scale(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(attention_ops, "quantize", fixed_scale_quantize)
+
+
+def with_large_keys(source: Path, target: Path) -> Path:
+    """The same model with K ``KEY_FACTOR`` times larger and q as many times smaller: equal scores."""
+    shutil.copytree(source, target)
+    state = load_file(str(source / "model.safetensors"))
+    for name, tensor in state.items():
+        if name.endswith("k_proj.weight"):
+            state[name] = tensor * KEY_FACTOR
+        elif name.endswith("q_proj.weight"):
+            state[name] = tensor / KEY_FACTOR
+    save_file(state, str(target / "model.safetensors"))
+    return target
+
+
+def text_perplexity(model_dir: Path, dtype: str, kv_cache_dtype: str,
+                    store: Callable[[pytest.MonkeyPatch], None] | None = None) -> float:
+    llm = LLM(model=str(model_dir), dtype=dtype, kv_cache_dtype=kv_cache_dtype)
+    with pytest.MonkeyPatch.context() as patch:
+        if store is not None:
+            store(patch)
+        result = perplexity(llm, TEXT)
+    assert llm.engine.kv.num_pages_in_use == 0
+    return result
+
+
 @pytest.fixture(scope="module")
-def measured(real_model: Any) -> dict[str, Any]:
-    """Perplexities of the bfloat16 model under each KV format; greedy chats and logits of the float32 model."""
-    results: dict[str, Any] = {}
-    for name, kv_cache_dtype in (("bf16", "auto"), ("e4m3", "fp8"), ("e5m2", "fp8_e5m2")):
-        llm = LLM(model=str(real_model.hf_dir), dtype="bfloat16", kv_cache_dtype=kv_cache_dtype)
-        results[name] = perplexity(llm, PROSE)
-        if name == "e4m3":
-            with pytest.MonkeyPatch.context() as patch:
-                patch.setattr(attention_ops, "quantize", fixed_scale_quantize)
-                llm.engine.kv.reset_prefix_cache()
-                results["e4m3 scale 1.0"] = perplexity(llm, PROSE)
-        assert llm.engine.kv.num_pages_in_use == 0
+def measured(real_model: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Perplexities under each KV format (float32 model unless named bf16); greedy chats and logits."""
+    model = real_model.hf_dir
+    large_keys = with_large_keys(model, tmp_path_factory.mktemp("smollm2-large-keys") / "model")
+    results: dict[str, Any] = {
+        "16-bit": text_perplexity(model, "float32", "auto", store_16_bit),
+        "e4m3": text_perplexity(model, "float32", "fp8"),
+        "e5m2": text_perplexity(model, "float32", "fp8_e5m2"),
+        "e4m3 scale 1.0": text_perplexity(model, "float32", "fp8", store_fixed_scale),
+        "large keys e4m3": text_perplexity(large_keys, "float32", "fp8"),
+        "large keys e4m3 scale 1.0": text_perplexity(large_keys, "float32", "fp8", store_fixed_scale),
+        "bf16 model": text_perplexity(model, "bfloat16", "auto"),
+        "bf16 model e4m3": text_perplexity(model, "bfloat16", "fp8"),
+    }
     answers = {}
     for kv_cache_dtype in ("auto", "fp8"):
-        llm = LLM(model=str(real_model.hf_dir), dtype="float32", kv_cache_dtype=kv_cache_dtype)
+        llm = LLM(model=str(model), dtype="float32", kv_cache_dtype=kv_cache_dtype)
         answers[kv_cache_dtype] = greedy_answers(llm, QUESTIONS[:8])
     results["agreement"] = agreement(answers["fp8"], answers["auto"])
     ids = real_model.tokenizer(PROSE).input_ids
@@ -87,19 +142,24 @@ def measured(real_model: Any) -> dict[str, Any]:
     return results
 
 
-def test_fp8_e4m3_perplexity_stays_near_16_bit_kv(measured: dict[str, Any]) -> None:
-    """Measured +1.6% on this prose with the bfloat16 model: the issue's 1% aim is missed (docs/benchmarks.md)."""
-    assert measured["e4m3"] <= measured["bf16"] * (1 + PERPLEXITY_BOUND)
+def test_fp8_e4m3_perplexity_within_one_percent_of_16_bit_kv(measured: dict[str, Any]) -> None:
+    assert measured["e4m3"] <= measured["16-bit"] * (1 + PERPLEXITY_BOUND)
+    assert measured["bf16 model e4m3"] <= measured["bf16 model"] * (1 + BF16_PERPLEXITY_BOUND)
 
 
 def test_fp8_e5m2_costs_more_than_e4m3(measured: dict[str, Any]) -> None:
-    assert measured["e4m3"] < measured["e5m2"] <= measured["bf16"] * (1 + 2 * PERPLEXITY_BOUND)
+    assert measured["e4m3"] < measured["e5m2"] <= measured["16-bit"] * (1 + E5M2_BOUND)
 
 
-def test_a_fixed_scale_of_one_is_no_better_than_per_token_scales(measured: dict[str, Any]) -> None:
-    """SmolLM2's K/V stays far inside E4M3's range (|K| <= 25), so a fixed scale of 1.0 clips nothing here and
-    rounds like the per-token scales; where values pass 448 it clips them (tests/test_fp8_kv.py's round trip)."""
-    assert measured["e4m3 scale 1.0"] >= measured["e4m3"] * (1 - 0.005)
+def test_a_fixed_scale_of_one_fails_the_bound_where_keys_pass_the_range(measured: dict[str, Any]) -> None:
+    """Measured +18% with keys 64x larger; per-token power-of-two scales round those keys exactly as before."""
+    assert measured["large keys e4m3 scale 1.0"] > measured["16-bit"] * (1 + PERPLEXITY_BOUND)
+    assert measured["large keys e4m3"] == pytest.approx(measured["e4m3"], rel=1e-6)
+
+
+def test_a_fixed_scale_of_one_rounds_like_per_token_scales_where_nothing_clips(measured: dict[str, Any]) -> None:
+    """SmolLM2's own K/V stays far inside E4M3's range (|K| <= 25): a power of two only moves the exponent."""
+    assert measured["e4m3 scale 1.0"] == pytest.approx(measured["e4m3"], rel=0.005)
 
 
 def test_fp8_greedy_chats_and_logits_stay_close(measured: dict[str, Any]) -> None:
