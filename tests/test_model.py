@@ -172,6 +172,39 @@ def test_weight_mismatch_raises(tmp_path: Path, llama_checkpoint: Path, change: 
         load_model(tmp_path, torch.float32, torch.device("cpu"))
 
 
+def test_an_fp8_kv_checkpoints_cache_scales_are_set_aside(tmp_path: Path, llama_checkpoint: Path,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """vLLM's FP8-KV checkpoints ship ``self_attn.k_scale``/``v_scale``: they load, and nothing uses them."""
+    from kvpage import LLM, SamplingParams
+
+    target = shutil.copytree(llama_checkpoint, tmp_path / "fp8-kv")
+    tensors = load_file(str(llama_checkpoint / "model.safetensors"))
+    num_layers = ModelConfig.from_model_dir(llama_checkpoint).num_layers
+    for layer in range(num_layers):  # a scale far from kvpage's own, so that using it would show
+        tensors[f"model.layers.{layer}.self_attn.k_scale"] = torch.tensor([1e-3])
+        tensors[f"model.layers.{layer}.self_attn.v_scale"] = torch.tensor([1e3])
+    save_file(tensors, str(target / "model.safetensors"))
+    with caplog.at_level("INFO", logger="kvpage.model.loader"):
+        scaled = load_model(target, torch.float32, torch.device("cpu"))
+    assert f"set aside the {2 * num_layers} KV-cache scales" in caplog.text
+    plain = load_model(llama_checkpoint, torch.float32, torch.device("cpu"))
+    assert all(torch.equal(a, b) for a, b in zip(scaled.state_dict().values(), plain.state_dict().values()))
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    prompt = {"prompt_token_ids": [5, 9, 14, 3, 7]}
+    outputs = [LLM(model=str(d), kv_cache_dtype="fp8", num_kv_blocks=16).generate(prompt, params, use_tqdm=False)
+               for d in (target, llama_checkpoint)]
+    assert outputs[0][0].outputs[0].token_ids == outputs[1][0].outputs[0].token_ids
+
+
+def test_quantized_weights_are_refused_by_name(tmp_path: Path, llama_checkpoint: Path) -> None:
+    shutil.copy(llama_checkpoint / "config.json", tmp_path / "config.json")
+    tensors = load_file(str(llama_checkpoint / "model.safetensors"))
+    tensors["model.layers.0.self_attn.q_proj.weight_scale"] = torch.ones(1)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="quantized weights .*q_proj.weight_scale.*dequantize the checkpoint"):
+        load_model(tmp_path, torch.float32, torch.device("cpu"))
+
+
 def test_config_rejects_unsupported_settings(llama_checkpoint: Path) -> None:
     raw = json.loads((llama_checkpoint / "config.json").read_text())
     with pytest.raises(ValueError, match="hidden_act='gelu'"):

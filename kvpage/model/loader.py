@@ -11,11 +11,21 @@ error, because either case means the checkpoint is not what the config
 claims.  Tensors are converted to the requested dtype while being copied
 into the (uninitialized) model parameters, one tensor at a time, so peak host
 memory stays near one tensor rather than the whole checkpoint.
+
+Two kinds of tensor are recognised rather than refused as unexpected. The
+KV-cache scales that FP8-KV checkpoints ship (``self_attn.k_scale`` and
+``v_scale``, one a layer or a KV head, for engines with one scale a tensor)
+are set aside: kvpage's 8-bit pages carry their own scale a token and head,
+computed as K/V are stored, which measured better than a calibrated scale a
+layer and head (docs/benchmarks.md, "scale granularity").  The scales of
+quantized weights (``weight_scale``, ...) are refused with a message that
+says so: kvpage runs dense weights.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -38,6 +48,14 @@ _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "hal
 _SHARD_INDEX_NAME = "model.safetensors.index.json"
 # Buffers some older exports saved alongside the weights; they are recomputed, never loaded.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# FP8-KV checkpoints' cache scales (vLLM's names, llm-compressor's and AutoFP8's older ones): set aside.
+_KV_SCALE_SUFFIXES = ("self_attn.k_scale", "self_attn.v_scale", "self_attn.kv_scale", "self_attn.q_scale",
+                      "self_attn.prob_scale", "k_proj.output_scale", "v_proj.output_scale")
+# What quantized weights come with (FP8, INT8, GPTQ/AWQ-style packed or grouped weights).
+_WEIGHT_QUANT_SUFFIXES = (".weight_scale", ".input_scale", ".weight_zero_point", ".weight_packed",
+                          ".weight_shape", ".qweight", ".qzeros", ".scales", ".g_idx")
+
+logger = logging.getLogger(__name__)
 
 
 def resolve_dtype(
@@ -143,14 +161,25 @@ def _loaded_names(
     config: ModelConfig, slices: Mapping[str, CheckpointSlice], names: list[str], where: str
 ) -> list[str]:
     """The checkpoint's names the model loads; raises if a weight is missing or a tensor would be ignored."""
-    loaded, unexpected = [], []
+    loaded, unexpected, kv_scales = [], [], []
     for name in names:
         if name in slices:
             loaded.append(name)
         elif name == "lm_head.weight" and config.tie_word_embeddings:
             continue  # tied models use the embedding matrix, as transformers does
+        elif name.endswith(_KV_SCALE_SUFFIXES):
+            kv_scales.append(name)
         elif not name.endswith(_IGNORED_SUFFIXES):
             unexpected.append(name)
+    quantized = sorted(name for name in unexpected if name.endswith(_WEIGHT_QUANT_SUFFIXES))
+    if quantized:
+        raise ValueError(
+            f"{where} holds quantized weights ({_preview(quantized, 3)}): kvpage loads dense float32, bfloat16 "
+            "or float16 safetensors, or a GGUF file, which it dequantizes; dequantize the checkpoint first"
+        )
+    if kv_scales:
+        logger.info("set aside the %d KV-cache scales of %s (%s): kvpage's 8-bit KV cache computes a scale a "
+                    "token and KV head as it stores K/V", len(kv_scales), where, _preview(sorted(kv_scales), 2))
     missing = sorted(set(slices) - set(loaded))
     if missing or unexpected:
         raise ValueError(
