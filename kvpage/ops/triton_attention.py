@@ -174,7 +174,8 @@ def _decode_kernel(
     table = page_tables_ptr + seq.to(tl.int64) * stride_page_table
     # What a tile's addresses and scales come from (its pages, and an 8-bit cache's scale bytes) can be loaded a
     # tile ahead, so that their latency hides behind this tile's work (on the H200, 1.3x faster for 8-bit pages).
-    if SCALED or CARRY_PAGES:
+    # An 8-bit cache always carries them (its scale bytes are found through the pages); a 16-bit one may.
+    if CARRY_PAGES:
         next_page, key_exp, value_exp = _tile_pages(table, lo + tl.arange(0, BLOCK_N), hi, key_scale_ptr,
                                                     value_scale_ptr, stride_scale_page, stride_scale_slot, kv_head,
                                                     BLOCK_SIZE, SCALED)
@@ -188,7 +189,7 @@ def _decode_kernel(
         if SCALED:
             key_factor = power_of_two(key_exp)
             value_factor = power_of_two(tl.minimum(value_exp + VALUE_OFFSET, 254))
-        if SCALED or CARRY_PAGES:
+        if CARRY_PAGES:
             next_page, key_exp, value_exp = _tile_pages(table, keys + BLOCK_N, hi, key_scale_ptr, value_scale_ptr,
                                                         stride_scale_page, stride_scale_slot, kv_head, BLOCK_SIZE,
                                                         SCALED)
@@ -328,7 +329,8 @@ def _prefill_kernel(
 class DecodeTuning:
     """How the decode kernel cuts its work: keys a tile, warps and pipeline stages a program, programs (key
     ranges a sequence, :func:`decode_num_splits`) for about ``waves`` waves of the GPU, and whether a tile's
-    page ids are loaded a tile ahead (``carry_pages``; an 8-bit cache's scale bytes always are)."""
+    page ids of 16-bit pages are loaded a tile ahead (``carry_pages``; an 8-bit cache's page ids and scale bytes
+    always are)."""
 
     block_n: int = 64
     num_warps: int = 4
@@ -354,7 +356,7 @@ def decode_tuning(dtype: torch.dtype, scaled: bool) -> DecodeTuning:
     if dtype == torch.float32:
         return DecodeTuning(block_n=32)
     if scaled:
-        return DecodeTuning(block_n=64, num_warps=2, carry_pages=True)
+        return DecodeTuning(block_n=64, num_warps=2)
     return DecodeTuning(block_n=64)
 
 
@@ -399,7 +401,8 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
             output, partial_out, partial_lse, *common, **fp8,
             GROUP=group, BLOCK_GROUP=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
             BLOCK_DIM=block_dim, BLOCK_SIZE=block_size, BLOCK_N=tuning.block_n, NUM_SPLITS=num_splits, IEEE=ieee,
-            num_warps=tuning.num_warps, CARRY_PAGES=tuning.carry_pages, **stages,
+            num_warps=tuning.num_warps, CARRY_PAGES=tuning.carry_pages or scales is not None,
+            **stages,
         )
         if num_splits > 1:
             _merge_kernel[(work.num_decode, num_q_heads)](
